@@ -1,0 +1,23 @@
+"""lalora: keep what a model knew while fine-tuning it with LoRA (LaLoRA, arXiv 2512.17720).
+
+    precision = lalora.fit_precision(model, source_loader, backend="diag")
+    reg = lalora.LaLoRARegularizer(model, precision, strength=1e3)
+    loss = task_loss + reg()
+"""
+__version__ = "0.1.0"
+
+from .adapters import LoraAdapter, find_lora_adapters
+from .backend import CurvatureBackend, FitContext, get_backend, list_backends, register_backend
+from .blocks import Block, DenseBlock, DiagBlock, register_block
+from .errors import (AnchorMismatchError, BackendError, DataError, LaloraError, ModelMismatchError,
+                     PrecisionFileError)
+from .fit import ZeroCurvatureWarning, fit_precision
+from .precision import Precision
+from .regularizer import LaLoRARegularizer
+
+__all__ = [
+    "AnchorMismatchError", "BackendError", "Block", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
+    "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
+    "PrecisionFileError", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
+    "list_backends", "register_backend", "register_block", "__version__",
+]

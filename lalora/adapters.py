@@ -1,0 +1,162 @@
+"""Find the LoRA adapters of a peft model and give their weights canonical names.
+
+A canonical name is the adapted module's path with wrapper prefixes removed
+(``base_model.model.``, ``module.`` from DDP, ``_orig_mod.`` from torch.compile) plus
+``.lora_A`` / ``.lora_B``; the peft adapter name is left out when one adapter is
+selected, so a precision saved in one process applies to a freshly built model and
+survives adapter renames. With several adapters selected the name ends in ``.<adapter>``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import BackendError, ModelMismatchError
+
+_WRAPPER_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
+
+
+def canonical_module_path(path: str) -> str:
+    """Strip wrapper prefixes (peft, DDP, torch.compile) from a module path."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if path.startswith(prefix):
+                path, changed = path[len(prefix):], True
+    return path
+
+
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """One LoRA adapter on one linear layer: ``y = W0 x + scaling * B (A x)``.
+
+    ``A``: (r, d_in), ``B``: (d_out, r). ``a_name``/``b_name`` are the canonical names.
+    """
+
+    name: str  # canonical path of the adapted layer, e.g. "model.layers.0.self_attn.q_proj"
+    adapter_name: str  # peft adapter name, e.g. "default"
+    module_path: str  # path of the peft layer in the model as given
+    layer: nn.Module
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    scaling: float
+    a_name: str
+    b_name: str
+
+    @property
+    def A(self) -> nn.Parameter:
+        return self.lora_A.weight
+
+    @property
+    def B(self) -> nn.Parameter:
+        return self.lora_B.weight
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return {self.a_name: self.A, self.b_name: self.B}
+
+
+def _lora_layer_class():
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        return None
+    return LoraLayer
+
+
+def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = None) -> list[LoraAdapter]:
+    """Every LoRA adapter of ``model`` (in module order).
+
+    ``adapter_name``: a peft adapter name or list of names; default: the active adapters.
+    Raises ``BackendError`` for LoRA variants the curvature conventions do not cover (DoRA,
+    LoRA on embeddings/convolutions, ``lora_bias``) and ``ModelMismatchError`` when the
+    model has no LoRA adapter.
+    """
+    LoraLayer = _lora_layer_class()
+    found: list[tuple[str, str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if LoraLayer is None or not isinstance(module, LoraLayer):
+            continue
+        if adapter_name is None:
+            names = list(module.active_adapters)
+        elif isinstance(adapter_name, str):
+            names = [adapter_name]
+        else:
+            names = list(adapter_name)
+        for name in names:
+            if name in module.lora_A:
+                found.append((path, name, module))
+    if not found:
+        raise ModelMismatchError(
+            "model has no LoRA adapter"
+            + (f" named {adapter_name!r}" if adapter_name is not None else "")
+            + ": wrap it with peft.get_peft_model(model, LoraConfig(...)) first"
+        )
+    several = len({name for _, name, _ in found}) > 1
+    adapters = []
+    for path, name, module in found:
+        lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+        if not isinstance(lora_A, nn.Linear) or not isinstance(lora_B, nn.Linear):
+            raise BackendError(f"LoRA adapter {name!r} at {path!r} is not a linear LoRA (found {type(lora_A).__name__}); "
+                               "lalora supports LoRA on nn.Linear layers")
+        if getattr(module, "use_dora", {}).get(name, False):
+            raise BackendError(f"adapter {name!r} at {path!r} uses DoRA, which lalora does not support")
+        if lora_B.bias is not None:
+            raise BackendError(f"adapter {name!r} at {path!r} has a LoRA bias (lora_bias=True), which lalora does not support")
+        canon = canonical_module_path(path)
+        suffix = f".{name}" if several else ""
+        adapters.append(LoraAdapter(
+            name=canon, adapter_name=name, module_path=path, layer=module, lora_A=lora_A, lora_B=lora_B,
+            scaling=float(module.scaling[name]), a_name=f"{canon}.lora_A{suffix}", b_name=f"{canon}.lora_B{suffix}",
+        ))
+    return adapters
+
+
+def lora_parameters(adapters: list[LoraAdapter]) -> dict[str, nn.Parameter]:
+    """Canonical name -> parameter, A before B for each adapter, in module order."""
+    out: dict[str, nn.Parameter] = {}
+    for a in adapters:
+        out.update(a.params())
+    return out
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The underlying transformers model of a peft model (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def lora_config_summary(model: nn.Module, adapters: list[LoraAdapter]) -> dict:
+    """JSON-able LoRA settings (r, alpha, targets, init) for the precision file's metadata."""
+    configs = getattr(model, "peft_config", {}) or {}
+    out = {}
+    for name in sorted({a.adapter_name for a in adapters}):
+        cfg = configs.get(name)
+        if cfg is None:
+            out[name] = {"r": next(a.rank for a in adapters if a.adapter_name == name)}
+            continue
+        targets = cfg.target_modules
+        if isinstance(targets, (set, frozenset, list, tuple)):
+            targets = sorted(targets)
+        out[name] = {
+            "r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": targets,
+            "init_lora_weights": cfg.init_lora_weights if isinstance(cfg.init_lora_weights, (bool, str)) else str(cfg.init_lora_weights),
+            "use_rslora": bool(getattr(cfg, "use_rslora", False)),
+        }
+    return out
+
+
+def lora_param_shapes(adapters: list[LoraAdapter]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in lora_parameters(adapters).items()}
+
+
+@torch.no_grad()
+def lora_state(adapters: list[LoraAdapter]) -> dict[str, torch.Tensor]:
+    """Canonical name -> detached float32 copy of the current LoRA weights."""
+    return {n: p.detach().float().clone() for n, p in lora_parameters(adapters).items()}

@@ -1,0 +1,151 @@
+"""The curvature-backend interface and the registry (``lalora.backends`` entry points).
+
+A backend turns a model with LoRA adapters and a stream of source batches into a list
+of blocks holding the *mean* over the N examples of each example's curvature
+(DESIGN.md section 2). Built-in and third-party backends register the same way:
+
+    @lalora.register_backend("my-backend")
+    class MyBackend(lalora.CurvatureBackend):
+        curvature = "empirical_fisher"
+        default_options = {"damping": 0.0}
+        def fit(self, ctx): ...
+
+and, to be found without an import, an entry point in the plugin's pyproject::
+
+    [project.entry-points."lalora.backends"]
+    my-backend = "my_plugin:MyBackend"
+"""
+from __future__ import annotations
+
+import abc
+import importlib.util
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import LoraAdapter, lora_parameters
+from .blocks import Block
+from .errors import BackendError, DataError
+from .losses import Batch, LossFunction, call_model
+
+ENTRY_POINT_GROUP = "lalora.backends"
+_REGISTRY: dict[str, type["CurvatureBackend"]] = {}
+
+
+@dataclass
+class FitContext:
+    """What a backend sees: the model (eval mode, only LoRA weights trainable), its adapters,
+    the loss and a single-pass stream of batches. Backends may add to ``metadata``."""
+
+    model: nn.Module
+    adapters: list[LoraAdapter]
+    stream: "Iterable[Batch]"  # noqa: F821
+    device: torch.device
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def loss(self) -> LossFunction:
+        return self.stream.loss
+
+    @property
+    def num_examples(self) -> int:
+        """N after the stream has been consumed (examples with at least one labelled token)."""
+        return self.stream.num_examples
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return lora_parameters(self.adapters)
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Model outputs (logits) for a prepared batch."""
+        return call_model(self.model, batch)
+
+    def per_example_loss(self, batch: Batch, output: Tensor | None = None) -> Tensor:
+        """``(N,)`` summed loss per example; raises ``DataError`` naming the batch if non-finite."""
+        losses = self.loss.per_example(self.forward(batch) if output is None else output, batch)
+        if not bool(torch.isfinite(losses).all()):
+            raise DataError(f"source batch {batch.extra.get('index', '?')} gives a non-finite loss "
+                            f"(examples {torch.nonzero(~torch.isfinite(losses)).flatten().tolist()[:5]})")
+        return losses
+
+
+class CurvatureBackend(abc.ABC):
+    """Base class of curvature backends. Options are keyword arguments checked against
+    ``default_options``; ``curvature`` names the curvature kind (empirical_fisher, ggn,
+    mc_fisher); ``requires`` lists the import names of the libraries the backend needs."""
+
+    name: ClassVar[str] = "abstract"
+    curvature: ClassVar[str] = "unknown"
+    requires: ClassVar[tuple[str, ...]] = ()
+    default_options: ClassVar[dict] = {}
+    option_help: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.default_options))
+        if unknown:
+            raise BackendError(f"backend {self.name!r} has no option {unknown[0]!r}; "
+                               f"its options are {sorted(self.default_options) or 'none'}")
+        self.options = {**self.default_options, **options}
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Validate ``self.options``; raise ``BackendError`` naming the option at fault."""
+
+    @abc.abstractmethod
+    def fit(self, ctx: FitContext) -> list[Block]:
+        """Blocks holding the mean over ``ctx.num_examples`` examples of the per-example curvature."""
+
+    def curvature_kind(self) -> str:
+        return self.curvature
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """Whether the libraries in ``requires`` can be imported (without importing them)."""
+        missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+        return (not missing, f"missing: {', '.join(missing)}" if missing else "ok")
+
+
+def register_backend(name: str):
+    """Class decorator registering a ``CurvatureBackend`` subclass under ``name``."""
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, CurvatureBackend)):
+            raise TypeError(f"register_backend({name!r}) decorates CurvatureBackend subclasses, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+            raise BackendError(f"backend name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _entry_points() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def get_backend(name: str) -> type[CurvatureBackend]:
+    """The backend class registered as ``name`` (loading its entry point on first use)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    eps = _entry_points()
+    if name not in eps:
+        raise BackendError(f"unknown backend {name!r}; available: {', '.join(list_backends()) or 'none'}")
+    try:
+        obj = eps[name].load()
+    except ImportError as e:
+        raise BackendError(f"backend {name!r} could not be imported ({e}); install the library it needs") from e
+    if name not in _REGISTRY:
+        if isinstance(obj, type) and issubclass(obj, CurvatureBackend):
+            register_backend(name)(obj)
+        else:
+            raise BackendError(f"entry point {eps[name].value!r} for backend {name!r} is not a CurvatureBackend")
+    return _REGISTRY[name]
+
+
+def list_backends() -> list[str]:
+    """Names of all registered backends and installed entry points (nothing is imported)."""
+    return sorted(set(_REGISTRY) | set(_entry_points()))

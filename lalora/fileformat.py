@@ -1,0 +1,196 @@
+"""The precision file: one safetensors file whose ``__metadata__`` holds a JSON header.
+
+Loading never executes code (safetensors + JSON only, no pickle). The header carries a
+format version, the parameter table, the block list, the user metadata and a SHA-256
+checksum over every tensor, so truncation and corruption are detected. Saving writes a
+temporary file next to the target and renames it, so an interrupted save leaves any
+previous file intact. Specification: docs/file-format.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .blocks import block_class
+from .errors import PrecisionFileError
+
+FORMAT_NAME = "lalora.precision"
+FORMAT_VERSION = 1
+_HEADER_KEY = "lalora"
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def save_precision(precision, path) -> None:
+    from . import __version__
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    params = []
+    for i, (name, t) in enumerate(precision.anchor.items()):
+        key = f"anchor.{i}"
+        tensors[key] = t.detach().float().cpu().contiguous()
+        params.append({"name": name, "shape": list(t.shape), "anchor": key})
+    blocks = []
+    for i, b in enumerate(precision.blocks):
+        keys = {}
+        for role, t in b.tensors().items():
+            key = f"block.{i}.{role}"
+            tensors[key] = t.detach().cpu().contiguous()
+            keys[role] = key
+        blocks.append({"kind": b.kind, "params": list(b.params), "config": _jsonable(b.config()), "tensors": keys})
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "lalora_version": __version__,
+        "params": params,
+        "blocks": blocks,
+        "prior_precision": precision.prior_precision,
+        "metadata": _jsonable(precision.metadata),
+        "checksum": _checksum(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(header)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _field(obj, key, typ, where):
+    if not isinstance(obj, dict) or key not in obj:
+        raise PrecisionFileError(f"{where}: missing field {key!r}")
+    val = obj[key]
+    if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
+        raise PrecisionFileError(f"{where}: field {key!r} has type {type(val).__name__}, expected {getattr(typ, '__name__', typ)}")
+    return val
+
+
+def read_header(path) -> dict:
+    """The JSON header of a precision file, after basic checks (no tensors read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrecisionFileError(f"precision file {str(path)!r} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise PrecisionFileError(f"{path}: not a lalora precision file (too short: {size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise PrecisionFileError(f"{path}: not a lalora precision file or truncated (header length {n}, file size {size})")
+        try:
+            st_header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PrecisionFileError(f"{path}: corrupted safetensors header ({e})") from None
+    meta = st_header.get("__metadata__") if isinstance(st_header, dict) else None
+    if not isinstance(meta, dict) or _HEADER_KEY not in meta:
+        raise PrecisionFileError(f"{path}: a safetensors file but not a lalora precision (no '{_HEADER_KEY}' header)")
+    try:
+        header = json.loads(meta[_HEADER_KEY])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise PrecisionFileError(f"{path}: corrupted lalora header ({e})") from None
+    if _field(header, "format", str, str(path)) != FORMAT_NAME:
+        raise PrecisionFileError(f"{path}: field 'format' is {header['format']!r}, expected {FORMAT_NAME!r}")
+    version = _field(header, "format_version", int, str(path))
+    if version > FORMAT_VERSION:
+        raise PrecisionFileError(f"{path}: format_version {version} is newer than this lalora reads ({FORMAT_VERSION}); "
+                                 "upgrade lalora")
+    if version < 1:
+        raise PrecisionFileError(f"{path}: invalid format_version {version}")
+    return header
+
+
+def load_precision(path):
+    from .precision import Precision
+
+    path = Path(path)
+    header = read_header(path)
+    where = str(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupted data
+        raise PrecisionFileError(f"{path}: cannot read tensors, file truncated or corrupted ({e})") from None
+    if _checksum(tensors) != _field(header, "checksum", str, where):
+        raise PrecisionFileError(f"{path}: checksum mismatch, the file is corrupted")
+
+    def tensor(key, field_where):
+        if not isinstance(key, str) or key not in tensors:
+            raise PrecisionFileError(f"{field_where}: tensor {key!r} is missing from the file")
+        t = tensors[key]
+        if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise PrecisionFileError(f"{field_where}: tensor {key!r} has dtype {t.dtype}, expected a float type")
+        if not bool(torch.isfinite(t).all()):
+            raise PrecisionFileError(f"{field_where}: tensor {key!r} contains NaN or Inf")
+        return t
+
+    anchor = {}
+    for i, p in enumerate(_field(header, "params", list, where)):
+        pw = f"{where}: params[{i}]"
+        name = _field(p, "name", str, pw)
+        shape = _field(p, "shape", list, pw)
+        t = tensor(_field(p, "anchor", str, pw), pw)
+        if list(t.shape) != shape:
+            raise PrecisionFileError(f"{pw} ({name!r}): anchor shape {list(t.shape)} != declared {shape}")
+        if name in anchor:
+            raise PrecisionFileError(f"{pw}: duplicate parameter {name!r}")
+        anchor[name] = t
+    blocks = []
+    for i, b in enumerate(_field(header, "blocks", list, where)):
+        bw = f"{where}: blocks[{i}]"
+        kind = _field(b, "kind", str, bw)
+        names = _field(b, "params", list, bw)
+        for n in names:
+            if n not in anchor:
+                raise PrecisionFileError(f"{bw}: unknown parameter {n!r}")
+        keys = _field(b, "tensors", dict, bw)
+        config = _field(b, "config", dict, bw)
+        try:
+            cls = block_class(kind)
+        except KeyError as e:
+            raise PrecisionFileError(f"{bw}: {e.args[0]}") from None
+        try:
+            blocks.append(cls.from_state(tuple(names), {r: tensor(k, f"{bw}.{r}") for r, k in keys.items()}, config))
+        except PrecisionFileError:
+            raise
+        except Exception as e:
+            raise PrecisionFileError(f"{bw} ({kind}): invalid block ({type(e).__name__}: {e})") from None
+    prior = header.get("prior_precision", 0.0)
+    if not isinstance(prior, (int, float)) or isinstance(prior, bool) or not (prior >= 0) or prior == float("inf"):
+        raise PrecisionFileError(f"{where}: field 'prior_precision' must be a finite number >= 0, got {prior!r}")
+    metadata = header.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise PrecisionFileError(f"{where}: field 'metadata' must be an object")
+    try:
+        return Precision(blocks, anchor, metadata=metadata, prior_precision=float(prior))
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise PrecisionFileError(f"{where}: {e}") from None

@@ -1,0 +1,123 @@
+"""``fit_precision``: run a curvature backend over source data and build a ``Precision``."""
+from __future__ import annotations
+
+import datetime
+import logging
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters import base_model_of, find_lora_adapters, lora_config_summary, lora_parameters, lora_state
+from .backend import CurvatureBackend, FitContext, get_backend
+from .data import BatchStream
+from .errors import BackendError
+from .losses import resolve_loss
+from .precision import Precision
+from .validation import config_hash
+
+logger = logging.getLogger("lalora")
+
+
+class ZeroCurvatureWarning(UserWarning):
+    """Some LoRA matrices got exactly zero curvature (see docs/concepts.md#zero-curvature)."""
+
+
+@contextmanager
+def fitting_mode(model: nn.Module, adapters):
+    """Eval mode (dropout off), no gradient checkpointing, only LoRA weights require grad;
+    everything is restored on exit."""
+    was_training = model.training
+    lora = {id(p) for p in lora_parameters(adapters).values()}
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    base = base_model_of(model)
+    flag_name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    checkpointing = bool(getattr(base, flag_name, False))
+    try:
+        model.eval()
+        if checkpointing:
+            base.gradient_checkpointing_disable()
+        for p, _ in saved_flags:
+            p.requires_grad_(id(p) in lora)
+        yield
+    finally:
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        if checkpointing:
+            base.gradient_checkpointing_enable()
+        model.train(was_training)
+
+
+def _explain_zero(precision: Precision, adapters) -> str:
+    zeros = precision.zero_params()
+    a_names = {a.a_name: a for a in adapters}
+    zero_a_with_b0 = [n for n in zeros if n in a_names and not bool(a_names[n].B.detach().any())]
+    msg = f"{len(zeros)} of {len(precision.param_names)} LoRA matrices have exactly zero curvature (e.g. {zeros[0]!r})."
+    if zero_a_with_b0:
+        msg += (" Their lora_B is all zero (peft's default init), so every gradient w.r.t. lora_A vanishes at theta0 "
+                "and the penalty leaves lora_A unconstrained. Use LoraConfig(init_lora_weights='orthogonal') "
+                "(even rank; model function unchanged), or the effective-weight form of a Kronecker precision, "
+                "or a prior_precision > 0.")
+    return msg
+
+
+def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "diag", *, loss="auto", progress: bool = True,
+                  adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
+                  **backend_options) -> Precision:
+    """Estimate the source-loss curvature w.r.t. the LoRA weights at their current values (theta0).
+
+    ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``).
+    ``loss``: "auto", "causal_lm", "classification", "mse" or ``fn(output, batch) -> (N,)``.
+    ``backend``: a registered name (``lalora.list_backends()``) or a backend instance;
+    ``backend_options`` go to the backend. Returns the mean over examples of the per-example
+    curvature of each example's summed loss, anchored at the current LoRA weights.
+    """
+    if isinstance(backend, CurvatureBackend):
+        if backend_options:
+            raise BackendError("pass backend options to the backend instance, not to fit_precision")
+        instance = backend
+    else:
+        instance = get_backend(backend)(**backend_options)
+    if prior_precision < 0:
+        raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
+    adapters = find_lora_adapters(model, adapter_name)
+    device = adapters[0].A.device
+    stream = BatchStream(data, resolve_loss(loss), device, progress=progress, desc=f"lalora fit [{instance.name}]",
+                         max_batches=max_batches)
+    anchor = lora_state(adapters)
+    ctx = FitContext(model=model, adapters=adapters, stream=stream, device=device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    with fitting_mode(model, adapters):
+        blocks = instance.fit(ctx)
+    elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    from . import __version__
+
+    base = base_model_of(model)
+    metadata = {
+        "backend": instance.name,
+        "backend_options": instance.options,
+        "curvature": instance.curvature_kind(),
+        "loss": stream.loss.name if stream.loss is not None else None,
+        "num_examples": stream.num_examples,
+        "num_tokens": stream.num_tokens,
+        "num_batches": stream.num_batches,
+        "skipped_examples": stream.skipped_examples,
+        "data_fingerprint": stream.fingerprint,
+        "base_model": getattr(getattr(base, "config", None), "_name_or_path", None) or type(base).__name__,
+        "config_hash": config_hash(model),
+        "lora_config": lora_config_summary(model, adapters),
+        "adapters": {a.name + ("" if a.a_name.endswith("lora_A") else f".{a.adapter_name}"):
+                     {"adapter_name": a.adapter_name, "scaling": a.scaling, "rank": a.rank} for a in adapters},
+        "dtype": str(adapters[0].A.dtype).replace("torch.", ""),
+        "lalora_version": __version__,
+        "created": started.isoformat(timespec="seconds"),
+        "fit_seconds": round(elapsed, 3),
+        **ctx.metadata,
+    }
+    precision = Precision(blocks, anchor, metadata=metadata, prior_precision=prior_precision)
+    if precision.zero_params():
+        msg = _explain_zero(precision, adapters)
+        logger.warning("lalora: %s", msg)
+        warnings.warn(msg, ZeroCurvatureWarning, stacklevel=2)
+    return precision

@@ -1,0 +1,180 @@
+"""``Precision``: the Laplace precision over the LoRA weights, a sum of blocks plus an anchor.
+
+Conventions (docs/concepts.md): ``F`` is the mean over examples of the curvature of each
+example's summed loss; weights are flattened row-major; ``to_dense()`` orders parameters
+as ``param_names``. The penalty a regularizer derives from it is
+``(strength/2) * [d^T F d + prior_precision * |d|^2]`` with ``d = theta - anchor``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .blocks import Block
+
+
+class Precision:
+    """Sum of ``blocks`` over the LoRA weights named in ``anchor`` (canonical name -> theta0)."""
+
+    def __init__(self, blocks: list[Block], anchor: Mapping[str, Tensor], *, metadata: dict | None = None,
+                 prior_precision: float = 0.0):
+        self.blocks = list(blocks)
+        self.anchor = dict(anchor)
+        self.metadata = dict(metadata or {})
+        self.prior_precision = float(prior_precision)
+        shapes = self.shapes
+        for b in self.blocks:
+            b.validate(shapes)
+
+    # --- structure ---------------------------------------------------------------
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.anchor)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(t.shape) for n, t in self.anchor.items()}
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.anchor.values())
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes held by the curvature tensors (the anchor, one float per weight, not counted)."""
+        return sum(b.num_bytes for b in self.blocks)
+
+    @property
+    def structure(self) -> str:
+        kinds = sorted({b.kind for b in self.blocks})
+        return "+".join(kinds) if kinds else "empty"
+
+    # --- algebra -----------------------------------------------------------------
+    def quadratic(self, delta: Mapping[str, Tensor]) -> Tensor:
+        """``d^T F d`` (without the prior term); ``delta`` maps every param name to a tensor."""
+        self._check_delta(delta)
+        terms = [b.quadratic(delta) for b in self.blocks]
+        if not terms:
+            return next(iter(delta.values())).new_zeros(())
+        return torch.stack([t.reshape(()) for t in terms]).sum()
+
+    def matvec(self, delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``F d`` as name -> tensor (zeros for params no block touches)."""
+        self._check_delta(delta)
+        out = {n: torch.zeros_like(delta[n], dtype=torch.float32) for n in self.param_names}
+        for b in self.blocks:
+            for n, v in b.matvec(delta).items():
+                out[n] = out[n] + v
+        return out
+
+    def diagonal(self) -> dict[str, Tensor]:
+        out = {n: torch.zeros(s) for n, s in self.shapes.items()}
+        for b in self.blocks:
+            for n, v in b.diagonal().items():
+                out[n] = out[n] + v.detach().float().cpu()
+        return out
+
+    def to_dense(self) -> Tensor:
+        """Dense ``(n, n)`` matrix over all LoRA weights in ``param_names`` order (small models only)."""
+        offsets, i = {}, 0
+        for n, t in self.anchor.items():
+            offsets[n] = (i, i + t.numel())
+            i += t.numel()
+        dense = torch.zeros(i, i, dtype=torch.float64)
+        for b in self.blocks:
+            m = b.to_dense().detach().double().cpu()
+            idx = torch.cat([torch.arange(*offsets[p]) for p in b.params])
+            dense[idx[:, None], idx[None, :]] += m
+        return dense
+
+    def __add__(self, other: "Precision") -> "Precision":
+        if not isinstance(other, Precision):
+            return NotImplemented
+        if self.param_names != other.param_names:
+            missing = sorted(set(self.param_names) ^ set(other.param_names))
+            raise ValueError(f"cannot add precisions over different parameters (first difference: {missing[:1] or 'order'})")
+        for n in self.param_names:
+            if not torch.equal(self.anchor[n].cpu(), other.anchor[n].cpu()):
+                raise ValueError(f"cannot add precisions with different anchors (parameter {n!r} differs); "
+                                 "move one with .with_anchor() first")
+        meta = {"combined_from": [self.metadata, other.metadata]}
+        return Precision(self.blocks + other.blocks, self.anchor, metadata=meta,
+                         prior_precision=self.prior_precision + other.prior_precision)
+
+    def __mul__(self, factor: float) -> "Precision":
+        if isinstance(factor, torch.Tensor):
+            factor = float(factor)
+        if not isinstance(factor, (int, float)):
+            return NotImplemented
+        if factor < 0:
+            raise ValueError(f"a precision can only be scaled by a non-negative factor, got {factor}")
+        meta = dict(self.metadata, scale=float(factor) * float(self.metadata.get("scale", 1.0)))
+        return Precision([b.scaled(float(factor)) for b in self.blocks], self.anchor, metadata=meta,
+                         prior_precision=self.prior_precision * factor)
+
+    __rmul__ = __mul__
+
+    def with_anchor(self, anchor: Mapping[str, Tensor]) -> "Precision":
+        """The same curvature anchored at another point (continual learning: end of the last task)."""
+        anchor = {n: anchor[n].detach().float().cpu().clone() for n in self.param_names}
+        return Precision(self.blocks, anchor, metadata=copy.deepcopy(self.metadata), prior_precision=self.prior_precision)
+
+    def to(self, device=None, dtype=torch.float32) -> "Precision":
+        return Precision([b.to(device, dtype) for b in self.blocks],
+                         {n: t.to(device=device, dtype=dtype) for n, t in self.anchor.items()},
+                         metadata=self.metadata, prior_precision=self.prior_precision)
+
+    def zero_params(self) -> list[str]:
+        """Parameters whose whole curvature is zero (their diagonal is 0; F is PSD)."""
+        return [n for n, d in self.diagonal().items() if not bool((d != 0).any())]
+
+    # --- I/O ---------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write one safetensors file (atomic: temp file + rename). See docs/file-format.md."""
+        from .fileformat import save_precision
+
+        save_precision(self, path)
+
+    @classmethod
+    def load(cls, path, model=None, strict: bool = True, *, adapter_name=None) -> "Precision":
+        """Read a precision file; with ``model``, validate names/shapes/base model against it.
+
+        ``strict=False`` keeps the blocks whose parameters match and records the rest in
+        ``metadata["skipped_params"]`` instead of raising.
+        """
+        from .fileformat import load_precision
+        from .validation import match_to_model
+
+        precision = load_precision(path)
+        if model is not None:
+            precision = match_to_model(precision, model, strict=strict, adapter_name=adapter_name)
+        return precision
+
+    # --- reporting ---------------------------------------------------------------
+    def summary(self) -> str:
+        m = self.metadata
+        lines = [
+            f"Precision over {len(self.anchor)} LoRA matrices ({self.num_params:,} weights), structure {self.structure}",
+            f"  backend={m.get('backend', '?')} curvature={m.get('curvature', '?')} examples={m.get('num_examples', '?')} "
+            f"tokens={m.get('num_tokens', '?')} stored={self.num_bytes / 2**20:.2f} MiB prior_precision={self.prior_precision:g}",
+        ]
+        diag = self.diagonal()
+        for b in self.blocks:
+            vals = torch.cat([diag[p].reshape(-1) for p in b.params])
+            lines.append(f"  [{', '.join(b.params)}] {b.describe()}  diag mean={vals.mean():.3g} max={vals.max():.3g}")
+        zeros = self.zero_params()
+        if zeros:
+            lines.append(f"  ZERO curvature on {len(zeros)} matrices (e.g. {zeros[0]}): see docs/concepts.md#zero-curvature")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"Precision(structure={self.structure!r}, params={len(self.anchor)}, blocks={len(self.blocks)}, "
+                f"bytes={self.num_bytes})")
+
+    def _check_delta(self, delta: Mapping[str, Tensor]) -> None:
+        for n in self.param_names:
+            if n not in delta:
+                raise KeyError(f"delta has no entry for parameter {n!r}")

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set-up and the two everyday jobs, on a fresh machine:
+#   bash scripts/dev.sh demo   # install, then run the main job on the embedded default
+#   bash scripts/dev.sh test   # install, then run the test suite
+# The virtual environment lives in .venv (override with LALORA_VENV).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${LALORA_VENV:-.venv}
+PY="$VENV/bin/python"
+
+install() {
+  if [ ! -x "$PY" ]; then python3 -m venv "$VENV"; fi
+  if ! "$PY" -c "import lalora, pytest, backpack, laplace, matplotlib" 2>/dev/null \
+     || [ pyproject.toml -nt "$VENV/.lalora-installed" ]; then
+    # torch comes from the local disk (capped at 2.14.1 on these machines); everything else from PyPI.
+    "$PY" -m pip install -q --disable-pip-version-check -e ".[test,bench]" 2>&1 | grep -v "is ignored" || true
+    "$PY" -c "import lalora, pytest" # fail loudly if the install did not work
+    touch "$VENV/.lalora-installed"
+  fi
+}
+
+jemalloc() {
+  local lib=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+  if [ ! -e "$lib" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -q libjemalloc2 >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libjemalloc2 >/dev/null 2>&1)) || true
+  fi
+  if [ -e "$lib" ]; then export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"; else echo "note: jemalloc not found; long CPU jobs run much slower under glibc malloc" >&2; fi
+}
+
+case "${1:-}" in
+  demo) shift; install; jemalloc; exec "$PY" examples/quickstart.py "$@" ;;
+  test) shift; install; exec "$PY" -m pytest "$@" ;;
+  install) install ;;
+  *) echo "usage: bash scripts/dev.sh {demo|test|install} [args]" >&2; exit 2 ;;
+esac
