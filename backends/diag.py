@@ -33,4 +33,4 @@ class DiagEFBackend(CurvatureBackend):
                     if g is not None:
                         sums[n] += g.double().square().sum(0)
         n_examples = ctx.num_examples
-        return [DiagBlock(n, (sums[n] / n_examples).float()) for n in names]
+        return [DiagBlock(n, (ctx.all_reduce(sums[n]) / n_examples).float()) for n in names]

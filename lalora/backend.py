@@ -52,8 +52,27 @@ class FitContext:
 
     @property
     def num_examples(self) -> int:
-        """N after the stream has been consumed (examples with at least one labelled token)."""
-        return self.stream.num_examples
+        """N after the stream has been consumed (examples with at least one labelled token),
+        summed over all ranks when ``torch.distributed`` is initialised."""
+        n = self.stream.num_examples
+        if _distributed():
+            t = torch.tensor([n], dtype=torch.float64, device=self._collective_device())
+            torch.distributed.all_reduce(t)
+            n = int(t.item())
+        return n
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over ranks (identity in a single process). Backends call this on
+        every accumulated *sum* before dividing by ``num_examples``."""
+        if not _distributed():
+            return tensor
+        t = tensor.to(self._collective_device())
+        torch.distributed.all_reduce(t)
+        return t.to(tensor.device)
+
+    def _collective_device(self):
+        backend = torch.distributed.get_backend()
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
     def params(self) -> dict[str, nn.Parameter]:
         return lora_parameters(self.adapters)
@@ -69,6 +88,10 @@ class FitContext:
             raise DataError(f"source batch {batch.extra.get('index', '?')} gives a non-finite loss "
                             f"(examples {torch.nonzero(~torch.isfinite(losses)).flatten().tolist()[:5]})")
         return losses
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class CurvatureBackend(abc.ABC):
