@@ -38,7 +38,7 @@ class LoraAdapter:
 
     name: str  # canonical path of the adapted layer, e.g. "model.layers.0.self_attn.q_proj"
     adapter_name: str  # peft adapter name, e.g. "default"
-    module_path: str  # path of the peft layer in the model as given
+    module_path: str  # path of the peft layer in the base model
     layer: nn.Module
     lora_A: nn.Linear
     lora_B: nn.Linear
@@ -80,7 +80,7 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
     """
     LoraLayer = _lora_layer_class()
     found: list[tuple[str, str, nn.Module]] = []
-    for path, module in model.named_modules():
+    for path, module in base_model_of(model).named_modules():
         if LoraLayer is None or not isinstance(module, LoraLayer):
             continue
         if adapter_name is None:
@@ -127,9 +127,24 @@ def lora_parameters(adapters: list[LoraAdapter]) -> dict[str, nn.Parameter]:
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
-    """The underlying transformers model of a peft model (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    """The underlying base model (with LoRA layers inside), whatever wraps it: PeftModel,
+    peft's LoraModel, DDP/DataParallel, torch.compile. Canonical names are paths in it."""
+    try:
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError:  # pragma: no cover
+        BaseTuner = ()
+    for _ in range(10):
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+        elif BaseTuner and isinstance(model, BaseTuner):
+            model = model.model
+        else:
+            break
+    return model
 
 
 def lora_config_summary(model: nn.Module, adapters: list[LoraAdapter]) -> dict:
