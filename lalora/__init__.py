@@ -12,6 +12,7 @@ from .blocks import Block, DenseBlock, DiagBlock, register_block
 from .errors import (AnchorMismatchError, BackendError, DataError, LaloraError, ModelMismatchError,
                      PrecisionFileError)
 from .fit import ZeroCurvatureWarning, fit_precision
+from .integrations.torch_loop import regularized
 from .precision import Precision
 from .regularizer import LaLoRARegularizer
 
@@ -19,5 +20,14 @@ __all__ = [
     "AnchorMismatchError", "BackendError", "Block", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
     "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
     "PrecisionFileError", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
-    "list_backends", "register_backend", "register_block", "__version__",
+    "list_backends", "register_backend", "register_block", "__version__", "LaLoRATrainer", "regularized",
 ]
+
+
+def __getattr__(name):
+    # LaLoRATrainer imports transformers' Trainer machinery: only on first use.
+    if name == "LaLoRATrainer":
+        from .integrations.trainer import LaLoRATrainer
+
+        return LaLoRATrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

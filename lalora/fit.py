@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import warnings
 from contextlib import contextmanager
@@ -10,9 +11,9 @@ import torch
 from torch import nn
 
 from .adapters import base_model_of, find_lora_adapters, lora_config_summary, lora_parameters, lora_state
-from .backend import CurvatureBackend, FitContext, get_backend
-from .data import BatchStream
-from .errors import BackendError
+from .backend import CurvatureBackend, FitContext, _distributed, get_backend
+from .data import BatchStream, _hash_update, _is_single_batch
+from .errors import BackendError, DataError
 from .losses import resolve_loss
 from .precision import Precision
 from .validation import config_hash
@@ -62,9 +63,70 @@ def _explain_zero(precision: Precision, adapters) -> str:
     return msg
 
 
+class _RankShard:
+    """This rank's share of ``data`` (batches ``rank::world_size``) under torch.distributed.
+    Every rank walks all batches, so ``fingerprint`` covers the whole data set exactly as a
+    single-process ``BatchStream`` would."""
+
+    def __init__(self, data, rank: int, world: int, max_batches: int | None):
+        self.data, self.rank, self.world, self.max_batches = data, rank, world, max_batches
+        self.fingerprint = None
+
+    @classmethod
+    def wrap(cls, data, shard, max_batches):
+        if shard not in ("auto", True, False):
+            raise ValueError(f"shard={shard!r} is unknown; use 'auto', True or False")
+        if not _distributed() or shard is False:
+            return None
+        if shard == "auto" and isinstance(getattr(data, "sampler", None), torch.utils.data.DistributedSampler):
+            return None
+        data = [data] if _is_single_batch(data) else data
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        try:
+            n = len(data) if max_batches is None else min(len(data), max_batches)
+        except TypeError:
+            n = None
+        if n is not None and n < world:
+            raise DataError(f"fit_precision(shard={shard!r}) on {world} ranks needs at least {world} source batches, "
+                            f"got {n}: use smaller batches or shard=False")
+        return cls(data, rank, world, max_batches)
+
+    def __len__(self):
+        n = len(self.data) if self.max_batches is None else min(len(self.data), self.max_batches)
+        return max(0, (n - self.rank + self.world - 1) // self.world)
+
+    def __iter__(self):
+        h = hashlib.sha256()
+        for i, raw in enumerate(self.data):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            _hash_update(h, raw)
+            if i % self.world == self.rank:
+                yield raw
+        self.fingerprint = h.hexdigest()[:16]
+
+
+def _reduce_counts(ctx: FitContext, stream: BatchStream, sharded) -> dict:
+    """The stream's counts summed over ranks, and the data fingerprint of all ranks' data."""
+    keys = ("num_examples", "num_tokens", "num_batches", "skipped_examples")
+    counts = {k: getattr(stream, k) for k in keys}
+    counts["data_fingerprint"] = stream.fingerprint
+    if not _distributed():
+        return counts
+    t = ctx.all_reduce(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64))
+    counts.update({k: int(v) for k, v in zip(keys, t.tolist())})
+    if sharded is not None:
+        counts["data_fingerprint"] = sharded.fingerprint
+    else:
+        prints = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(prints, stream.fingerprint)
+        counts["data_fingerprint"] = hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
+    return counts
+
+
 def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "diag", *, loss="auto", progress: bool = True,
                   adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
-                  **backend_options) -> Precision:
+                  shard: str | bool = "auto", **backend_options) -> Precision:
     """Estimate the source-loss curvature w.r.t. the LoRA weights at their current values (theta0).
 
     ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``).
@@ -72,6 +134,12 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     ``backend``: a registered name (``lalora.list_backends()``) or a backend instance;
     ``backend_options`` go to the backend. Returns the mean over examples of the per-example
     curvature of each example's summed loss, anchored at the current LoRA weights.
+
+    Under ``torch.distributed`` (``shard``): ``"auto"``/``True`` means every rank passes the same
+    ``data`` and takes batches ``rank, rank + world_size, ...`` (``"auto"`` leaves a DataLoader with
+    a ``DistributedSampler`` alone); ``False`` means each rank passes its own part. Sums and
+    counts are all-reduced; with sharding the result (tensors and metadata, timing aside) is
+    identical to a single-process run on the same data.
     """
     if isinstance(backend, CurvatureBackend):
         if backend_options:
@@ -83,14 +151,16 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
     adapters = find_lora_adapters(model, adapter_name)
     device = adapters[0].A.device
-    stream = BatchStream(data, resolve_loss(loss), device, progress=progress, desc=f"lalora fit [{instance.name}]",
-                         max_batches=max_batches)
+    sharded = _RankShard.wrap(data, shard, max_batches)
+    stream = BatchStream(data if sharded is None else sharded, resolve_loss(loss), device, progress=progress,
+                         desc=f"lalora fit [{instance.name}]", max_batches=None if sharded else max_batches)
     anchor = lora_state(adapters)
     ctx = FitContext(model=model, adapters=adapters, stream=stream, device=device)
     started = datetime.datetime.now(datetime.timezone.utc)
     with fitting_mode(model, adapters):
         blocks = instance.fit(ctx)
     elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    counts = _reduce_counts(ctx, stream, sharded)
     from . import __version__
 
     base = base_model_of(model)
@@ -99,11 +169,11 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         "backend_options": instance.options,
         "curvature": instance.curvature_kind(),
         "loss": stream.loss.name if stream.loss is not None else None,
-        "num_examples": stream.num_examples,
-        "num_tokens": stream.num_tokens,
-        "num_batches": stream.num_batches,
-        "skipped_examples": stream.skipped_examples,
-        "data_fingerprint": stream.fingerprint,
+        "num_examples": counts["num_examples"],
+        "num_tokens": counts["num_tokens"],
+        "num_batches": counts["num_batches"],
+        "skipped_examples": counts["skipped_examples"],
+        "data_fingerprint": counts["data_fingerprint"],
         "base_model": getattr(getattr(base, "config", None), "_name_or_path", None) or type(base).__name__,
         "config_hash": config_hash(model),
         "lora_config": lora_config_summary(model, adapters),
