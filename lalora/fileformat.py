@@ -23,7 +23,7 @@ from .blocks import block_class
 from .errors import PrecisionFileError
 
 FORMAT_NAME = "lalora.precision"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds ``header_checksum`` (version 1 files, without it, are still read)
 _HEADER_KEY = "lalora"
 _MAX_HEADER_BYTES = 100 * 2**20
 
@@ -37,6 +37,13 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _header_checksum(header: dict) -> str:
+    """SHA-256 over the canonical JSON of the header without its ``header_checksum`` field,
+    so a changed shape, parameter name, prior or metadata value is detected like a changed tensor."""
+    body = {k: v for k, v in header.items() if k != "header_checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _jsonable(obj):
@@ -71,11 +78,42 @@ def save_precision(precision, path) -> None:
         "metadata": _jsonable(precision.metadata),
         "checksum": _checksum(tensors),
     }
+    header["header_checksum"] = _header_checksum(header)
+    atomic_save_file(tensors, path, {_HEADER_KEY: json.dumps(header)})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete ``.<name>.<pid>.*.tmp`` files left by writers killed mid-save (their pid is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2:].split(".")
+        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _pid_alive(int(parts[0])):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically: temp file ``.<name>.<pid>.*.tmp`` in the same
+    folder, fsync, ``os.replace`` over ``path``. An exception removes the temp file; a killed
+    process leaves it, and the next save to ``path`` deletes it (its pid is no longer alive)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(header)})
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -83,6 +121,14 @@ def save_precision(precision, path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 def _field(obj, key, typ, where):
@@ -109,15 +155,15 @@ def read_header(path) -> dict:
             raise PrecisionFileError(f"{path}: not a lalora precision file or truncated (header length {n}, file size {size})")
         try:
             st_header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PrecisionFileError(f"{path}: corrupted safetensors header ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise PrecisionFileError(f"{path}: corrupted safetensors header ({type(e).__name__})") from None
     meta = st_header.get("__metadata__") if isinstance(st_header, dict) else None
     if not isinstance(meta, dict) or _HEADER_KEY not in meta:
         raise PrecisionFileError(f"{path}: a safetensors file but not a lalora precision (no '{_HEADER_KEY}' header)")
     try:
         header = json.loads(meta[_HEADER_KEY])
-    except (TypeError, json.JSONDecodeError) as e:
-        raise PrecisionFileError(f"{path}: corrupted lalora header ({e})") from None
+    except (TypeError, json.JSONDecodeError, RecursionError) as e:
+        raise PrecisionFileError(f"{path}: corrupted lalora header ({type(e).__name__})") from None
     if _field(header, "format", str, str(path)) != FORMAT_NAME:
         raise PrecisionFileError(f"{path}: field 'format' is {header['format']!r}, expected {FORMAT_NAME!r}")
     version = _field(header, "format_version", int, str(path))
@@ -126,10 +172,24 @@ def read_header(path) -> dict:
                                  "upgrade lalora")
     if version < 1:
         raise PrecisionFileError(f"{path}: invalid format_version {version}")
+    if "header_checksum" in header or version >= 2:
+        want = _field(header, "header_checksum", str, str(path))
+        if _header_checksum(header) != want:
+            raise PrecisionFileError(f"{path}: header checksum mismatch, the lalora header was modified or corrupted")
     return header
 
 
 def load_precision(path):
+    """Read and validate a precision file; any defect raises ``PrecisionFileError``."""
+    try:
+        return _load_precision(path)
+    except PrecisionFileError:
+        raise
+    except Exception as e:  # defence in depth: a malformed file never escapes as another error type
+        raise PrecisionFileError(f"{path}: invalid precision file ({type(e).__name__}: {e})") from None
+
+
+def _load_precision(path):
     from .precision import Precision
 
     path = Path(path)
@@ -170,6 +230,8 @@ def load_precision(path):
         kind = _field(b, "kind", str, bw)
         names = _field(b, "params", list, bw)
         for n in names:
+            if not isinstance(n, str):
+                raise PrecisionFileError(f"{bw}: parameter names must be strings, got {type(n).__name__}")
             if n not in anchor:
                 raise PrecisionFileError(f"{bw}: unknown parameter {n!r}")
         keys = _field(b, "tensors", dict, bw)
