@@ -3,8 +3,6 @@ step (accumulation k == no accumulation == a hand-written SGD reference), is log
 survives checkpoint/resume with the same anchor, and is computed in float32 for bf16 models."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -173,7 +171,7 @@ def test_bf16_model(tmp_path, lora_fp32):
     flat = torch.cat([d[n].flatten() for n in prec.param_names])
     ref = 0.5 * STRENGTH * flat @ dense @ flat
     assert ref > 0
-    assert float(pen) == pytest.approx(float(ref), rel=1e-5)
+    assert float(pen.detach()) == pytest.approx(float(ref), rel=1e-5)
     assert all(p.dtype == want for p in params.values())
     pens = [h["lalora_penalty"] for h in trainer.state.log_history if "lalora_penalty" in h]
     assert len(pens) == 3 and pens[0] == 0.0 and pens[-1] > 0
@@ -216,7 +214,6 @@ def test_lazy_export():
     import subprocess
     import sys
 
-    code = ("import sys, lalora; assert 'transformers.trainer' not in sys.modules; "
-            "assert lalora.LaLoRATrainer.__name__ == 'LaLoRATrainer'; assert 'transformers.trainer' in sys.modules")
+    code = "import sys, lalora; assert 'transformers.trainer' not in sys.modules, 'import lalora imported the Trainer'"
     subprocess.run([sys.executable, "-c", code], check=True)
-    warnings.simplefilter("ignore")
+    assert lalora.LaLoRATrainer is LaLoRATrainer and lalora.integrations.LaLoRATrainer is LaLoRATrainer
