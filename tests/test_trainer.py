@@ -217,3 +217,22 @@ def test_lazy_export():
     code = "import sys, lalora; assert 'transformers.trainer' not in sys.modules, 'import lalora imported the Trainer'"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert lalora.LaLoRATrainer is LaLoRATrainer and lalora.integrations.LaLoRATrainer is LaLoRATrainer
+
+
+def test_fp16_lora_weights_penalty_in_fp32():
+    """fp16 base model and fp16 LoRA weights: the penalty and its value are fp32 (float64 reference)."""
+    model = make_model(torch.float16, lora_dtype_autocast=False)
+    params = lora_parameters(find_lora_adapters(model))
+    assert all(p.dtype == torch.float16 for p in params.values())
+    prec = fit_precision(model, token_batches(n_batches=1, batch_size=4, seq_len=7, seed=11), "diag", progress=False)
+    reg = LaLoRARegularizer(model, prec, STRENGTH)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.01)
+    pen = reg()
+    assert pen.dtype == torch.float32
+    flat = torch.cat([(params[n].detach().double() - prec.anchor[n].double()).flatten() for n in prec.param_names])
+    ref = 0.5 * STRENGTH * flat @ prec.to_dense() @ flat
+    assert ref > 0 and float(pen.detach()) == pytest.approx(float(ref), rel=1e-5)
+    pen.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float16 for p in params.values())
