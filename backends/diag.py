@@ -4,6 +4,9 @@
 true labels (per *example*: the square of a mini-batch gradient is not the EF). Exact
 per-example gradients of the LoRA matrices come from lalora's own hooks
 (``lalora.capture``), one forward+backward pass per batch.
+
+Supports ``skip_nonfinite`` and the checkpoint protocol (``state_dict``: the float64 sums of
+squared per-example gradients, one tensor ``sum.<param>`` per LoRA matrix).
 """
 from __future__ import annotations
 
@@ -12,25 +15,64 @@ import torch
 from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks import DiagBlock
 from lalora.capture import PerExampleGrads
+from lalora.errors import BackendError
 
 
 @register_backend("diag")
 class DiagEFBackend(CurvatureBackend):
     curvature = "empirical_fisher"
     default_options = {}
+    supports_skip_nonfinite = True
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._sums: dict[str, torch.Tensor] | None = None
+        self._loaded: dict[str, torch.Tensor] | None = None
+
+    # --- checkpoint protocol -------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self._sums is None:
+            return {} if self._loaded is None else dict(self._loaded)
+        return {f"sum.{n}": t for n, t in self._sums.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, t in state.items():
+            if not k.startswith("sum.") or t.dtype != torch.float64:
+                raise BackendError(f"diag backend state: unexpected entry {k!r} ({t.dtype})")
+        self._loaded = dict(state)
+
+    def _initial_sums(self, params) -> dict[str, torch.Tensor]:
+        sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()}
+        if self._loaded is not None:
+            if set(self._loaded) != {f"sum.{n}" for n in params}:
+                raise BackendError("diag backend state covers other LoRA matrices than the model's: "
+                                   f"{sorted(set(self._loaded) ^ {f'sum.{n}' for n in params})[:3]}")
+            for n, t in sums.items():
+                saved = self._loaded[f"sum.{n}"]
+                if saved.shape != t.shape:
+                    raise BackendError(f"diag backend state for {n!r} has shape {tuple(saved.shape)}, "
+                                       f"the model's is {tuple(t.shape)}")
+                t.copy_(saved)
+        return sums
 
     def fit(self, ctx: FitContext):
         params = ctx.params()
-        sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()}
+        self._sums = sums = self._initial_sums(params)
         names, tensors = list(params), list(params.values())
         with PerExampleGrads(ctx.adapters) as capture:
             for batch in ctx.stream:
                 capture.clear()
                 losses = ctx.per_example_loss(batch)
+                if losses is None:  # non-finite loss, skipped
+                    continue
                 torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
-                for n in names:
-                    g = capture.grads.get(n)
-                    if g is not None:
-                        sums[n] += g.double().square().sum(0)
+                grads = {n: capture.grads[n] for n in names if capture.grads.get(n) is not None}
+                bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+                if bad:
+                    ctx.nonfinite(batch, "gradients", f"of {bad[0]!r}")
+                    continue
+                for n, g in grads.items():
+                    sums[n] += g.double().square().sum(0)
+                ctx.batch_done(self)
         n_examples = ctx.num_examples
         return [DiagBlock(n, (ctx.all_reduce(sums[n]) / n_examples).float()) for n in names]

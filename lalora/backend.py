@@ -45,6 +45,10 @@ class FitContext:
     stream: "Iterable[Batch]"  # noqa: F821
     device: torch.device
     metadata: dict = field(default_factory=dict)
+    #: with ``skip_nonfinite`` a batch with a non-finite loss/gradient is dropped (``nonfinite``)
+    skip_nonfinite: bool = False
+    #: set by ``fit_precision(checkpoint_dir=...)``; backends call ``batch_done(self)`` (docs/robustness.md)
+    checkpointer: object = None
 
     @property
     def loss(self) -> LossFunction:
@@ -81,13 +85,34 @@ class FitContext:
         """Model outputs (logits) for a prepared batch."""
         return call_model(self.model, batch)
 
-    def per_example_loss(self, batch: Batch, output: Tensor | None = None) -> Tensor:
-        """``(N,)`` summed loss per example; raises ``DataError`` naming the batch if non-finite."""
+    def per_example_loss(self, batch: Batch, output: Tensor | None = None) -> Tensor | None:
+        """``(N,)`` summed loss per example. A non-finite loss raises ``DataError`` naming the
+        batch, or with ``skip_nonfinite`` drops the batch and returns ``None`` (skip it)."""
         losses = self.loss.per_example(self.forward(batch) if output is None else output, batch)
         if not bool(torch.isfinite(losses).all()):
-            raise DataError(f"source batch {batch.extra.get('index', '?')} gives a non-finite loss "
-                            f"(examples {torch.nonzero(~torch.isfinite(losses)).flatten().tolist()[:5]})")
+            bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()[:5]
+            self.nonfinite(batch, "loss", f"examples {bad}")
+            return None
         return losses
+
+    def nonfinite(self, batch: Batch, what: str, detail: str = "") -> None:
+        """Report a non-finite ``what`` ("loss", "gradients") in ``batch``: raise ``DataError``,
+        or with ``skip_nonfinite`` remove the batch from the counts (the caller must not
+        accumulate it). Backends supporting the skip set ``supports_skip_nonfinite = True``."""
+        index = batch.extra.get("index", "?")
+        if not self.skip_nonfinite:
+            raise DataError(f"source batch {index} gives a non-finite {what}" + (f" ({detail})" if detail else "")
+                            + "; fix the data/model or pass skip_nonfinite=True to skip such batches")
+        self.stream.discard(batch)
+        import logging
+
+        logging.getLogger("lalora").warning("lalora: skipped source batch %s (non-finite %s)", index, what)
+
+    def batch_done(self, backend: "CurvatureBackend") -> None:
+        """Call after a batch is fully accumulated: saves a checkpoint every K batches when
+        ``fit_precision(checkpoint_dir=...)`` is used (the backend implements ``state_dict``)."""
+        if self.checkpointer is not None:
+            self.checkpointer.after_batch(backend)
 
 
 def _distributed() -> bool:
@@ -104,6 +129,11 @@ class CurvatureBackend(abc.ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     default_options: ClassVar[dict] = {}
     option_help: ClassVar[dict[str, str]] = {}
+    #: the backend handles ``ctx.per_example_loss`` returning None (``fit_precision(skip_nonfinite=True)``)
+    supports_skip_nonfinite: ClassVar[bool] = False
+    # Optional checkpoint protocol (fit_precision(checkpoint_dir=...), docs/robustness.md):
+    #   state_dict() -> dict[str, Tensor]   accumulated sums so far (not divided by N)
+    #   load_state_dict(state) -> None      called before fit(); fit() continues from it
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.default_options))

@@ -57,7 +57,7 @@ class BatchStream:
     """
 
     def __init__(self, data, loss: LossFunction | None, device, *, progress: bool = True, desc: str = "lalora",
-                 max_batches: int | None = None):
+                 max_batches: int | None = None, max_positions: int | None = None, vocab_size: int | None = None):
         self.data = [data] if _is_single_batch(data) else data
         self.loss = loss
         self.device = device
@@ -68,15 +68,73 @@ class BatchStream:
         self.num_tokens = 0
         self.skipped_examples = 0
         self.num_batches = 0
+        self.max_positions = max_positions
+        self.vocab_size = vocab_size
+        #: indices of batches dropped by ``discard`` (non-finite loss/gradients with skip_nonfinite)
+        self.skipped_nonfinite: list[int] = []
+        #: ``state()`` of a checkpointed run: ``__iter__`` fast-forwards past its batches
+        self.resume_state: dict | None = None
         self._hash = hashlib.sha256()
+        self._iterated = False
 
     @property
     def fingerprint(self) -> str:
         return self._hash.hexdigest()[:16]
 
+    _COUNTERS = ("num_batches", "num_examples", "num_tokens", "skipped_examples")
+
+    def state(self) -> dict:
+        """JSON-able position and counts (for fit checkpoints)."""
+        return {**{k: getattr(self, k) for k in self._COUNTERS}, "fingerprint": self.fingerprint,
+                "skipped_nonfinite": list(self.skipped_nonfinite)}
+
+    def discard(self, batch: Batch) -> None:
+        """Remove a yielded batch from the counts (its curvature was not accumulated)."""
+        counts = batch.extra["labelled_counts"]
+        self.num_examples -= int((counts > 0).sum())
+        self.num_tokens -= int(counts.sum())
+        self.skipped_nonfinite.append(int(batch.extra.get("index", -1)))
+
+    def _check_batch(self, batch: Batch, index: int) -> None:
+        inputs = batch.inputs if isinstance(batch.inputs, dict) else {}
+        seq = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        if self.max_positions is not None and seq is not None and seq.dim() >= 2 and seq.shape[1] > self.max_positions:
+            raise DataError(f"source batch {index} has sequences of length {seq.shape[1]} > the model's "
+                            f"max_position_embeddings {self.max_positions}: truncate them when tokenizing "
+                            "(tokenizer(..., truncation=True, max_length=...))")
+        ids = inputs.get("input_ids")
+        if self.vocab_size is not None and isinstance(ids, Tensor) and ids.numel() and not torch.is_floating_point(ids):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise DataError(f"source batch {index} has token id {hi if hi >= self.vocab_size else lo} outside the "
+                                f"model's vocabulary [0, {self.vocab_size}): the data was tokenized with another tokenizer")
+
+    def _fast_forward(self, raw) -> bool:
+        """While resuming: hash and skip one already-consumed raw batch; True if skipped."""
+        resume = self.resume_state
+        if resume is None or self.num_batches >= resume["num_batches"]:
+            return False
+        _hash_update(self._hash, raw)
+        self.num_batches += 1
+        if self.num_batches == resume["num_batches"]:
+            self._finish_fast_forward()
+        return True
+
+    def _finish_fast_forward(self) -> None:
+        resume = self.resume_state
+        if self.fingerprint != resume["fingerprint"]:
+            raise DataError(f"the source data differs from the checkpointed fit's in its first {resume['num_batches']} "
+                            "batches (fingerprint mismatch): pass the same data in the same order, or delete the checkpoint")
+        for k in self._COUNTERS:
+            setattr(self, k, int(resume[k]))
+        self.skipped_nonfinite = list(resume.get("skipped_nonfinite", []))
+
     def __iter__(self) -> Iterator[Batch]:
-        if self.num_batches:
+        if self._iterated:
             raise RuntimeError("a BatchStream can be iterated once; backends must make a single pass")
+        self._iterated = True
+        if self.resume_state is not None and self.resume_state["num_batches"] == 0:
+            self._finish_fast_forward()
         total = None
         try:
             total = len(self.data)
@@ -95,7 +153,10 @@ class BatchStream:
             if self.loss is None:
                 self.loss = infer_loss(raw)
                 logger.info("lalora: loss='auto' chose %s", self.loss.name)
+            if self._fast_forward(raw):
+                continue
             batch = self.loss.prepare(_to_device(raw, self.device))
+            self._check_batch(batch, self.num_batches)
             counts = self.loss.labelled_counts(batch)
             batch.extra["labelled_counts"] = counts
             self.num_batches += 1
@@ -108,8 +169,14 @@ class BatchStream:
                 continue
             batch.extra["index"] = self.num_batches - 1
             yield batch
+        if self.resume_state is not None and self.num_batches < self.resume_state["num_batches"]:
+            raise DataError(f"the source data ended after {self.num_batches} batches, but the checkpoint being resumed "
+                            f"had consumed {self.resume_state['num_batches']}")
         if self.num_batches == 0:
             raise DataError("data is empty: fit_precision needs at least one batch of source data")
+        if self.num_examples == 0 and self.skipped_nonfinite:
+            raise DataError(f"every source batch with a labelled token was skipped for a non-finite loss or gradient "
+                            f"(batches {self.skipped_nonfinite[:10]}): nothing is left to fit")
         if self.num_examples == 0:
             raise DataError(f"every label in the {self.num_batches} source batches is masked (-100 or padding): "
                             "there is no loss to take curvature of")

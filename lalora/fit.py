@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import logging
 import warnings
 from contextlib import contextmanager
@@ -124,9 +125,35 @@ def _reduce_counts(ctx: FitContext, stream: BatchStream, sharded) -> dict:
     return counts
 
 
+def _model_limits(base) -> tuple[int | None, int | None]:
+    """(vocabulary size of the input embeddings, max_position_embeddings) when the model has them."""
+    vocab = None
+    get_emb = getattr(base, "get_input_embeddings", None)
+    if callable(get_emb):
+        try:
+            emb = get_emb()
+            vocab = int(emb.num_embeddings) if emb is not None and hasattr(emb, "num_embeddings") else None
+        except (NotImplementedError, AttributeError):
+            vocab = None
+    pos = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    return vocab, (int(pos) if isinstance(pos, int) and pos > 0 else None)
+
+
+def _tokenizer_info(tokenizer, vocab_size: int | None) -> dict | None:
+    """{"name", "size"} of a HF tokenizer; refuses one with more tokens than the model embeds."""
+    if tokenizer is None:
+        return None
+    size = len(tokenizer)
+    if vocab_size is not None and size > vocab_size:
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has {size} tokens but the model embeds "
+                        f"only {vocab_size}: they do not belong together")
+    return {"name": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__, "size": size}
+
+
 def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "diag", *, loss="auto", progress: bool = True,
                   adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
-                  shard: str | bool = "auto", **backend_options) -> Precision:
+                  shard: str | bool = "auto", skip_nonfinite: bool = False, checkpoint_dir=None,
+                  checkpoint_every: int = 100, tokenizer=None, **backend_options) -> Precision:
     """Estimate the source-loss curvature w.r.t. the LoRA weights at their current values (theta0).
 
     ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``).
@@ -140,6 +167,15 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     a ``DistributedSampler`` alone); ``False`` means each rank passes its own part. Sums and
     counts are all-reduced; with sharding the result (tensors and metadata, timing aside) is
     identical to a single-process run on the same data.
+
+    Robustness (docs/robustness.md): a batch with a non-finite loss or gradient raises a
+    ``DataError`` naming it, or with ``skip_nonfinite=True`` is left out (``metadata
+    ["skipped_nonfinite"]``). ``checkpoint_dir``: save the backend's partial sums every
+    ``checkpoint_every`` batches and resume from them when called again after an interruption
+    (backends implementing ``state_dict``/``load_state_dict``, e.g. ``diag``); the file is
+    deleted when the fit completes. ``tokenizer``: its name and size are stored in the metadata
+    and checked against the model's vocabulary. Sequences longer than the model's
+    ``max_position_embeddings`` and token ids outside its vocabulary raise ``DataError``.
     """
     if isinstance(backend, CurvatureBackend):
         if backend_options:
@@ -149,21 +185,50 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         instance = get_backend(backend)(**backend_options)
     if prior_precision < 0:
         raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
+    if skip_nonfinite and not instance.supports_skip_nonfinite:
+        raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
+                           "(it does not handle skipped batches); drop the option")
     adapters = find_lora_adapters(model, adapter_name)
     device = adapters[0].A.device
+    base = base_model_of(model)
+    vocab_size, max_positions = _model_limits(base)
+    tokenizer_info = _tokenizer_info(tokenizer, vocab_size)
     sharded = _RankShard.wrap(data, shard, max_batches)
     stream = BatchStream(data if sharded is None else sharded, resolve_loss(loss), device, progress=progress,
-                         desc=f"lalora fit [{instance.name}]", max_batches=None if sharded else max_batches)
+                         desc=f"lalora fit [{instance.name}]", max_batches=None if sharded else max_batches,
+                         max_positions=max_positions, vocab_size=vocab_size)
     anchor = lora_state(adapters)
-    ctx = FitContext(model=model, adapters=adapters, stream=stream, device=device)
+    ctx = FitContext(model=model, adapters=adapters, stream=stream, device=device, skip_nonfinite=bool(skip_nonfinite))
+    checkpointer = None
+    if checkpoint_dir is not None:
+        from .checkpoint import Checkpointer, _anchor_hash
+
+        identity = {"backend": instance.name, "backend_options": json.loads(json.dumps(instance.options, default=str)),
+                    "config_hash": config_hash(model), "anchor": _anchor_hash(anchor),
+                    "loss": loss if isinstance(loss, str) else getattr(loss, "__qualname__", type(loss).__name__),
+                    "max_batches": max_batches, "skip_nonfinite": bool(skip_nonfinite)}
+        rank = torch.distributed.get_rank() if _distributed() else None
+        checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, instance, stream, identity=identity, rank=rank)
+        if checkpointer.resume(instance):
+            logger.info("lalora: resuming the fit from %s after %d batches", checkpointer.path, checkpointer.resumed_from)
+        ctx.checkpointer = checkpointer
     started = datetime.datetime.now(datetime.timezone.utc)
     with fitting_mode(model, adapters):
         blocks = instance.fit(ctx)
     elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     counts = _reduce_counts(ctx, stream, sharded)
+    n_nonfinite = len(stream.skipped_nonfinite)
+    if _distributed():
+        n_nonfinite = int(ctx.all_reduce(torch.tensor([float(n_nonfinite)], dtype=torch.float64)).item())
+    robustness = {"skipped_nonfinite": n_nonfinite, "vocab_size": vocab_size}
+    if n_nonfinite:
+        robustness["skipped_nonfinite_batches"] = list(stream.skipped_nonfinite)
+    if tokenizer_info is not None:
+        robustness["tokenizer"] = tokenizer_info
+    if checkpointer is not None:
+        robustness["resumed_from_batch"] = checkpointer.resumed_from
     from . import __version__
 
-    base = base_model_of(model)
     metadata = {
         "backend": instance.name,
         "backend_options": instance.options,
@@ -183,9 +248,12 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         "lalora_version": __version__,
         "created": started.isoformat(timespec="seconds"),
         "fit_seconds": round(elapsed, 3),
+        **robustness,
         **ctx.metadata,
     }
     precision = Precision(blocks, anchor, metadata=metadata, prior_precision=prior_precision)
+    if checkpointer is not None:
+        checkpointer.finish()
     if precision.zero_params():
         msg = _explain_zero(precision, adapters)
         logger.warning("lalora: %s", msg)
