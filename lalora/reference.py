@@ -8,8 +8,8 @@ token are skipped, results are means over the N remaining examples, in float64, 
 parameters in ``lora_parameters`` order, each flattened row-major.
 
 - ``dense_empirical_fisher``: ``(1/N) sum_n g_n g_n^T``;
-- ``dense_ggn``: ``(1/N) sum_n sum_t J_{n,t}^T H_{n,t} J_{n,t}``, ``J`` from one backward
-  pass per output coordinate, ``H`` the Hessian of the loss w.r.t. that position's output
+- ``dense_ggn``: ``(1/N) sum_n sum_t J_{n,t}^T H_{n,t} J_{n,t}``, ``J`` from one batched backward
+  pass (``is_grads_batched``) per labelled position, ``H`` the Hessian of the loss w.r.t. that position's output
   (softmax CE: ``diag(p) - p p^T``; MSE: ``2 I``).
 Cost: one backward per (example) for the EF, per (labelled position x output) for the GGN.
 """
@@ -82,10 +82,18 @@ def dense_ggn(model: nn.Module, batches, loss="auto", adapter_name=None) -> Tens
         out = out.float()
         M, C = out.shape
         for m in range(M):
-            J = torch.stack([_flat_grad(out[m, c], tensors, retain=True) for c in range(C)])  # (C, P)
+            J = _jacobian_rows(out[m], tensors)  # (C, P)
             total += J.T @ _output_hessian(fn, out[m].detach()) @ J
         n_examples += 1
     return total / n_examples
+
+
+def _jacobian_rows(z: Tensor, tensors) -> Tensor:
+    """``(C, P)``: row c = flattened gradient of ``z[c]`` (one batched reverse pass, retaining the graph)."""
+    eye = torch.eye(z.numel(), dtype=z.dtype, device=z.device)
+    grads = torch.autograd.grad(z, tensors, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
+    return torch.cat([(g if g is not None else torch.zeros(z.numel(), *p.shape)).double().reshape(z.numel(), -1)
+                      for g, p in zip(grads, tensors)], 1)
 
 
 def _output_hessian(fn: LossFunction, z: Tensor) -> Tensor:
