@@ -22,16 +22,52 @@ def config_hash(model) -> str | None:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def match_to_model(precision, model, *, strict: bool = True, adapter_name=None):
-    """Return ``precision`` checked against ``model`` (strict) or restricted to what matches."""
+def _vocab_size(model) -> int | None:
+    get_emb = getattr(base_model_of(model), "get_input_embeddings", None)
+    try:
+        emb = get_emb() if callable(get_emb) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return int(emb.num_embeddings) if emb is not None and hasattr(emb, "num_embeddings") else None
+
+
+def _shape_problem(name: str, have: tuple, want: tuple) -> str:
+    msg = f"parameter {name!r}: model shape {have} != precision shape {want}"
+    rank_dim = 0 if ".lora_A" in name else 1 if ".lora_B" in name else None
+    if rank_dim is not None and len(have) == len(want) == 2 and have[1 - rank_dim] == want[1 - rank_dim]:
+        msg += f" (LoRA rank {have[rank_dim]} in the model, {want[rank_dim]} in the precision)"
+    return msg
+
+
+def match_to_model(precision, model, *, strict: bool = True, adapter_name=None, tokenizer=None):
+    """Return ``precision`` checked against ``model`` (strict) or restricted to what matches.
+
+    Checks the base-model config hash, the vocabulary size (and ``tokenizer``'s name and size
+    when given and recorded at fit time), and every LoRA matrix's name and shape (rank,
+    target set, adapter selection). ``strict=True`` raises ``ModelMismatchError`` naming the
+    first problem; ``strict=False`` keeps the blocks whose parameters all match, warns, and
+    records ``skipped_params``, ``unconstrained_params`` and ``mismatch_problems`` in the metadata.
+    """
     from .precision import Precision
 
-    shapes = lora_param_shapes(find_lora_adapters(model, adapter_name))
+    adapters = find_lora_adapters(model, adapter_name)
+    shapes = lora_param_shapes(adapters)
     problems: list[str] = []
-    want_hash, have_hash = precision.metadata.get("config_hash"), config_hash(model)
+    meta = precision.metadata
+    want_vocab, have_vocab = meta.get("vocab_size"), _vocab_size(model)
+    if isinstance(want_vocab, int) and have_vocab is not None and want_vocab != have_vocab:
+        problems.append(f"the model embeds {have_vocab} tokens, the precision was fitted with {want_vocab} "
+                        "(another tokenizer or resized embeddings)")
+    want_hash, have_hash = meta.get("config_hash"), config_hash(model)
     if want_hash and have_hash and want_hash != have_hash:
         problems.append(f"base model config hash {have_hash} != the precision's {want_hash} "
-                        f"(fitted on {precision.metadata.get('base_model', 'another model')!r})")
+                        f"(fitted on {meta.get('base_model', 'another model')!r})")
+    fitted_tok = meta.get("tokenizer")
+    if tokenizer is not None and isinstance(fitted_tok, dict):
+        name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        if fitted_tok.get("size") != len(tokenizer) or fitted_tok.get("name") != name:
+            problems.append(f"tokenizer {name!r} ({len(tokenizer)} tokens) differs from the one the precision was "
+                            f"fitted with ({fitted_tok.get('name')!r}, {fitted_tok.get('size')} tokens)")
     bad = []
     for name, shape in precision.shapes.items():
         if name not in shapes:
@@ -39,7 +75,15 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None):
             problems.append(f"parameter {name!r} is not a LoRA weight of the model")
         elif tuple(shapes[name]) != tuple(shape):
             bad.append(name)
-            problems.append(f"parameter {name!r}: model shape {tuple(shapes[name])} != precision shape {tuple(shape)}")
+            problems.append(_shape_problem(name, tuple(shapes[name]), tuple(shape)))
+    if bad and any(n not in shapes for n in bad):
+        fitted = sorted({v.get("adapter_name") for v in (meta.get("adapters") or {}).values()
+                         if isinstance(v, dict) and v.get("adapter_name")})
+        model_names = sorted({a.adapter_name for a in adapters})
+        if fitted and fitted != model_names:
+            problems[problems.index(next(p for p in problems if "is not a LoRA weight" in p))] += (
+                f" (precision fitted on adapter(s) {fitted}, the model's selected adapter(s) are {model_names}; "
+                "choose one with adapter_name=...)")
     extra = [n for n in shapes if n not in precision.shapes]
     for n in extra:
         problems.append(f"model LoRA weight {n!r} is not in the precision")
@@ -52,7 +96,7 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None):
     keep = [n for n in precision.param_names if n not in bad]
     blocks = [b for b in precision.blocks if all(p in keep for p in b.params)]
     dropped = sorted({p for b in precision.blocks if b not in blocks for p in b.params} | set(bad))
-    meta = dict(precision.metadata, skipped_params=dropped, unconstrained_params=extra)
+    meta = dict(precision.metadata, skipped_params=dropped, unconstrained_params=extra, mismatch_problems=problems)
     warnings.warn(f"lalora: precision applied partially: {len(dropped)} precision parameters skipped, "
                   f"{len(extra)} model LoRA weights unconstrained ({problems[0]})", stacklevel=3)
     anchor = {n: precision.anchor[n] for n in keep if n not in dropped}

@@ -305,3 +305,147 @@ def test_loading_never_unpickles(tmp_path):
         with pytest.raises(lalora.PrecisionFileError):
             lalora.Precision.load(p)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------
+# 2. numerics
+# --------------------------------------------------------------------------------------
+def _mlp_batches(n=4, bs=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(bs, 5, generator=g), torch.randn(bs, 3, generator=g)) for _ in range(n)]
+
+
+def _poison_grad_loss(out, raw):
+    """MSE; on batches whose x[0, 0] == 123 adds sqrt(z^2) at z = 0: finite loss, NaN gradient."""
+    loss = (out.float() - raw[1].float()).square().sum(1)
+    if float(raw[0][0, 0]) == 123.0:
+        z = out[:, 0] - out[:, 0].detach()
+        loss = loss + torch.sqrt(z.square())
+    return loss
+
+
+def test_nonfinite_loss_stops_fit_naming_the_batch():
+    model = lora_mlp()
+    randomize_lora_B(model)
+    batches = _mlp_batches()
+    batches[2][1][1, 0] = float("nan")
+    with pytest.raises(lalora.DataError, match=r"source batch 2 gives a non-finite loss \(examples \[1\]\).*skip_nonfinite"):
+        lalora.fit_precision(model, batches, loss=_poison_grad_loss, progress=False)
+    batches = _mlp_batches()
+    batches[1][0][0, 0] = 123.0
+    with pytest.raises(lalora.DataError, match=r"source batch 1 gives a non-finite gradients"):
+        lalora.fit_precision(model, batches, loss=_poison_grad_loss, progress=False)
+
+
+def test_skip_nonfinite_equals_fit_without_the_bad_batches():
+    """A NaN loss (batch 1) and a NaN gradient with finite loss (batch 3) are skipped, counted,
+    and the result equals a fit on the remaining batches (exact: same float64 sums)."""
+    model = lora_mlp()
+    randomize_lora_B(model)
+    batches = _mlp_batches(5)
+    batches[1][1][0, 2] = float("inf")
+    batches[3][0][0, 0] = 123.0
+    P = lalora.fit_precision(model, batches, loss=_poison_grad_loss, progress=False, skip_nonfinite=True)
+    clean = lalora.fit_precision(model, [b for i, b in enumerate(batches) if i not in (1, 3)], loss=_poison_grad_loss,
+                                 progress=False)
+    assert P.metadata["skipped_nonfinite"] == 2 and P.metadata["skipped_nonfinite_batches"] == [1, 3]
+    assert P.metadata["num_examples"] == clean.metadata["num_examples"] == 9
+    assert P.metadata["num_batches"] == 5
+    assert torch.equal(P.to_dense(), clean.to_dense())
+    all_bad = [(b[0], b[1] * float("nan")) for b in _mlp_batches(2)]
+    with pytest.raises(lalora.DataError, match="nothing is left"):
+        lalora.fit_precision(model, all_bad, loss="mse", progress=False, skip_nonfinite=True)
+
+
+class _PlainBackend(lalora.CurvatureBackend):
+    """A backend implementing neither skip_nonfinite nor the checkpoint protocol."""
+
+    def fit(self, ctx):
+        for _ in ctx.stream:
+            pass
+        return [DiagBlock(n, torch.ones(p.shape)) for n, p in ctx.params().items()]
+
+
+def test_backends_without_support_refuse_skip_and_checkpoint(tmp_path):
+    model = lora_mlp()
+    with pytest.raises(lalora.BackendError, match="does not support skip_nonfinite"):
+        lalora.fit_precision(model, _mlp_batches(), _PlainBackend(), progress=False, skip_nonfinite=True)
+    with pytest.raises(lalora.BackendError, match=r"cannot be checkpointed.*state_dict\(\)/load_state_dict\(\)"):
+        lalora.fit_precision(model, _mlp_batches(), _PlainBackend(), progress=False, checkpoint_dir=tmp_path)
+
+
+def test_regularizer_refuses_all_zero_precision_without_prior():
+    model = lora_mlp()
+    anchor = {n: p.detach().float().clone() for n, p in lalora.adapters.lora_parameters(lalora.find_lora_adapters(model)).items()}
+    zero = lalora.Precision([DiagBlock(n, torch.zeros(t.shape)) for n, t in anchor.items()], anchor)
+    with pytest.raises(ValueError, match="zero everywhere.*prior_precision"):
+        lalora.LaLoRARegularizer(model, zero, strength=1.0)
+    reg = lalora.LaLoRARegularizer(model, zero, strength=2.0, prior_precision=0.5)
+    with torch.no_grad():
+        for p in reg._params.values():
+            p.add_(0.1)
+    expected = 0.5 * 2.0 * 0.5 * sum(0.01 * t.numel() for t in anchor.values())
+    assert abs(float(reg()) - expected) <= 1e-5 * expected
+
+
+# --------------------------------------------------------------------------------------
+# 3. data
+# --------------------------------------------------------------------------------------
+def test_empty_and_fully_masked_data_raise_clear_errors():
+    model = tiny_lora_llama()
+    with pytest.raises(lalora.DataError, match="data is empty"):
+        lalora.fit_precision(model, [], progress=False)
+    masked = token_batches(2)
+    for b in masked:
+        b["labels"][:] = -100
+    with pytest.raises(lalora.DataError, match="every label in the 2 source batches is masked"):
+        lalora.fit_precision(model, masked, progress=False)
+
+
+def test_fully_masked_batch_is_skipped_and_counted():
+    model = tiny_lora_llama()
+    randomize_lora_B(model)
+    batches = token_batches(3)
+    batches[1]["labels"][:] = -100
+    P = lalora.fit_precision(model, batches, progress=False)
+    Q = lalora.fit_precision(model, [batches[0], batches[2]], progress=False)
+    assert P.metadata["skipped_examples"] == 3 and P.metadata["num_batches"] == 3
+    assert P.metadata["num_examples"] == Q.metadata["num_examples"] == 6
+    assert torch.equal(P.to_dense(), Q.to_dense())
+
+
+def test_too_long_sequences_and_foreign_token_ids_raise():
+    model = tiny_lora_llama(max_position_embeddings=8)
+    with pytest.raises(lalora.DataError, match=r"source batch 1 has sequences of length 9 > .*max_position_embeddings 8"):
+        lalora.fit_precision(model, token_batches(1, seq_len=7) + token_batches(1, seq_len=9), progress=False)
+    bad = token_batches(2)
+    bad[1]["input_ids"][0, 3] = 40  # tiny vocabulary has 37 tokens
+    with pytest.raises(lalora.DataError, match=r"source batch 1 has token id 40 outside .*\[0, 37\).*another tokenizer"):
+        lalora.fit_precision(model, bad, progress=False)
+
+
+class _FakeTokenizer:
+    def __init__(self, name, size):
+        self.name_or_path, self._size = name, size
+
+    def __len__(self):
+        return self._size
+
+
+def test_tokenizer_recorded_and_checked(tmp_path):
+    model = tiny_lora_llama()
+    with pytest.raises(lalora.DataError, match="has 50 tokens but the model embeds only 37"):
+        lalora.fit_precision(model, token_batches(), progress=False, tokenizer=_FakeTokenizer("big", 50))
+    P = lalora.fit_precision(model, token_batches(), progress=False, tokenizer=_FakeTokenizer("tiny-tok", 37))
+    assert P.metadata["tokenizer"] == {"name": "tiny-tok", "size": 37} and P.metadata["vocab_size"] == 37
+    from lalora.validation import match_to_model
+
+    assert match_to_model(P, model, tokenizer=_FakeTokenizer("tiny-tok", 37)) is P
+    with pytest.raises(lalora.ModelMismatchError, match="tokenizer 'other-tok'"):
+        match_to_model(P, model, tokenizer=_FakeTokenizer("other-tok", 37))
+    # resized embeddings (another tokenizer's vocabulary) are caught on load
+    P.save(tmp_path / "p.lalora")
+    grown = tiny_lora_llama()
+    grown.base_model.model.resize_token_embeddings(45)
+    with pytest.raises(lalora.ModelMismatchError, match="embeds 45 tokens.*fitted with 37"):
+        lalora.Precision.load(tmp_path / "p.lalora", model=grown)
