@@ -20,7 +20,7 @@ __all__ = [
     "AnchorMismatchError", "BackendError", "Block", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
     "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
     "PrecisionFileError", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
-    "list_backends", "register_backend", "register_block", "__version__", "LaLoRATrainer", "regularized",
+    "list_backends", "register_backend", "register_block", "__version__", "LaLoRATrainer", "regularized", "compare", "compare_precisions",
 ]
 
 
@@ -30,4 +30,9 @@ def __getattr__(name):
         from .integrations.trainer import LaLoRATrainer
 
         return LaLoRATrainer
+    if name in ("compare", "compare_precisions"):
+        # lalora.compare is also the submodule's name; the module forwards calls to the function.
+        import importlib
+
+        return getattr(importlib.import_module(".compare", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1053,3 +1053,15 @@ def _run_cli(args) -> CompareResult:
     return compare(model, data, backends=backends, reference=ref_arg, directions=args.directions, top_k=args.top_k,
                    displacement=args.displacement, max_batches=args.max_batches, max_reference_params=max_ref,
                    seed=args.seed, save_dir=args.save_dir)
+
+
+class _CallableModule(type(sys)):
+    """``lalora.compare`` is both this module and the function: importing the submodule (e.g.
+    ``from lalora.compare import cli_main``) rebinds the package attribute to the module, so the
+    module forwards calls to ``compare``."""
+
+    def __call__(self, *args, **kwargs):
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
