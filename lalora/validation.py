@@ -84,7 +84,9 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None, 
             problems[problems.index(next(p for p in problems if "is not a LoRA weight" in p))] += (
                 f" (precision fitted on adapter(s) {fitted}, the model's selected adapter(s) are {model_names}; "
                 "choose one with adapter_name=...)")
-    extra = [n for n in shapes if n not in precision.shapes]
+    # weights a strict=False mapping already declared unconstrained are not a mismatch again
+    accepted = set(meta.get("unconstrained_params") or []) if isinstance(meta.get("unconstrained_params"), list) else set()
+    extra = [n for n in shapes if n not in precision.shapes and n not in accepted]
     for n in extra:
         problems.append(f"model LoRA weight {n!r} is not in the precision")
     if not problems:
@@ -96,8 +98,9 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None, 
     keep = [n for n in precision.param_names if n not in bad]
     blocks = [b for b in precision.blocks if all(p in keep for p in b.params)]
     dropped = sorted({p for b in precision.blocks if b not in blocks for p in b.params} | set(bad))
-    meta = dict(precision.metadata, skipped_params=dropped, unconstrained_params=extra, mismatch_problems=problems)
-    warnings.warn(f"lalora: precision applied partially: {len(dropped)} precision parameters skipped, "
-                  f"{len(extra)} model LoRA weights unconstrained ({problems[0]})", stacklevel=3)
     anchor = {n: precision.anchor[n] for n in keep if n not in dropped}
+    unconstrained = [n for n in shapes if n not in anchor]
+    meta = dict(precision.metadata, skipped_params=dropped, unconstrained_params=unconstrained, mismatch_problems=problems)
+    warnings.warn(f"lalora: precision applied partially: {len(dropped)} precision parameters skipped, "
+                  f"{len(unconstrained)} model LoRA weights unconstrained ({problems[0]})", stacklevel=3)
     return Precision(blocks, anchor, metadata=meta, prior_precision=precision.prior_precision)

@@ -449,3 +449,151 @@ def test_tokenizer_recorded_and_checked(tmp_path):
     grown.base_model.model.resize_token_embeddings(45)
     with pytest.raises(lalora.ModelMismatchError, match="embeds 45 tokens.*fitted with 37"):
         lalora.Precision.load(tmp_path / "p.lalora", model=grown)
+
+
+# --------------------------------------------------------------------------------------
+# 4. model mismatch
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fitted_llama(tmp_path_factory):
+    model = tiny_lora_llama()
+    randomize_lora_B(model)
+    P = lalora.fit_precision(model, token_batches(), progress=False)
+    path = tmp_path_factory.mktemp("mismatch") / "p.lalora"
+    P.save(path)
+    return P, path
+
+
+def test_other_rank_clear_error_and_partial_map(fitted_llama):
+    P, path = fitted_llama
+    other = tiny_lora_llama(r=4)
+    with pytest.raises(lalora.ModelMismatchError, match=r"LoRA rank 4 in the model, 2 in the precision.*strict=False"):
+        lalora.Precision.load(path, model=other)
+    with pytest.warns(UserWarning, match="8 precision parameters skipped, 8 model LoRA weights unconstrained"):
+        Q = lalora.Precision.load(path, model=other, strict=False)
+    assert Q.param_names == [] and len(Q.metadata["skipped_params"]) == 8
+    assert len(Q.metadata["mismatch_problems"]) == 8
+
+
+def test_partial_precision_usable_by_the_regularizer(fitted_llama):
+    P, path = fitted_llama
+    more = tiny_lora_llama(targets=("q_proj", "v_proj", "o_proj"))
+    randomize_lora_B(more)
+    with pytest.warns(UserWarning, match="partially"):
+        Q = lalora.Precision.load(path, model=more, strict=False)
+    reg = lalora.LaLoRARegularizer(more, Q, strength=1.0, check_anchor=False)
+    reg.reset_to_anchor()
+    assert float(reg()) == 0.0
+    # the penalty acts on the mapped weights only, never on the unconstrained o_proj
+    with torch.no_grad():
+        for n, p in lalora.adapters.lora_parameters(lalora.find_lora_adapters(more)).items():
+            if "o_proj" in n:
+                p.add_(1.0)
+    assert float(reg()) == 0.0
+
+
+def test_other_target_set_maps_what_matches(fitted_llama):
+    P, path = fitted_llama
+    more = tiny_lora_llama(targets=("q_proj", "v_proj", "o_proj"))
+    randomize_lora_B(more)
+    with pytest.raises(lalora.ModelMismatchError, match=r"o_proj.lora_A' is not in the precision"):
+        lalora.Precision.load(path, model=more)
+    with pytest.warns(UserWarning, match="0 precision parameters skipped, 4 model LoRA weights unconstrained"):
+        Q = lalora.Precision.load(path, model=more, strict=False)
+    assert Q.param_names == P.param_names and torch.equal(Q.to_dense(), P.to_dense())
+    assert all("o_proj" in n for n in Q.metadata["unconstrained_params"])
+    fewer = tiny_lora_llama(targets=("v_proj",))
+    with pytest.warns(UserWarning, match="4 precision parameters skipped, 0 model LoRA weights unconstrained"):
+        R = lalora.Precision.load(path, model=fewer, strict=False)
+    assert all("v_proj" in n for n in R.param_names) and all("q_proj" in n for n in R.metadata["skipped_params"])
+    assert torch.equal(R.diagonal()[R.param_names[0]], P.diagonal()[R.param_names[0]])
+
+
+def test_other_base_model_and_adapter_selection(fitted_llama):
+    P, path = fitted_llama
+    with pytest.raises(lalora.ModelMismatchError, match="config hash"):
+        lalora.Precision.load(path, model=tiny_lora_llama(num_hidden_layers=3))
+    # two adapters selected at once: names carry the adapter; the error says which to pick
+    two = tiny_lora_llama()
+    from peft import LoraConfig
+
+    two.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="orthogonal"))
+    with pytest.raises(lalora.ModelMismatchError, match=r"fitted on adapter\(s\) \['default'\].*\['default', 'other'\].*adapter_name"):
+        lalora.Precision.load(path, model=two, adapter_name=["default", "other"])
+    # picking one adapter (a rename is fine by design: canonical names leave it out)
+    assert lalora.Precision.load(path, model=two, adapter_name="other").param_names == P.param_names
+
+
+# --------------------------------------------------------------------------------------
+# 5. checkpointed fits
+# --------------------------------------------------------------------------------------
+class _Interrupted(Exception):
+    pass
+
+
+class _FlakyData:
+    """Yields ``batches`` but raises after ``fail_after`` of them (a crash mid-fit)."""
+
+    def __init__(self, batches, fail_after=None):
+        self.batches, self.fail_after = batches, fail_after
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, b in enumerate(self.batches):
+            if self.fail_after is not None and i == self.fail_after:
+                raise _Interrupted(f"killed before batch {i}")
+            yield b
+
+
+def _count_forwards(model):
+    calls = {"n": 0}
+    model.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    return calls
+
+
+def test_checkpointed_fit_resumes_to_the_uninterrupted_result(tmp_path):
+    model = tiny_lora_llama()
+    randomize_lora_B(model)
+    batches = token_batches(7, seed=4)
+    batches[3]["labels"][:] = -100  # a skipped batch inside the consumed part
+    reference = lalora.fit_precision(model, batches, progress=False)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Interrupted):
+        lalora.fit_precision(model, _FlakyData(batches, fail_after=5), progress=False, checkpoint_dir=ckpt,
+                             checkpoint_every=2)
+    files = sorted(p.name for p in ckpt.iterdir())
+    # saved after 2 consumed batches and after 5 (batch 3 has no label, so no save at 4); no temp files
+    assert files == ["fit-checkpoint.safetensors"]
+    calls = _count_forwards(model)
+    resumed = lalora.fit_precision(model, _FlakyData(batches), progress=False, checkpoint_dir=ckpt, checkpoint_every=2)
+    assert calls["n"] == 2  # batches 5 and 6 only
+    assert resumed.metadata["resumed_from_batch"] == 5
+    assert torch.equal(resumed.to_dense(), reference.to_dense())  # bitwise: float64 sums restored exactly
+    for k in ("num_examples", "num_tokens", "num_batches", "skipped_examples", "data_fingerprint"):
+        assert resumed.metadata[k] == reference.metadata[k], k
+    assert list(ckpt.iterdir()) == []  # completed fits delete their checkpoint
+
+
+def test_checkpoint_refuses_other_data_or_other_fit(tmp_path):
+    model = tiny_lora_llama()
+    randomize_lora_B(model)
+    batches = token_batches(5, seed=4)
+    with pytest.raises(_Interrupted):
+        lalora.fit_precision(model, _FlakyData(batches, fail_after=3), progress=False, checkpoint_dir=tmp_path,
+                             checkpoint_every=1)
+    changed = token_batches(5, seed=5)
+    with pytest.raises(lalora.DataError, match="differs from the checkpointed fit's in its first 3 batches"):
+        lalora.fit_precision(model, changed, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    with pytest.raises(lalora.DataError, match="ended after 2 batches.*consumed 3"):
+        lalora.fit_precision(model, batches[:2], progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    moved = tiny_lora_llama()
+    randomize_lora_B(moved, seed=9)  # other theta0
+    with pytest.raises(lalora.BackendError, match="written by another fit \\(anchor"):
+        lalora.fit_precision(moved, batches, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1"):
+        lalora.fit_precision(model, batches, progress=False, checkpoint_dir=tmp_path, checkpoint_every=0)
+    (tmp_path / "fit-checkpoint.safetensors").write_bytes(b"garbage")
+    with pytest.raises(lalora.PrecisionFileError, match="unreadable fit checkpoint"):
+        lalora.fit_precision(model, batches, progress=False, checkpoint_dir=tmp_path)
