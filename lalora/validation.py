@@ -104,3 +104,33 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None, 
     warnings.warn(f"lalora: precision applied partially: {len(dropped)} precision parameters skipped, "
                   f"{len(unconstrained)} model LoRA weights unconstrained ({problems[0]})", stacklevel=3)
     return Precision(blocks, anchor, metadata=meta, prior_precision=precision.prior_precision)
+
+
+def clip_negative_eigenvalues(matrix, name: str, *, rtol: float = 1e-5):
+    """Symmetric PSD version of ``matrix`` (n, n): negative eigenvalues from round-off set to 0.
+
+    Returns ``(clipped, report)``; ``clipped`` has ``matrix``'s dtype (computed in float64),
+    ``report`` is ``{"name", "num_clipped", "min_eigenvalue", "max_eigenvalue"}`` for a
+    backend's ``ctx.metadata["clipped_eigenvalues"]``. A negative eigenvalue larger than
+    ``rtol * max|eigenvalue|`` is not round-off and raises ``ValueError`` naming ``name``.
+    """
+    import torch
+
+    m = matrix.detach().double()
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"{name}: expected a square matrix, got shape {tuple(m.shape)}")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"{name}: matrix has NaN or Inf entries")
+    m = 0.5 * (m + m.T)
+    evals, evecs = torch.linalg.eigh(m)
+    scale = float(evals.abs().max()) if evals.numel() else 0.0
+    lo = float(evals.min()) if evals.numel() else 0.0
+    report = {"name": name, "num_clipped": int((evals < 0).sum()), "min_eigenvalue": lo,
+              "max_eigenvalue": float(evals.max()) if evals.numel() else 0.0}
+    if lo < -rtol * scale:
+        raise ValueError(f"{name}: eigenvalue {lo:.3g} is negative beyond round-off (largest |eigenvalue| {scale:.3g}); "
+                         "the curvature is not PSD, which points to a bug in the backend")
+    if report["num_clipped"] == 0:
+        return matrix, report
+    clipped = (evecs * evals.clamp_min(0)) @ evecs.T
+    return (0.5 * (clipped + clipped.T)).to(matrix.dtype), report

@@ -597,3 +597,24 @@ def test_checkpoint_refuses_other_data_or_other_fit(tmp_path):
     (tmp_path / "fit-checkpoint.safetensors").write_bytes(b"garbage")
     with pytest.raises(lalora.PrecisionFileError, match="unreadable fit checkpoint"):
         lalora.fit_precision(model, batches, progress=False, checkpoint_dir=tmp_path)
+
+
+def test_round_off_negative_eigenvalues_clipped_and_reported():
+    from lalora.validation import clip_negative_eigenvalues
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(12, 3, generator=g)
+    gram = (X @ X.T).float()  # rank 3 of 12: round-off gives tiny negative eigenvalues in float32
+    gram = gram + 1e-6 * torch.diag(torch.tensor([-1.0] + [0.0] * 11))  # make sure at least one is negative
+    assert float(torch.linalg.eigvalsh(gram.double()).min()) < 0
+    clipped, report = clip_negative_eigenvalues(gram, "G[layer0]")
+    assert report["name"] == "G[layer0]" and report["num_clipped"] >= 1 and report["min_eigenvalue"] < 0
+    ev = torch.linalg.eigvalsh(clipped.double())
+    assert float(ev.min()) >= -1e-6 * float(ev.max())  # float32 storage round-off only
+    assert float((clipped.double() - gram.double()).abs().max()) <= 1e-5 * float(ev.max())
+    assert torch.equal(clipped, clipped.T) and clipped.dtype == torch.float32
+    psd = (X.T @ X).double()
+    same, rep = clip_negative_eigenvalues(psd, "ok")
+    assert same is psd and rep["num_clipped"] == 0
+    with pytest.raises(ValueError, match=r"G\[bad\]: eigenvalue -1 is negative beyond round-off"):
+        clip_negative_eigenvalues(torch.diag(torch.tensor([3.0, -1.0])), "G[bad]")
