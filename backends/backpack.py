@@ -99,7 +99,7 @@ class BackPACKBackend(CurvatureBackend):
                 out = base(x)
                 value = lossfunc(out.float().reshape(x.shape[0], -1) if loss.name == "mse" else out.float(), y.to(out.device))
                 ext = DiagGGNExact() if ggn else DiagGGNMC(mc_samples=self.options["mc_samples"])
-                with backpack(ext):
+                with backpack(ext), _quiet():
                     value.backward()
                 for n, p in params.items():
                     sums[n] += getattr(p, attr).detach().double().cpu()
@@ -134,7 +134,7 @@ class BackPACKBackend(CurvatureBackend):
                             y = z + torch.randn(z.shape, generator=gen, device=z.device) / 2 ** 0.5
                     value = (torch.nn.functional.cross_entropy(z, y, reduction="sum") if loss.likelihood == "categorical"
                              else (z - y).square().sum())
-                    with backpack(SumGradSquared()):
+                    with backpack(SumGradSquared()), _quiet():
                         value.backward()
                     for n, p in params.items():
                         sums[n] += p.sum_grad_squared.detach().double().cpu() / S
@@ -196,6 +196,17 @@ def _rebuilt_lora(ctx: FitContext, base: nn.Module):
     finally:
         for parent, name, child in swaps:
             parent._modules[name] = child
+
+
+@contextmanager
+def _quiet():
+    """Silence torch's 'full backward hook is firing ... no inputs require gradients' notice
+    (inputs of the first layer never require grad here; BackPACK handles it)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
 
 
 @contextmanager

@@ -95,11 +95,11 @@ def test_sum_grad_squared_route_on_transformer():
     randomize_lora_B(model)
     batches = token_batches(n_batches=1, batch_size=3, seq_len=5)
     exact = torch.diagonal(dense_ggn(model, batches))
-    p1 = _fit(model, batches, curvature="mc_fisher", mc_samples=2)
-    p2 = _fit(model, batches, curvature="mc_fisher", mc_samples=300)
+    p1 = _fit(model, batches, curvature="mc_fisher", mc_samples=1)
+    p2 = _fit(model, batches, curvature="mc_fisher", mc_samples=30)
     assert p2.metadata["backpack_route"] == "SumGradSquared"
     e1, e2 = rel_err(torch.diagonal(p1.to_dense()), exact), rel_err(torch.diagonal(p2.to_dense()), exact)
-    assert e2 < 0.15 and e2 < e1, (e1, e2)
+    assert e2 < 0.2 and e2 < e1 / 2, (e1, e2)  # measured (seed 0): 0.38 -> 0.084
     # hooks removed: another backend (torch.func based) still works in the same process
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     lalora.fit_precision(model, batches, backend="block", curvature="ggn", progress=False)
