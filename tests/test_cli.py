@@ -1,0 +1,139 @@
+"""The ``lalora`` CLI on a tiny Llama + byte-level tokenizer saved to tmp_path (no downloads)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lalora
+from lalora.cli import build_parser, main
+from models import tiny_llama
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer without merges: one token per byte, plus <eos> (id 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    assert len(vocab) == 256
+    vocab["<eos>"] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return fast
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_model")
+    m = tiny_llama(vocab_size=257, max_position_embeddings=128)
+    m.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    src = d / "source.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}) for t in
+                             ["The cat sat on the mat.", "A stitch in time saves nine.", "Fortune favours the bold.",
+                              "All that glitters is not gold.", "Out of sight, out of mind."]) + "\n")
+    task = d / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)})
+                              for a, b in [(1, 2), (3, 4), (5, 6), (2, 2)]) + "\n")
+    return src, task
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_has_examples(capsys):
+    for cmd in ["fit", "inspect", "finetune", "bench", "backends"]:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([cmd, "--help"])
+        assert e.value.code == 0
+        assert "examples:" in capsys.readouterr().out
+    assert main([]) == 2
+
+
+def test_backends_lists_registered_with_options(capsys):
+    code, out, _ = run(capsys, "backends", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert set(rows) == set(lalora.list_backends())
+    assert rows["diag"]["available"] is True
+    assert rows["diag"]["options"] == dict(lalora.get_backend("diag").default_options)
+    code, out, _ = run(capsys, "backends")
+    assert code == 0 and "diag" in out and "available=yes" in out
+
+
+def test_fit_inspect_finetune_round_trip(capsys, tmp_path, model_dir, data_files):
+    src, task = data_files
+    out = tmp_path / "p.lalora"
+    code, stdout, err = run(capsys, "fit", "--model", model_dir, "--data", src, "--backend", "diag", "--out", out,
+                            "--rank", 2, "--targets", "q_proj,v_proj", "--batch-size", 2, "-q")
+    assert code == 0, err
+    P = lalora.Precision.load(out)
+    assert P.metadata["backend"] == "diag" and P.metadata["num_examples"] == 5
+    assert len(P.param_names) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert not P.zero_params()  # orthogonal init: A gets curvature too
+
+    code, stdout, _ = run(capsys, "inspect", out)
+    assert code == 0 and "backend=diag" in stdout and "diagonal spectrum" in stdout
+    code, stdout, _ = run(capsys, "inspect", out, "--json")
+    info = json.loads(stdout)
+    assert info["num_params"] == P.num_params and info["diagonal_summary"]["zero_fraction"] == 0.0
+
+    # finetune with a huge strength stays near theta0; without penalty it moves further
+    moved = {}
+    for name, extra in [("reg", ["--precision", out, "--strength", 1e6]), ("plain", [])]:
+        adir = tmp_path / f"adapter_{name}"
+        code, stdout, err = run(capsys, "finetune", "--model", model_dir, "--data", task, "--out", adir, "--steps", 5,
+                                "--lr", 1e-2, "--batch-size", 2, "--rank", 2, "--targets", "q_proj,v_proj", "-q", *extra)
+        assert code == 0, err
+        assert (adir / "adapter_config.json").is_file()
+        from safetensors.torch import load_file
+
+        w = load_file(adir / "adapter_model.safetensors")
+        moved[name] = w
+    anchor = P.anchor
+    def dist(w):
+        return sum(float((w[k].float() - anchor[n]).pow(2).sum()) for k in w
+                   for n in anchor if n.replace(".lora_A", "").replace(".lora_B", "") in k and k.split(".")[-2] == n.split(".")[-1])
+    # the regularised run starts at the precision's anchor and stays much closer to it
+    assert dist(moved["reg"]) < 0.1 * dist(moved["plain"])
+
+
+def test_clear_errors(capsys, tmp_path, model_dir, data_files):
+    src, _ = data_files
+    p = tmp_path / "p.lalora"
+    code, _, err = run(capsys, "fit", "--model", tmp_path / "nope", "--data", src, "--out", p, "-q")
+    assert code == 2 and "--model" in err and "nope" in err
+    code, _, err = run(capsys, "fit", "--model", model_dir, "--data", tmp_path / "missing.jsonl", "--out", p, "-q")
+    assert code == 2 and "missing.jsonl" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    code, _, err = run(capsys, "fit", "--model", model_dir, "--data", bad, "--out", p, "-q")
+    assert code == 2 and "line 2" in err
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"body": "x"}\n')
+    code, _, err = run(capsys, "fit", "--model", model_dir, "--data", nofield, "--out", p, "-q")
+    assert code == 2 and "record 1" in err and "'text'" in err
+    code, _, err = run(capsys, "fit", "--model", model_dir, "--data", src, "--backend", "nosuch", "--out", p, "-q")
+    assert code == 2 and "nosuch" in err
+    code, _, err = run(capsys, "fit", "--model", model_dir, "--data", src, "--out", tmp_path / "no" / "dir" / "p.lalora", "-q")
+    assert code == 2 and "does not exist" in err
+    junk = tmp_path / "junk.lalora"
+    junk.write_bytes(b"not a safetensors file at all")
+    code, _, err = run(capsys, "inspect", junk)
+    assert code == 2 and "junk.lalora" in err
+    code, _, err = run(capsys, "inspect", tmp_path / "absent.lalora")
+    assert code == 2 and "no such file" in err
+    code, _, err = run(capsys, "bench", "--methods", "lora,bogus")
+    assert code == 2 and "bogus" in err
