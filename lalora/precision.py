@@ -153,6 +153,22 @@ class Precision:
             precision = match_to_model(precision, model, strict=strict, adapter_name=adapter_name)
         return precision
 
+    # --- laplace-torch interop (imported lazily) ----------------------------------
+    @classmethod
+    def from_laplace(cls, la, model, *, adapter_name=None) -> "Precision":
+        """From a fitted laplace-torch object over ``model``'s LoRA weights (its sum ``H`` / ``n_data``)."""
+        from lalora.backends.laplace_torch import precision_from_laplace
+
+        return precision_from_laplace(la, model, adapter_name=adapter_name)
+
+    def to_laplace(self, model, likelihood: str = "classification", *, prior_precision=None, num_examples=None,
+                   adapter_name=None):
+        """A fitted laplace-torch object (``H = N F``) for predictive uncertainty; see docs/block-backpack-laplace.md."""
+        from lalora.backends.laplace_torch import precision_to_laplace
+
+        return precision_to_laplace(self, model, likelihood, prior_precision=prior_precision,
+                                    num_examples=num_examples, adapter_name=adapter_name)
+
     # --- reporting ---------------------------------------------------------------
     def summary(self) -> str:
         m = self.metadata

@@ -1,0 +1,90 @@
+"""Backend `laplace` and Precision.from_laplace / to_laplace: laplace-torch's summed H vs lalora's mean."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lalora
+from lalora.reference import dense_ggn, rel_err
+from models import randomize_lora_B, tiny_lora_llama, token_batches
+from test_backpack import class_batches, seq_lora_mlp
+
+TOL = 1e-5
+
+
+def _fit(model, data, backend, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lalora.fit_precision(model, data, backend=backend, loss="classification", progress=False, **kw)
+
+
+@pytest.fixture
+def model_and_data():
+    model = seq_lora_mlp()
+    randomize_lora_B(model)
+    return model, class_batches(n_batches=2, n=6)  # one masked label per batch: N = 10
+
+
+def test_laplace_diag_ggn_equals_lalora_diag_ggn(model_and_data):
+    model, data = model_and_data
+    p = _fit(model, data, "laplace", hessian_structure="diag")
+    assert p.metadata["num_examples"] == 10 and p.metadata["laplace_backend"] == "CurvlinopsGGN"
+    ours = _fit(model, data, "backpack")  # DiagGGNExact, same curvature
+    assert rel_err(torch.diagonal(p.to_dense()), torch.diagonal(ours.to_dense())) <= TOL
+    assert rel_err(torch.diagonal(p.to_dense()), torch.diagonal(dense_ggn(model, data, loss="classification"))) <= TOL
+
+
+def test_laplace_kron_equals_curvlinops_kfac_mean(model_and_data):
+    """laplace-torch's kron (type-2 KFAC per LoRA matrix, summed) / N == curvlinops' KFAC on the same data / N."""
+    from curvlinops import KFACLinearOperator
+
+    model, data = model_and_data
+    full = [(torch.cat([x[y != -100] for x, y in data]), torch.cat([y[y != -100] for _, y in data]))]
+    p = _fit(model, full, "laplace", hessian_structure="kron")  # one batch: laplace's M/N rescaling is 1
+    params = list(lalora.adapters.lora_parameters(lalora.adapters.find_lora_adapters(model)).values())
+    op = KFACLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), params, full, fisher_type="type-2",
+                            check_deterministic=False)
+    ref = torch.as_tensor(op @ torch.eye(sum(q.numel() for q in params))).double() / 10
+    assert rel_err(p.to_dense(), ref) <= TOL
+    assert [b.kind for b in p.blocks] == ["dense"] * 4  # one kron(Q, H) block per LoRA matrix
+
+
+def test_from_laplace_and_to_laplace_round_trip(model_and_data):
+    from laplace import Laplace
+
+    model, data = model_and_data
+    ours = _fit(model, data, "backpack")
+    la = ours.to_laplace(model, prior_precision=2.0)
+    assert la.n_data == 10 and torch.allclose(la.H, torch.diagonal(ours.to_dense()).float() * 10)
+    back = lalora.Precision.from_laplace(la, model)
+    assert rel_err(back.to_dense(), ours.to_dense()) <= TOL
+    assert all(torch.equal(back.anchor[n], ours.anchor[n]) for n in ours.param_names)
+    x = data[0][0]
+    probs = la(x, pred_type="glm", link_approx="probit")  # predictive uncertainty works
+    assert probs.shape == (6, 4) and torch.allclose(probs.sum(-1), torch.ones(6), atol=1e-5)
+    # a Laplace object the user fitted with laplace-torch's own loop converts with the sum -> mean scaling
+    x_all = torch.cat([x[y != -100] for x, y in data])
+    y_all = torch.cat([y[y != -100] for _, y in data])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all, y_all), batch_size=4)
+    la2 = Laplace(model.get_base_model(), "classification", subset_of_weights="all", hessian_structure="diag")
+    la2.fit(loader)
+    from_user = lalora.Precision.from_laplace(la2, model)
+    assert rel_err(from_user.to_dense(), ours.to_dense()) <= TOL
+
+
+def test_to_laplace_needs_n_and_lora_only():
+    model = seq_lora_mlp()
+    p = _fit(model, class_batches(n_batches=1), "backpack")
+    p.metadata.pop("num_examples")
+    with pytest.raises(lalora.BackendError, match="num_examples"):
+        p.to_laplace(model)
+    model.get_base_model()[0].base_layer.weight.requires_grad_(True)
+    with pytest.raises(lalora.BackendError, match="not a LoRA weight"):
+        p.to_laplace(model, num_examples=5)
+
+
+def test_causal_lm_is_refused_with_a_clear_error():
+    model = tiny_lora_llama(targets=("v_proj",))
+    with pytest.raises(lalora.BackendError, match="tokens as data points"):
+        lalora.fit_precision(model, token_batches(n_batches=1), backend="laplace", progress=False)
