@@ -48,6 +48,10 @@ def test_laplace_kron_equals_curvlinops_kfac_mean(model_and_data):
     ref = torch.as_tensor(op @ torch.eye(sum(q.numel() for q in params))).double() / 10
     assert rel_err(p.to_dense(), ref) <= TOL
     assert [b.kind for b in p.blocks] == ["dense"] * 4  # one kron(Q, H) block per LoRA matrix
+    # lalora's own B-KFAC with the same curvature (type-2): one output row per example, so
+    # laplace's per-matrix factors equal the adapter-level ones (G_A = s^2 B^T G B, X_B = A X A^T)
+    ours = _fit(model, data, "kfac", fisher_type="type-2")
+    assert rel_err(p.to_dense(), ours.to_dense()) <= TOL
 
 
 def test_from_laplace_and_to_laplace_round_trip(model_and_data):
