@@ -180,7 +180,8 @@ def precision_to_laplace(precision, model: nn.Module, likelihood: str = "classif
     """A fitted laplace-torch object with ``H = N * F`` (``N`` = ``num_examples`` or the precision's
     ``metadata["num_examples"]``) at the precision's anchor, over ``model``'s LoRA weights (these
     must be the only parameters requiring grad; the model's LoRA weights are set to the anchor).
-    Diagonal precisions give a ``DiagLaplace``, all others a ``FullLaplace`` (dense, small models).
+    Diagonal precisions give a ``DiagLaplace``, ``kfac`` (B-KFAC) precisions a ``KronLaplace`` (one
+    factor pair per LoRA matrix), all others a ``FullLaplace`` (dense, small models).
     ``prior_precision`` defaults to ``N * precision.prior_precision`` if that is > 0, else 1."""
     from laplace import Laplace
 
@@ -199,23 +200,34 @@ def precision_to_laplace(precision, model: nn.Module, likelihood: str = "classif
         for n, p in params.items():
             p.copy_(precision.anchor[n].to(p))
     is_diag = all(b.kind == "diag" for b in precision.blocks)
+    is_kfac = bool(precision.blocks) and all(b.kind == "kfac" for b in precision.blocks)
     if prior_precision is None:
         prior_precision = N * precision.prior_precision if precision.prior_precision > 0 else 1.0
-    la = Laplace(base, likelihood, subset_of_weights="all", hessian_structure="diag" if is_diag else "full",
-                 prior_precision=prior_precision)
+    structure = "diag" if is_diag else "kron" if is_kfac else "full"
+    la = Laplace(base, likelihood, subset_of_weights="all", hessian_structure=structure, prior_precision=prior_precision)
     inv = 1.0 / _likelihood_factor(la)
     order = [p for p in la.params]
     name_of = {id(p): n for n, p in params.items()}
     names = [name_of[id(p)] for p in order]
-    if is_diag:
+    p0 = order[0]
+    if is_kfac:
+        from laplace.utils.matrix import Kron
+
+        factors = {}
+        for b in precision.blocks:
+            GA, XA, GB, XB = b._kfac_factors()
+            factors[b.params[0]], factors[b.params[1]] = [GA * (N * inv), XA], [GB * (N * inv), XB]
+        if set(factors) != set(names):
+            raise BackendError("the kfac precision does not cover every LoRA weight the Laplace object sees")
+        la.H_facs = Kron([[f.to(device=p0.device, dtype=p0.dtype) for f in factors[n]] for n in names])
+        la.H = la.H_facs.decompose(damping=la.damping)
+    elif is_diag:
         diag = precision.diagonal()
-        H = torch.cat([diag[n].reshape(-1) for n in names]) * (N * inv)
+        la.H = (torch.cat([diag[n].reshape(-1) for n in names]) * (N * inv)).to(device=p0.device, dtype=p0.dtype)
     else:
         if names != precision.param_names:
             raise BackendError("laplace-torch's parameter order differs from the precision's")
-        H = precision.to_dense().float() * (N * inv)
-    p0 = order[0]
-    la.H = H.to(device=p0.device, dtype=p0.dtype)
+        la.H = (precision.to_dense().float() * (N * inv)).to(device=p0.device, dtype=p0.dtype)
     la.mean = torch.nn.utils.parameters_to_vector(order).detach()
     la.n_data = N
     la.loss = torch.zeros((), device=p0.device)

@@ -77,6 +77,16 @@ def test_from_laplace_and_to_laplace_round_trip(model_and_data):
     assert rel_err(from_user.to_dense(), ours.to_dense()) <= TOL
 
 
+def test_kfac_precision_to_kron_laplace(model_and_data):
+    model, data = model_and_data
+    ours = _fit(model, data, "kfac", fisher_type="type-2")
+    la = ours.to_laplace(model)
+    assert type(la).__name__ == "KronLaplace"
+    assert rel_err(lalora.Precision.from_laplace(la, model).to_dense(), ours.to_dense()) <= TOL
+    probs = la(data[0][0], pred_type="glm", link_approx="probit")
+    assert probs.shape == (6, 4) and bool(torch.isfinite(probs).all())
+
+
 def test_to_laplace_needs_n_and_lora_only():
     model = seq_lora_mlp()
     p = _fit(model, class_batches(n_batches=1), "backpack")
