@@ -84,7 +84,7 @@ def plot_spectra(result, path, max_blocks: int = 12) -> Path:
         ax.tick_params(labelsize=6)
     if blocks:
         axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.06, top=0.94, wspace=0.3, hspace=0.45)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,7 +11,7 @@ from torch import nn
 import lalora
 from lalora.blocks import DenseBlock
 from lalora.compare import CompareResult, cli_main, compare, compare_precisions, dense_reference
-from models import lora_mlp, randomize_lora_B, tiny_lora_llama, token_batches
+from models import lora_mlp, randomize_lora_B, tiny_llama, tiny_lora_llama, token_batches
 from reference import dense_empirical_fisher, rel_err
 
 EXACT = 1e-9    # float64 dense precision against the same float64 reference
@@ -245,9 +245,12 @@ def test_zero_curvature_blocks_are_reported_not_nan_errors():
 
 
 def test_cli_stored_and_fitted(tmp_path, capsys):
-    model, batches = _llama()
-    res = compare(model, batches, backends=["diag"], reference="ef", directions=4, top_k=2, save_dir=tmp_path)
-    rc = cli_main([str(tmp_path / "diag.lalora"), "--reference", str(tmp_path / "reference-ef.lalora"),
+    model = lora_mlp(targets=("fc2",))
+    randomize_lora_B(model)
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(6, 5, generator=g), torch.tensor([0, 1, 2, 0, 1, 2]))]
+    res = compare(model, data, backends=["diag"], reference="ggn", directions=4, top_k=2, save_dir=tmp_path)
+    rc = cli_main([str(tmp_path / "diag.lalora"), "--reference", str(tmp_path / "reference-ggn.lalora"),
                    "--directions", "4", "--top-k", "2", "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
     assert rc == 0
     stored = CompareResult.from_json(tmp_path / "r.json")
@@ -255,10 +258,9 @@ def test_cli_stored_and_fitted(tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "p_spectra.png").stat().st_size > 1000
     assert "diag" in capsys.readouterr().out
     # fitted from a model directory + JSONL (pre-tokenized: the tiny model has no tokenizer)
-    base = tiny_lora_llama().get_base_model()
-    base.save_pretrained(tmp_path / "model")
+    tiny_llama().save_pretrained(tmp_path / "model")
     with open(tmp_path / "data.jsonl", "w") as f:
-        for b in batches:
+        for b in token_batches(n_batches=1, batch_size=3):
             for ids, lab in zip(b["input_ids"].tolist(), b["labels"].tolist()):
                 f.write(json.dumps({"input_ids": ids, "labels": lab}) + "\n")
     rc = cli_main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl"), "--backends", "diag",
@@ -266,5 +268,5 @@ def test_cli_stored_and_fitted(tmp_path, capsys):
                    "--out", str(tmp_path / "r.md")])
     assert rc == 0
     md = (tmp_path / "r.md").read_text()
-    assert "| diag |" in md and "Relative Frobenius error per block" in md
+    assert "| diag |" in md and "Relative Frobenius error per block" in md and "224 LoRA weights" in md
     assert cli_main(["--backends", "diag"]) == 2  # neither files nor --model/--data: a clear error, exit 2
