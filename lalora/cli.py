@@ -322,8 +322,12 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
     outdir = Path(args.out_dir)
     outdir.mkdir(parents=True, exist_ok=True)
+    def partial(rep):  # keep what has been measured if the run is interrupted
+        (outdir / "results.md").write_text(format_table(rep) + "\n")
+        save_report(rep, outdir / "results.json")
+
     try:
-        report = run_benchmark(cfg)
+        report = run_benchmark(cfg, on_result=partial)
     except LaloraError as e:
         raise UsageError(str(e)) from None
     table = format_table(report)

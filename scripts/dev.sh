@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up and the two everyday jobs, on a fresh machine:
-#   bash scripts/dev.sh demo   # install, then run the main job on the embedded default
+#   bash scripts/dev.sh demo   # install, then run the learning-forgetting benchmark (lalora bench; ~15 min on 2 cores)
 #   bash scripts/dev.sh test   # install, then run the test suite
 # The virtual environment lives in .venv (override with LALORA_VENV).
 set -euo pipefail
@@ -19,6 +19,13 @@ install() {
   fi
 }
 
+fortunes() {
+  # the benchmark's source text: Debian's fortunes (offline); without it the benchmark says how to get it
+  if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -q fortunes >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fortunes >/dev/null 2>&1)) || true
+  fi
+}
+
 jemalloc() {
   local lib=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
   if [ ! -e "$lib" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -28,7 +35,7 @@ jemalloc() {
 }
 
 case "${1:-}" in
-  demo) shift; install; jemalloc; exec "$PY" examples/quickstart.py "$@" ;;
+  demo) shift; install; fortunes; jemalloc; exec "$VENV/bin/lalora" bench "$@" ;;
   test) shift; install; exec "$PY" -m pytest "$@" ;;
   install) install ;;
   *) echo "usage: bash scripts/dev.sh {demo|test|install} [args]" >&2; exit 2 ;;

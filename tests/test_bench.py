@@ -78,7 +78,7 @@ def test_run_benchmark_end_to_end_on_tiny_model(tok, tmp_path):
     report = run_benchmark(cfg, model=model, tokenizer=tok)
     rows = report["results"]
     methods = [r["method"] for r in rows]
-    assert methods[:5] == ["lora", "l2", "l2", "diag", "diag"]
+    assert methods[:3] == ["lora", "l2", "diag"] and methods.count("l2") == methods.count("diag") == 2
     # kfac rows exist iff the backend is available; otherwise a note says why
     from lalora.bench.run import backend_status
 

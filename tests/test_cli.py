@@ -102,11 +102,13 @@ def test_fit_inspect_finetune_round_trip(capsys, tmp_path, model_dir, data_files
 
         w = load_file(adir / "adapter_model.safetensors")
         moved[name] = w
-    anchor = P.anchor
-    def dist(w):
-        return sum(float((w[k].float() - anchor[n]).pow(2).sum()) for k in w
-                   for n in anchor if n.replace(".lora_A", "").replace(".lora_B", "") in k and k.split(".")[-2] == n.split(".")[-1])
-    # the regularised run starts at the precision's anchor and stays much closer to it
+    from lalora.adapters import canonical_module_path
+
+    def dist(w):  # squared distance of a saved adapter to the precision's anchor theta0
+        names = {canonical_module_path(k.removesuffix(".weight")): k for k in w}
+        assert set(names) == set(P.anchor)
+        return sum(float((w[names[n]].float() - a).pow(2).sum()) for n, a in P.anchor.items())
+
     assert dist(moved["reg"]) < 0.1 * dist(moved["plain"])
 
 

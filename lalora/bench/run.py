@@ -113,8 +113,8 @@ def backend_status(name: str) -> tuple[bool, str]:
     return cls.available()
 
 
-def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
-    """Run every (method, strength); returns ``{"config", "baseline", "results", "notes"}``."""
+def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) -> dict:
+    """Run every (method, strength); ``on_result(partial_report)`` after each run. Returns ``{"config", "baseline", "results", "notes"}``."""
     from .. import LaLoRARegularizer, fit_precision
     from ..adapters import find_lora_adapters, lora_state
     from . import tasks
@@ -201,33 +201,40 @@ def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
         log(f"fitted {backend}: {fit_seconds[backend]:.1f} s, mean diagonal {scale:.3g}", cfg.progress)
 
     results: list[Result] = []
-    for method in cfg.methods:
-        key = "identity" if method == "l2" else METHOD_BACKEND.get(method)
-        if key is not None and key not in precisions:
-            continue
-        for strength in ([0.0] if method == "lora" else cfg.strengths):
-            reset()
-            reg = None
-            if method != "lora":
-                form = "effective-weight" if method == "kfac-ew" else "linearized"
-                try:
-                    reg = LaLoRARegularizer(model, precisions[key], strength=strength, form=form)
-                except LaloraError as e:
-                    notes.append(f"method {method!r} skipped: {e}")
-                    break
-            t = time.perf_counter()
-            losses = train_lora(model, train_batches, cfg.steps, cfg.lr, reg=reg, progress=cfg.progress,
-                                desc=f"{method} {strength:g}")
-            train_s = time.perf_counter() - t
-            m = evaluate(model)
-            r = Result(method, strength, m["target_em"], m["source_ppl"], m["source_acc"], train_s,
-                       fit_seconds.get(key, 0.0) if key else 0.0, losses[-1],
-                       extra={"precision_scale": precisions[key].metadata.get("precision_scale")} if key else {})
-            results.append(r)
-            log(f"{method:9s} strength {strength:<8g} target EM {r.target_em:.3f}  source ppl {r.source_ppl:.2f}  "
-                f"acc {r.source_acc:.4f}  train {train_s:.0f} s", cfg.progress)
-    reset()
     cfg_d = dataclasses.asdict(cfg)
+    # plain LoRA first, then every method at each strength (partial reports stay comparable)
+    runs = [("lora", 0.0)] if "lora" in cfg.methods else []
+    runs += [(m, s) for s in cfg.strengths for m in cfg.methods if m != "lora"]
+    skipped = set()
+    for method, strength in runs:
+        key = "identity" if method == "l2" else METHOD_BACKEND.get(method)
+        if (key is not None and key not in precisions) or method in skipped:
+            continue
+        reset()
+        reg = None
+        if method != "lora":
+            form = "effective-weight" if method == "kfac-ew" else "linearized"
+            try:
+                reg = LaLoRARegularizer(model, precisions[key], strength=strength, form=form)
+            except LaloraError as e:
+                notes.append(f"method {method!r} skipped: {e}")
+                skipped.add(method)
+                continue
+        t = time.perf_counter()
+        losses = train_lora(model, train_batches, cfg.steps, cfg.lr, reg=reg, progress=cfg.progress,
+                            desc=f"{method} {strength:g}")
+        train_s = time.perf_counter() - t
+        m = evaluate(model)
+        r = Result(method, strength, m["target_em"], m["source_ppl"], m["source_acc"], train_s,
+                   fit_seconds.get(key, 0.0) if key else 0.0, losses[-1],
+                   extra={"precision_scale": precisions[key].metadata.get("precision_scale")} if key else {})
+        results.append(r)
+        log(f"{method:9s} strength {strength:<8g} target EM {r.target_em:.3f}  source ppl {r.source_ppl:.2f}  "
+            f"acc {r.source_acc:.4f}  train {train_s:.0f} s", cfg.progress)
+        if on_result is not None:
+            on_result({"config": cfg_d, "baseline": baseline, "results": [dataclasses.asdict(x) for x in results],
+                       "notes": notes})
+    reset()
     return {"config": cfg_d, "baseline": baseline, "results": [dataclasses.asdict(r) for r in results], "notes": notes}
 
 
