@@ -1,0 +1,261 @@
+"""Backends ``kfac`` (B-KFAC) and ``tri-kfac`` (B-Tri-KFAC): Kronecker factors of the adapted layers.
+
+Per adapter the fit stores the adapted layer's factors (DESIGN.md sections 2-3), mean over the
+N examples of the curvature of each example's summed loss:
+
+- ``kfac_approx="expand"`` (default; tokens are treated as extra data points):
+  ``G = (1/(N S)) sum_{n,t,k} g g^T`` and ``X = (1/T) sum_{n,t} x x^T`` with ``T`` the number of
+  real tokens (attention mask 1) of the N counted examples and ``S`` the number of backward
+  passes per batch that make one curvature estimate (``mc_samples`` for MC). Then
+  ``kron(G, X) = (1/N) T E_t[g g^T] (x) E_t[x x^T]``, the K-FAC approximation of
+  ``(1/N) sum_{n,t} (g g^T) (x) (x x^T)``; for one token per example it is exact.
+- ``kfac_approx="reduce"``: per example ``xbar_n`` = mean of ``x`` over its real tokens and
+  ``gsum_n`` = sum of ``g`` over its tokens; ``X = (1/N) sum_n xbar xbar^T``,
+  ``G = (1/(N S)) sum_n gsum gsum^T``.
+
+``x`` is the input of ``lora_A``; ``g`` the gradient of the adapted layer's output (the
+gradient at ``lora_B``'s output divided by the scaling s). ``fisher_type``:
+
+- ``"mc"`` (default): labels sampled from the model at every labelled position, ``mc_samples``
+  backward passes per batch (unbiased for the per-position type-2 GGN);
+- ``"empirical"``: the true labels, gradient of ``sum_n l_n``;
+- ``"type-2"``: exact, one backward per output class through ``sqrt(H)``. Only where each
+  example has a single output row (classification, MSE): on causal LMs backpropagating all
+  positions together brings in cross-position terms (the curvlinops error, DESIGN.md
+  section 5), so it is refused there with a message pointing to ``mc``.
+
+Why own hooks rather than curvlinops' ``KFACLinearOperator``: with padded batches curvlinops
+puts pad activations into ``X`` and normalises by the padded shape (DESIGN.md section 5), its
+type-2 is wrong on causal LMs, it needs flattened logits and ``batch_size_fn`` plumbing and adds
+factors on a second ``compute_kronecker_factors()``. The factors here are two matrix products
+per layer and batch on tensors the forward/backward already computes, masked exactly, in
+float32 (float64 accumulation) also for bf16 models. curvlinops stays the dense reference in
+the tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfinite`` and
+``torch.distributed`` sharding (every sum is all-reduced).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lalora.backend import CurvatureBackend, FitContext, register_backend
+from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
+from lalora.errors import BackendError
+
+FISHER_TYPES = ("mc", "empirical", "type-2")
+APPROXES = ("expand", "reduce")
+
+
+class _FactorHooks:
+    """Forward hook on ``lora_A`` (input factor, once per forward) and a tensor hook on
+    ``lora_B``'s output (gradient factor, once per backward). Sums go to ``self.batch``
+    (float64) so a batch can be dropped before it is committed."""
+
+    def __init__(self, adapters, approx: str):
+        self.adapters = adapters
+        self.approx = approx
+        self.mask: Tensor | None = None  # (N, T) float: real tokens of counted examples
+        self.example_mask: Tensor | None = None  # (N,) float
+        self.batch: dict[str, dict[str, Tensor]] = {}
+        self._handles = []
+
+    def _token_weights(self, x: Tensor) -> Tensor:
+        """(N, M) weights for the rows of x reshaped to (N, M, d)."""
+        n, m = x.shape[0], x.shape[1]
+        if self.mask is not None and self.mask.shape == (n, m):
+            return self.mask
+        return self.example_mask[:, None].expand(n, m)
+
+    def _add(self, name: str, key: str, value: Tensor) -> None:
+        slot = self.batch.setdefault(name, {})
+        slot[key] = value if key not in slot else slot[key] + value
+
+    def _a_hook(self, adapter):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().float()
+            x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, M, d_in)
+            w = self._token_weights(x).to(x)
+            if self.approx == "expand":
+                xm = x * w.sqrt()[..., None]
+                xm = xm.reshape(-1, x.shape[-1])
+                self._add(adapter.name, "X", (xm.T @ xm).double())
+                self._add(adapter.name, "T", w.sum().double())
+            else:
+                cnt = w.sum(1)
+                xbar = (x * w[..., None]).sum(1) / cnt.clamp_min(1)[:, None]  # (N, d_in)
+                self._add(adapter.name, "X", (xbar.T @ xbar).double())
+                self._add(adapter.name, "T", (cnt > 0).sum().double())
+        return hook
+
+    def _b_hook(self, adapter):
+        s = adapter.scaling
+
+        def hook(module, inputs, output):
+            if not output.requires_grad:
+                return
+
+            def grad_hook(grad):
+                g = grad.detach().float() / s
+                g = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, M, d_out)
+                if self.approx == "expand":
+                    gm = g.reshape(-1, g.shape[-1])
+                else:
+                    gm = g.sum(1)
+                self._add(adapter.name, "G", (gm.T @ gm).double())
+
+            output.register_hook(grad_hook)
+        return hook
+
+    def __enter__(self):
+        for a in self.adapters:
+            self._handles.append(a.lora_A.register_forward_hook(self._a_hook(a)))
+            self._handles.append(a.lora_B.register_forward_hook(self._b_hook(a)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@register_backend("kfac")
+class KFACBackend(CurvatureBackend):
+    """B-KFAC: per adapter a ``kfac`` block (``F_A``, ``F_B``, no cross terms)."""
+
+    curvature = "mc_fisher"
+    block_class = KFACBlock
+    default_options = {"fisher_type": "mc", "mc_samples": 1, "kfac_approx": "expand", "seed": 0}
+    option_help = {
+        "fisher_type": "mc (labels sampled from the model), empirical (true labels) or type-2 (exact GGN; "
+                       "not for causal LMs)",
+        "mc_samples": "label samples per position for fisher_type='mc'",
+        "kfac_approx": "expand (tokens as data points) or reduce (per-example mean input / summed gradient)",
+        "seed": "seed of the MC label sampling",
+    }
+    supports_skip_nonfinite = True
+
+    def check_options(self):
+        o = self.options
+        if o["fisher_type"] not in FISHER_TYPES:
+            raise BackendError(f"backend {self.name!r}: option fisher_type={o['fisher_type']!r} is unknown; use one of {FISHER_TYPES}")
+        if o["kfac_approx"] not in APPROXES:
+            raise BackendError(f"backend {self.name!r}: option kfac_approx={o['kfac_approx']!r} is unknown; use one of {APPROXES}")
+        if not isinstance(o["mc_samples"], int) or isinstance(o["mc_samples"], bool) or o["mc_samples"] < 1:
+            raise BackendError(f"backend {self.name!r}: option mc_samples must be an integer >= 1, got {o['mc_samples']!r}")
+
+    def curvature_kind(self) -> str:
+        return {"mc": "mc_fisher", "empirical": "empirical_fisher", "type-2": "ggn"}[self.options["fisher_type"]]
+
+    # --- one batch -----------------------------------------------------------------------
+    def _backward_passes(self, ctx: FitContext, batch, output: Tensor, tensors, gen) -> bool:
+        """Run the backward passes of one batch (the G hooks fire); False if the batch is skipped."""
+        fisher = self.options["fisher_type"]
+        if fisher == "empirical":
+            losses = ctx.per_example_loss(batch, output)
+            if losses is None:
+                return False
+            torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
+            return True
+        loss = ctx.loss
+        if loss.likelihood not in ("categorical", "gaussian"):
+            raise BackendError(f"fisher_type={fisher!r} needs a loss with a known likelihood (causal_lm, "
+                               f"classification, mse); loss {loss.name!r} has none: use fisher_type='empirical'")
+        rows, _, index = loss.outputs_and_targets(output, batch)
+        z = rows.float()
+        if not bool(torch.isfinite(z).all()):
+            ctx.nonfinite(batch, "loss", "non-finite outputs")
+            return False
+        if fisher == "type-2":
+            per_example = torch.bincount(index, minlength=batch.size)
+            if int(per_example.max()) > 1:
+                raise BackendError(
+                    "fisher_type='type-2' is refused for losses with several labelled output positions per example "
+                    f"(loss {loss.name!r}, up to {int(per_example.max())} positions here, e.g. a causal LM): "
+                    "backpropagating sqrt-Hessian columns of all positions together adds cross-position terms, and the "
+                    "exact per-position version costs vocab x positions backward passes. Use fisher_type='mc' "
+                    "(unbiased for the per-position GGN; raise mc_samples to reduce noise)")
+            C = z.shape[1]
+            if loss.likelihood == "categorical":
+                p = torch.softmax(z.detach(), -1)
+                for c in range(C):
+                    e = torch.zeros_like(p)
+                    e[:, c] = 1
+                    v = p[:, c:c + 1].sqrt() * (e - p)
+                    torch.autograd.grad(z, tensors, grad_outputs=v, retain_graph=c < C - 1, allow_unused=True)
+            else:
+                for c in range(C):
+                    v = torch.zeros_like(z)
+                    v[:, c] = math.sqrt(2.0)
+                    torch.autograd.grad(z, tensors, grad_outputs=v, retain_graph=c < C - 1, allow_unused=True)
+            return True
+        k = self.options["mc_samples"]
+        for i in range(k):
+            if loss.likelihood == "categorical":
+                p = torch.softmax(z.detach(), -1)
+                y = torch.multinomial(p.cpu(), 1, generator=gen).squeeze(1).to(z.device)
+                lmc = F.cross_entropy(z, y, reduction="sum")
+            else:  # l = |f - y|^2 is the NLL of N(f, I/2) up to constants
+                eps = torch.randn(z.shape, generator=gen).to(z.device) * math.sqrt(0.5)
+                lmc = (z - (z.detach() + eps)).square().sum()
+            torch.autograd.grad(lmc, tensors, retain_graph=i < k - 1, allow_unused=True)
+        return True
+
+    def _samples_per_batch(self) -> int:
+        return self.options["mc_samples"] if self.options["fisher_type"] == "mc" else 1
+
+    def fit(self, ctx: FitContext):
+        adapters = ctx.adapters
+        for a in adapters:
+            if a.scaling == 0:
+                raise BackendError(f"adapter {a.name!r} has LoRA scaling 0: its output gradient cannot be recovered")
+        tensors = list(ctx.params().values())
+        approx = self.options["kfac_approx"]
+        sums = {a.name: {} for a in adapters}
+        gen = torch.Generator().manual_seed(int(self.options["seed"]))
+        with _FactorHooks(adapters, approx) as hooks:
+            for batch in ctx.stream:
+                counted = (batch.extra["labelled_counts"] > 0).float().to(ctx.device)
+                hooks.example_mask = counted
+                mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
+                hooks.mask = None if mask is None else mask.float().to(ctx.device) * counted[:, None]
+                hooks.batch = {}
+                output = ctx.forward(batch)
+                if not self._backward_passes(ctx, batch, output, tensors, gen):
+                    continue
+                bad = [n for n, d in hooks.batch.items() if not all(bool(torch.isfinite(t).all()) for t in d.values())]
+                if bad:
+                    ctx.nonfinite(batch, "gradients", f"in the factors of {bad[0]!r}")
+                    continue
+                for name, d in hooks.batch.items():
+                    for key, t in d.items():
+                        sums[name][key] = t if key not in sums[name] else sums[name][key] + t
+                ctx.batch_done(self)
+        n_examples = ctx.num_examples
+        S = self._samples_per_batch()
+        blocks = []
+        for a in adapters:
+            d = sums[a.name]
+            d_in, d_out = a.A.shape[1], a.B.shape[0]
+            X = ctx.all_reduce(d.get("X", torch.zeros(d_in, d_in, dtype=torch.float64, device=ctx.device)))
+            G = ctx.all_reduce(d.get("G", torch.zeros(d_out, d_out, dtype=torch.float64, device=ctx.device)))
+            T = float(ctx.all_reduce(d.get("T", torch.zeros((), dtype=torch.float64, device=ctx.device)).reshape(1)))
+            if T == 0:
+                raise BackendError(f"adapter {a.name!r} saw no token of a counted example during the fit "
+                                   "(is the adapted layer used in the forward pass?)")
+            X = (X / T).float()
+            G = (G / (n_examples * S)).float()
+            X, G = 0.5 * (X + X.T), 0.5 * (G + G.T)
+            blocks.append(self.block_class((a.a_name, a.b_name), X.cpu(), G.cpu(), a.A.detach().float().cpu().clone(),
+                                           a.B.detach().float().cpu().clone(), a.scaling))
+        ctx.metadata.update({"fisher_type": self.options["fisher_type"], "kfac_approx": approx})
+        return blocks
+
+
+@register_backend("tri-kfac")
+class TriKFACBackend(KFACBackend):
+    """B-Tri-KFAC: the same factors as ``kfac``; per adapter one ``tri-kfac`` block with the A-B cross terms."""
+
+    block_class = TriKFACBlock
