@@ -74,8 +74,9 @@ class _KroneckerAdapterBlock(Block):
     def effective_quadratic(self, theta: Mapping[str, Tensor]) -> Tensor:
         a, b = self.params
         A, B = theta[a].to(self.X.dtype), theta[b].to(self.X.dtype)
-        U = self.scaling * torch.cat([B, -self.B0], 1)  # Delta = U V^T, rank <= 2r
-        V = torch.cat([A.T, self.A0.T], 1)
+        # Delta = s (dB A + B0 dA) = U V^T (rank <= 2r): exactly 0 at theta0, no cancellation of B A - B0 A0
+        U = self.scaling * torch.cat([B - self.B0, self.B0], 1)
+        V = torch.cat([A.T, (A - self.A0).T], 1)
         return _lowrank_trace(U, V, self.G, self.X)
 
     def effective_dense(self) -> Tensor:
