@@ -69,7 +69,7 @@ class DiagEFBackend(CurvatureBackend):
                 grads = {n: capture.grads[n] for n in names if capture.grads.get(n) is not None}
                 bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
                 if bad:
-                    ctx.nonfinite(batch, "gradients", f"of {bad[0]!r}")
+                    ctx.nonfinite(batch, "gradient", f"of {bad[0]!r}")
                     continue
                 for n, g in grads.items():
                     sums[n] += g.double().square().sum(0)

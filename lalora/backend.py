@@ -96,7 +96,7 @@ class FitContext:
         return losses
 
     def nonfinite(self, batch: Batch, what: str, detail: str = "") -> None:
-        """Report a non-finite ``what`` ("loss", "gradients") in ``batch``: raise ``DataError``,
+        """Report a non-finite ``what`` ("loss", "gradient") in ``batch``: raise ``DataError``,
         or with ``skip_nonfinite`` remove the batch from the counts (the caller must not
         accumulate it). Backends supporting the skip set ``supports_skip_nonfinite = True``."""
         index = batch.extra.get("index", "?")

@@ -333,7 +333,7 @@ def test_nonfinite_loss_stops_fit_naming_the_batch():
         lalora.fit_precision(model, batches, loss=_poison_grad_loss, progress=False)
     batches = _mlp_batches()
     batches[1][0][0, 0] = 123.0
-    with pytest.raises(lalora.DataError, match=r"source batch 1 gives a non-finite gradients"):
+    with pytest.raises(lalora.DataError, match=r"source batch 1 gives a non-finite gradient"):
         lalora.fit_precision(model, batches, loss=_poison_grad_loss, progress=False)
 
 
