@@ -79,8 +79,8 @@ class BackPACKBackend(CurvatureBackend):
         sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
         ggn = self.options["curvature"] == "ggn"
         attr = "diag_ggn_exact" if ggn else "diag_ggn_mc"
-        torch.manual_seed(self.options["seed"])
-        with _rebuilt_lora(ctx, base), _backpack_cleanup(base, params.values()):
+        with torch.random.fork_rng(devices=[]), _rebuilt_lora(ctx, base), _backpack_cleanup(base, params.values()):
+            torch.manual_seed(self.options["seed"])  # DiagGGNMC samples from the global RNG; fork_rng restores it
             extend(base)
             for batch in ctx.stream:
                 loss = ctx.loss
