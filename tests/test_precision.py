@@ -178,3 +178,31 @@ def test_summary_mentions_structure_and_zero_blocks():
         P = lalora.fit_precision(model, token_batches(), backend="diag", progress=False)
     text = P.summary()
     assert "structure diag" in text and "ZERO curvature" in text and "empirical_fisher" in text
+
+
+def test_hf_sequence_classification_batches():
+    """HF dict batches with 1-D labels use the classification loss under loss='auto'."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForSequenceClassification
+
+    from models import tiny_llama_config
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)).eval()
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights="orthogonal", task_type="SEQ_CLS"))
+    randomize_lora_B(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 30, (4, 6), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 2, 1, 2])}
+    P = lalora.fit_precision(model, [batch], backend="diag", progress=False)
+    assert P.metadata["loss"] == "classification" and P.metadata["num_examples"] == 4
+    params = lalora.adapters.lora_parameters(lalora.find_lora_adapters(model))
+    names = [n for n in P.param_names]
+    rows = []
+    for n in range(4):
+        logits = model(input_ids=ids[n:n + 1]).logits
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"][n:n + 1], reduction="sum")
+        gr = torch.autograd.grad(loss, [params[k] for k in names])
+        rows.append(torch.cat([t.reshape(-1) for t in gr]).double())
+    assert rel_err(torch.diagonal(P.to_dense()), (torch.stack(rows) ** 2).mean(0)) <= 1e-5
