@@ -43,6 +43,7 @@ from torch import Tensor
 
 from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
+from lalora.blocks.lowrank_kronecker import check_max_rank, compress_block
 from lalora.errors import BackendError
 
 FISHER_TYPES = ("mc", "empirical", "type-2")
@@ -127,13 +128,15 @@ class KFACBackend(CurvatureBackend):
 
     curvature = "mc_fisher"
     block_class = KFACBlock
-    default_options = {"fisher_type": "mc", "mc_samples": 1, "kfac_approx": "expand", "seed": 0}
+    default_options = {"fisher_type": "mc", "mc_samples": 1, "kfac_approx": "expand", "seed": 0, "max_rank": None}
     option_help = {
         "fisher_type": "mc (labels sampled from the model), empirical (true labels) or type-2 (exact GGN; "
                        "not for causal LMs)",
         "mc_samples": "label samples per position for fisher_type='mc'",
         "kfac_approx": "expand (tokens as data points) or reduce (per-example mean input / summed gradient)",
         "seed": "seed of the MC label sampling",
+        "max_rank": "store factors wider than this as top-max_rank eigenpairs + diagonal (None: dense); "
+                    "see lalora.compress",
     }
     supports_skip_nonfinite = True
 
@@ -145,6 +148,11 @@ class KFACBackend(CurvatureBackend):
             raise BackendError(f"backend {self.name!r}: option kfac_approx={o['kfac_approx']!r} is unknown; use one of {APPROXES}")
         if not isinstance(o["mc_samples"], int) or isinstance(o["mc_samples"], bool) or o["mc_samples"] < 1:
             raise BackendError(f"backend {self.name!r}: option mc_samples must be an integer >= 1, got {o['mc_samples']!r}")
+        if o["max_rank"] is not None:
+            try:
+                check_max_rank(o["max_rank"], f"backend {self.name!r}: option max_rank")
+            except ValueError as e:
+                raise BackendError(str(e)) from None
 
     def curvature_kind(self) -> str:
         return {"mc": "mc_fisher", "empirical": "empirical_fisher", "type-2": "ggn"}[self.options["fisher_type"]]
@@ -223,7 +231,9 @@ class KFACBackend(CurvatureBackend):
                 hooks.mask = None if mask is None else mask.float().to(ctx.device) * counted[:, None]
                 hooks.batch = {}
                 output = ctx.forward(batch)
-                if not self._backward_passes(ctx, batch, output, tensors, gen):
+                ok = self._backward_passes(ctx, batch, output, tensors, gen)
+                del output  # free this batch's outputs before the next forward: one batch of activations at a time
+                if not ok:
                     continue
                 bad = [n for n, d in hooks.batch.items() if not all(bool(torch.isfinite(t).all()) for t in d.values())]
                 if bad:
@@ -237,7 +247,7 @@ class KFACBackend(CurvatureBackend):
         S = self._samples_per_batch()
         blocks = []
         for a in adapters:
-            d = sums[a.name]
+            d = sums.pop(a.name)  # free each adapter's float64 sums once its factors are built
             d_in, d_out = a.A.shape[1], a.B.shape[0]
             X = ctx.all_reduce(d.get("X", torch.zeros(d_in, d_in, dtype=torch.float64, device=ctx.device)))
             G = ctx.all_reduce(d.get("G", torch.zeros(d_out, d_out, dtype=torch.float64, device=ctx.device)))
@@ -248,8 +258,11 @@ class KFACBackend(CurvatureBackend):
             X = (X / T).float()
             G = (G / (n_examples * S)).float()
             X, G = 0.5 * (X + X.T), 0.5 * (G + G.T)
-            blocks.append(self.block_class((a.a_name, a.b_name), X.cpu(), G.cpu(), a.A.detach().float().cpu().clone(),
-                                           a.B.detach().float().cpu().clone(), a.scaling))
+            block = self.block_class((a.a_name, a.b_name), X, G, a.A.detach().float().clone(), a.B.detach().float().clone(),
+                                     a.scaling)
+            if self.options["max_rank"] is not None:  # on the model's device, before the copy to CPU
+                block = compress_block(block, self.options["max_rank"], seed=int(self.options["seed"]))
+            blocks.append(block.to("cpu"))
         ctx.metadata.update({"fisher_type": self.options["fisher_type"], "kfac_approx": approx})
         return blocks
 
