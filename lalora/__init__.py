@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .adapters import LoraAdapter, find_lora_adapters
 from .backend import CurvatureBackend, FitContext, get_backend, list_backends, register_backend
 from .blocks import Block, DenseBlock, DiagBlock, register_block
+from .compression import compress
 from .errors import (AnchorMismatchError, BackendError, DataError, LaloraError, ModelMismatchError,
                      PrecisionFileError)
 from .fit import ZeroCurvatureWarning, fit_precision
@@ -20,7 +21,7 @@ __all__ = [
     "AnchorMismatchError", "BackendError", "Block", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
     "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
     "PrecisionFileError", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
-    "list_backends", "register_backend", "register_block", "__version__", "LaLoRATrainer", "regularized", "compare", "compare_precisions",
+    "list_backends", "register_backend", "register_block", "__version__", "compress", "LaLoRATrainer", "regularized", "compare", "compare_precisions",
 ]
 
 
