@@ -198,6 +198,19 @@ def cmd_fit(args) -> int:
     model, tok = load_model(args.model, args.dtype)
     model = add_lora(model, args)
     batches = make_batches(tok, records, args.batch_size, args.max_length)
+    if args.dry_run is not None:  # estimate from a few batches, write nothing (lalora/estimate.py)
+        from .estimate import estimate_fit
+
+        if args.dry_run < 1:
+            raise UsageError(f"--dry-run {args.dry_run}: the number of sample batches must be >= 1")
+        total = len(batches) if args.max_batches is None else min(len(batches), args.max_batches)
+        try:
+            est = estimate_fit(model, batches, args.backend, num_batches=min(args.dry_run, total), total_batches=total,
+                               **parse_options(args.option))
+        except lalora.BackendError as e:
+            raise UsageError(f"--backend {args.backend}: {e}") from None
+        print(est.format())
+        return EXIT_OK
     try:
         precision = lalora.fit_precision(model, batches, backend=args.backend, progress=not args.quiet,
                                          max_batches=args.max_batches, prior_precision=args.prior_precision,
@@ -397,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output precision file (e.g. precision.lalora)")
     p.add_argument("--max-batches", type=int, help="use at most this many batches")
     p.add_argument("--prior-precision", type=float, default=0.0, help="delta added to the precision (default 0)")
+    p.add_argument("--dry-run", nargs="?", type=int, const=2, metavar="N",
+                   help="fit only N batches (default 2) and print the stored bytes, time and peak-memory estimates; "
+                        "writes nothing")
     _lora_flags(p)
     _data_flags(p)
     p.set_defaults(func=cmd_fit)
