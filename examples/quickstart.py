@@ -1,7 +1,7 @@
 """End to end on a tiny Llama built from a config (no download): fit, save, load, fine-tune
 with and without the LaLoRA penalty, and print what each run kept of the source domain.
 
-    python examples/quickstart.py [--backend diag] [--steps 60] [--strength 1e4]
+    python examples/quickstart.py [--backend diag] [--steps 60] [--strength 3 10 30 100] [--quick]
 
 Source domain: sequences that count up (t, t+1, t+2, ...); target: sequences that count down.
 The model is first trained a little on the source so it knows something to forget.
@@ -63,14 +63,18 @@ def main(argv=None):
     ap.add_argument("--backend", default="diag", help="curvature backend (see `lalora backends`)")
     ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps on the target")
     ap.add_argument("--strength", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0], help="LaLoRA strengths lambda")
+    ap.add_argument("--quick", action="store_true", help="a few steps and one strength, for the test suite")
     args = ap.parse_args(argv)
+    pretrain_steps = 150
+    if args.quick:
+        args.steps, args.strength, pretrain_steps = 3, args.strength[-1:], 5
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
                       attn_implementation="eager")
     base = LlamaForCausalLM(cfg)
     t0 = time.time()
-    pretrain(base)
+    pretrain(base, pretrain_steps)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     source_eval, target_eval = sequences(64, +1, seed=-1 % 997), sequences(64, -1, seed=-2 % 997)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
@@ -94,11 +98,14 @@ def main(argv=None):
     print(f"\nbefore fine-tuning: source loss {loss_on(model, source_eval):.3f}, target loss {loss_on(model, target_eval):.3f}")
     print(f"{'run':<32}{'source loss':>12}{'target loss':>12}")
     runs = [("plain LoRA", 0.0)] + [(f"LaLoRA {args.backend} lambda={s:g}", s) for s in args.strength]
+    results = {}
     for label, strength in runs:
         m = fresh()
         finetune(m, strength, precision, args.steps)
-        print(f"{label:<32}{loss_on(m, source_eval):>12.3f}{loss_on(m, target_eval):>12.3f}")
+        results[strength] = (loss_on(m, source_eval), loss_on(m, target_eval))
+        print(f"{label:<32}{results[strength][0]:>12.3f}{results[strength][1]:>12.3f}")
     print(f"\ndone in {time.time() - t0:.0f} s")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Fine-tune a tiny Llama (built from a config, nothing downloaded) with ``lalora.LaLoRATrainer``.
 
-    python examples/train_hf_trainer.py [--strength 1e3] [--steps 20] [--accumulation 2]
+    python examples/train_hf_trainer.py [--strength 1e3] [--steps 20] [--accumulation 2] [--quick]
 
 Source domain: sequences counting up; target: sequences counting down. Prints the logged task
 loss and penalty, saves checkpoints with the precision in them and resumes from the first one.
@@ -37,13 +37,16 @@ def make_model():
     return get_peft_model(base, lora)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strength", type=float, default=1e3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--accumulation", type=int, default=2)
     ap.add_argument("--ddp", action="store_true", help="under torchrun: gloo backend on CPU")
-    a = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="4 steps, for the test suite")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.steps = 4
 
     model = make_model()
     source = sequences(64, +1, seed=0)
@@ -57,7 +60,7 @@ def main():
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=8,
                                  gradient_accumulation_steps=a.accumulation, max_steps=a.steps, learning_rate=1e-2,
-                                 logging_steps=5, save_strategy="steps", save_steps=a.steps // 2, report_to=[],
+                                 logging_steps=max(1, a.steps // 4), save_strategy="steps", save_steps=a.steps // 2, report_to=[],
                                  use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
                                  ddp_backend="gloo" if a.ddp else None)
         trainer = lalora.LaLoRATrainer(model=model, args=args, train_dataset=train_ds,
@@ -72,6 +75,7 @@ def main():
                                        data_collator=default_data_collator)
         resumed.train(resume_from_checkpoint=f"{out}/checkpoint-{a.steps // 2}")
         print("resumed with strength", resumed.regularizer.strength, "and the checkpoint's anchor")
+        return trainer, resumed
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A plain PyTorch loop with the LaLoRA penalty, with gradient accumulation.
 
-    python examples/train_plain_torch.py [--strength 1e3] [--steps 30] [--accumulation 2]
+    python examples/train_plain_torch.py [--strength 1e3] [--steps 30] [--accumulation 2] [--quick]
 
 Tiny Llama from a config (nothing downloaded); source: counting up, target: counting down.
 Prints the source loss (what is forgotten) with and without the penalty.
@@ -40,15 +40,19 @@ def train(strength, steps, k):
     return source_loss(model, source), source_loss(model, sequences(64, -1, seed=2)), float(reg().detach())
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strength", type=float, default=1e3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--accumulation", type=int, default=2)
-    a = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="3 steps, for the test suite")
+    a = ap.parse_args(argv)
+    results = {}
     for strength in (0.0, a.strength):
-        src, tgt, pen = train(strength, a.steps, a.accumulation)
+        src, tgt, pen = train(strength, 3 if a.quick else a.steps, a.accumulation)
+        results[strength] = (src, tgt, pen)
         print(f"strength {strength:8g}: source loss {src:.3f}  target loss {tgt:.3f}  final penalty {pen:.4f}")
+    return results
 
 
 if __name__ == "__main__":
