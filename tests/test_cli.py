@@ -54,7 +54,7 @@ def run(capsys, *argv):
 
 
 def test_help_has_examples(capsys):
-    for cmd in ["fit", "inspect", "finetune", "bench", "backends"]:
+    for cmd in ["fit", "inspect", "compare", "finetune", "bench", "backends"]:
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
         assert e.value.code == 0
@@ -139,3 +139,37 @@ def test_clear_errors(capsys, tmp_path, model_dir, data_files):
     assert code == 2 and "no such file" in err
     code, _, err = run(capsys, "bench", "--methods", "lora,bogus")
     assert code == 2 and "bogus" in err
+
+
+def test_compare_fitted_then_stored(capsys, tmp_path, model_dir, data_files):
+    """`lalora compare --model --data --backends` fits and compares; the saved files compared again (with the
+    saved reference, or with the reference recomputed from --model/--data) give the same numbers."""
+    from lalora.compare import CompareResult
+
+    src, _ = data_files
+    d = tmp_path / "fits"
+    lora = ["--rank", 2, "--targets", "q_proj,v_proj", "--batch-size", 2, "-q"]
+    common = ["--directions", 4, "--top-k", 2]
+    code, out, err = run(capsys, "compare", "--model", model_dir, "--data", src, "--backends", "diag,block", "--reference",
+                         "ef", "--save-dir", d, "--out", tmp_path / "fit.json", *common, *lora)
+    assert code == 0, err
+    assert "exact dense empirical_fisher over" in out and "diag" in out and "block" in out
+    fitted = CompareResult.from_json(tmp_path / "fit.json")
+    assert [r["status"] for r in fitted.rows] == ["ok", "ok"]
+    assert fitted.row("diag")["rel_err_random_mean"] > 0.01  # diag drops the off-diagonal EF mass
+    files = [d / "diag.lalora", d / "block.lalora"]
+    for ref in ([d / "reference-ef.lalora"], ["ef", "--model", model_dir, "--data", src, "--batch-size", 2]):
+        code, out, err = run(capsys, "compare", *files, "--reference", *ref, "--out", tmp_path / "stored.json", *common)
+        assert code == 0, err
+        stored = CompareResult.from_json(tmp_path / "stored.json")
+        for name in ("diag", "block"):
+            a, b = stored.row(name), fitted.row(name)
+            assert not a["notes"], a["notes"]  # same theta0: the LoRA setup was taken from the precision
+            for key in ("rel_err_random_mean", "rel_err_eigen_mean", "frobenius_all"):
+                assert abs(a[key] - b[key]) <= 1e-9 * max(1.0, abs(b[key])), (name, key, a[key], b[key])
+            assert a["file_bytes"] == b["file_bytes"]
+    code, _, err = run(capsys, "compare", "--model", model_dir, "--data", src, "--backends", "diag",
+                       "--option", "kfac:fisher_type=mc", *lora)
+    assert code == 2 and "'kfac' is not in --backends" in err
+    code, out, err = run(capsys, "compare", "--model", model_dir, "--data", src, "--backends", "nosuch", "--reference", "none", *lora)
+    assert code == 1 and "nosuch: unavailable" in out  # every method failed

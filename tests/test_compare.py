@@ -244,29 +244,35 @@ def test_zero_curvature_blocks_are_reported_not_nan_errors():
     json.loads(res.to_json())  # nan cosines of zero blocks become null
 
 
-def test_cli_stored_and_fitted(tmp_path, capsys):
+def test_cli_stored_precisions_equal_python(tmp_path, capsys):
+    """`lalora compare a.lalora --reference r.lalora` (through the `lalora` entry) gives the numbers of
+    `compare`; bad inputs exit 2 with the file or flag named."""
+    from lalora.cli import main
+
     model = lora_mlp(targets=("fc2",))
     randomize_lora_B(model)
     g = torch.Generator().manual_seed(2)
     data = [(torch.randn(6, 5, generator=g), torch.tensor([0, 1, 2, 0, 1, 2]))]
     res = compare(model, data, backends=["diag"], reference="ggn", directions=4, top_k=2, save_dir=tmp_path)
-    rc = cli_main([str(tmp_path / "diag.lalora"), "--reference", str(tmp_path / "reference-ggn.lalora"),
-                   "--directions", "4", "--top-k", "2", "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
+    args = [str(tmp_path / "diag.lalora"), "--reference", str(tmp_path / "reference-ggn.lalora"), "--directions", "4",
+            "--top-k", "2"]
+    rc = main(["compare", *args, "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
     assert rc == 0
     stored = CompareResult.from_json(tmp_path / "r.json")
     _assert_same_accuracy(stored.row("diag"), res.row("diag"))
     assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "p_spectra.png").stat().st_size > 1000
-    assert "diag" in capsys.readouterr().out
-    # fitted from a model directory + JSONL (pre-tokenized: the tiny model has no tokenizer)
-    tiny_llama().save_pretrained(tmp_path / "model")
-    with open(tmp_path / "data.jsonl", "w") as f:
-        for b in token_batches(n_batches=1, batch_size=3):
-            for ids, lab in zip(b["input_ids"].tolist(), b["labels"].tolist()):
-                f.write(json.dumps({"input_ids": ids, "labels": lab}) + "\n")
-    rc = cli_main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl"), "--backends", "diag",
-                   "--lora-r", "2", "--reference", "ef", "--directions", "4", "--top-k", "2",
-                   "--out", str(tmp_path / "r.md")])
-    assert rc == 0
-    md = (tmp_path / "r.md").read_text()
-    assert "| diag |" in md and "Relative Frobenius error per block" in md and "224 LoRA weights" in md
-    assert cli_main(["--backends", "diag"]) == 2  # neither files nor --model/--data: a clear error, exit 2
+    out = capsys.readouterr().out
+    assert "diag" in out and "exact dense ggn over" in out
+    assert cli_main([*args, "--out", str(tmp_path / "r.md")]) == 0  # the same through lalora.compare.cli_main
+    assert "| diag |" in (tmp_path / "r.md").read_text()
+    capsys.readouterr()
+    for bad, named in [([str(tmp_path / "absent.lalora")], "absent.lalora"),
+                       ([*args, "--out", str(tmp_path / "r.txt")], "--out"),
+                       ([str(tmp_path / "diag.lalora"), "--reference", "ggn"], "--model and --data"),
+                       ([str(tmp_path / "diag.lalora"), "--reference", str(tmp_path / "nope.lalora")], "nope.lalora"),
+                       ([str(tmp_path / "diag.lalora"), "--displacement", str(tmp_path / "gone")], "--displacement"),
+                       ([str(tmp_path / "p.png")], "p.png"),  # not a precision file
+                       (["--backends", "diag"], "--model and --data")]:
+        assert main(["compare", *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert "lalora compare: error:" in err and named in err, (bad, err)

@@ -1,0 +1,163 @@
+"""``lalora compare``: stored precisions (``lalora compare a.lalora b.lalora``) or backends fitted now
+(``--model DIR --data FILE --backends diag,kfac``), against an exact dense reference when affordable.
+
+Registered in ``lalora.cli`` (``add_parser``); shares its model, LoRA and data flags and its exit codes
+(0 ok, 1 every method failed, 2 bad arguments/paths/files).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import cli as lcli
+from ..errors import LaloraError
+from .api import DEFAULT_MAX_REFERENCE_PARAMS, compare, compare_precisions
+
+EXAMPLES = """
+    lalora compare diag.lalora kfac.lalora                                   # cost and storage only
+    lalora compare diag.lalora kfac.lalora --reference reference-ef.lalora --out res.json --plot res.png
+    lalora compare --model ./base --data source.jsonl --backends diag,kfac,tri-kfac,block \\
+                   --rank 2 --targets q_proj,v_proj --reference ef --save-dir runs/cmp --out res.md
+    lalora compare --model ./base --data source.jsonl --backends diag kfac --option kfac:fisher_type=empirical \\
+                   --rank 2 --targets q_proj --displacement ./adapter-after-finetuning
+"""
+
+
+def add_parser(sub, fmt) -> None:
+    """Add the ``compare`` subcommand to ``lalora``'s subparsers."""
+    p = lcli.add_command(sub, "compare", cmd_compare, fmt, EXAMPLES,
+                         help="compare curvature approximations: cost, storage, error vs the exact curvature",
+                         description="Per method: wall time, peak memory, stored bytes and file size, and against an "
+                                     "exact dense GGN/EF (when #LoRA weights <= --max-reference-params) the relative "
+                                     "error of d'Pd along random directions, the reference's top eigenvectors and a "
+                                     "real displacement, the relative Frobenius error per LoRA matrix and the |cos| "
+                                     "between top eigenvectors.",
+                         extra="exit codes: 0 ok, 1 every method failed, 2 bad arguments/paths/files")
+    p.add_argument("precisions", nargs="*", help="precision files to compare without recomputing")
+    p.add_argument("--model", help="local model directory (with tokenizer): fit --backends on it now")
+    p.add_argument("--data", help="source data file (.jsonl/.json records with 'text' or 'prompt'+'completion')")
+    p.add_argument("--backends", nargs="+", metavar="NAME", help="backends to fit (comma- or space-separated; default diag)")
+    p.add_argument("--option", action="append", default=[], metavar="BACKEND:KEY=VALUE",
+                   help="backend option, value parsed as JSON when possible (repeatable)")
+    p.add_argument("--reference", default="auto",
+                   help="ggn, ef, auto (default: with --model the EF if every backend estimates one, else the GGN; "
+                        "with precision files none), none, or a precision file holding the exact curvature")
+    p.add_argument("--max-reference-params", type=int, default=DEFAULT_MAX_REFERENCE_PARAMS,
+                   help=f"compute a dense reference only up to this many LoRA weights (default "
+                        f"{DEFAULT_MAX_REFERENCE_PARAMS}; 0: no limit)")
+    p.add_argument("--directions", type=int, default=16, help="number of random directions (default 16)")
+    p.add_argument("--top-k", type=int, default=8, help="top eigenvectors of the reference to test (default 8)")
+    p.add_argument("--displacement", help="theta_T as a peft adapter directory or a precision file (its anchor): "
+                                          "d = theta_T - theta0")
+    p.add_argument("--max-batches", type=int, help="use at most this many batches")
+    p.add_argument("--save-dir", help="keep the fitted precisions (and the reference) here as .lalora files")
+    p.add_argument("--out", help="write the result as .json or .md")
+    p.add_argument("--plot", help="PNG of the errors per method; the spectra go to <stem>_spectra.png")
+    lcli._lora_flags(p)
+    lcli._data_flags(p)
+    for action in p._actions:
+        if action.dest == "seed":
+            action.help = "seed of the LoRA init and of the random directions (default 0)"
+
+
+def parse_backend_options(items, names) -> dict[str, dict]:
+    """``BACKEND:KEY=VALUE`` items -> {backend: {key: value}}; values parsed as JSON when possible."""
+    out: dict[str, dict] = {}
+    for item in items:
+        backend, sep, kv = item.partition(":")
+        if not sep or "=" not in kv:
+            raise lcli.UsageError(f"--option {item!r}: use BACKEND:KEY=VALUE, e.g. kfac:fisher_type=empirical")
+        if backend not in names:
+            raise lcli.UsageError(f"--option {item!r}: backend {backend!r} is not in --backends ({', '.join(names)})")
+        out.setdefault(backend, {}).update(lcli.parse_options([kv]))
+    return out
+
+
+def _check_inputs(args) -> None:
+    for f in args.precisions:
+        if not Path(f).is_file():
+            raise lcli.UsageError(f"{f}: no such precision file")
+    if args.displacement and not Path(args.displacement).exists():
+        raise lcli.UsageError(f"--displacement {args.displacement}: no such file or directory")
+    if args.out:
+        if Path(args.out).suffix.lower() not in (".json", ".md"):
+            raise lcli.UsageError(f"--out {args.out}: use a .json or .md file name")
+        lcli.check_out(args.out)
+    if args.plot:
+        lcli.check_out(args.plot, "--plot")
+    for flag in ("directions", "top_k"):
+        if getattr(args, flag) < 1:
+            raise lcli.UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+
+
+def _model_and_data(args, lora_config=None):
+    records = lcli.read_records(args.data)
+    model, tok = lcli.load_model(args.model, args.dtype)
+    model = lcli.add_lora(model, args, lora_config)
+    return model, lcli.make_batches(tok, records, args.batch_size, args.max_length)
+
+
+def _run(args):
+    max_ref = args.max_reference_params or None
+    ref = str(args.reference)
+    ref = None if ref.lower() == "none" else ref
+    common = dict(directions=args.directions, top_k=args.top_k, displacement=args.displacement, seed=args.seed,
+                  max_batches=args.max_batches, max_reference_params=max_ref)
+    if args.precisions:
+        if args.backends:
+            raise lcli.UsageError("give either precision files or --backends, not both")
+        model = data = None
+        if ref in ("ggn", "ef"):
+            if not (args.model and args.data):
+                raise lcli.UsageError(f"--reference {ref} with precision files needs --model and --data "
+                                      "(the same model and LoRA setup the precisions were fitted on)")
+            from ..precision import Precision
+
+            lora_cfg = (Precision.load(args.precisions[0]).metadata.get("lora_config") or {}).get("default")
+            model, data = _model_and_data(args, lora_cfg)  # LoRA flags default to the first precision's setup
+        elif ref == "auto":
+            ref = None
+        elif ref is not None and not Path(ref).is_file():
+            raise lcli.UsageError(f"--reference {ref}: use ggn, ef, auto, none or an existing precision file")
+        return compare_precisions(args.precisions, reference=ref, model=model, data=data, **common)
+    if not (args.model and args.data):
+        raise lcli.UsageError("give precision files, or --model and --data (with --backends)")
+    if ref not in ("ggn", "ef", "auto", None):
+        raise lcli.UsageError(f"--reference {ref!r}: with --model use ggn, ef, auto or none")
+    names = [n for item in (args.backends or ["diag"]) for n in item.split(",") if n]
+    if len(set(names)) != len(names):
+        raise lcli.UsageError(f"--backends {' '.join(names)}: a backend is named twice")
+    options = parse_backend_options(args.option, names)
+    model, data = _model_and_data(args)
+    return compare(model, data, backends=[(n, n, options.get(n, {})) for n in names], reference=ref,
+                   save_dir=args.save_dir, progress=not args.quiet, **common)
+
+
+def cmd_compare(args) -> int:
+    """Run the comparison, print the table, write --out / --plot."""
+    _check_inputs(args)
+    try:
+        result = _run(args)
+    except LaloraError as e:  # mismatched precisions, unreadable displacement, ...: the input is at fault
+        raise lcli.UsageError(str(e)) from None
+    print(result.table())
+    if args.out:
+        out = Path(args.out)
+        if out.suffix.lower() == ".md":
+            out.write_text(result.to_markdown())
+        else:
+            result.to_json(out)
+        print(f"wrote {out}")
+    if args.plot:
+        from ..compare_plot import plot_result
+
+        for path in plot_result(result, args.plot):
+            print(f"wrote {path}")
+    return lcli.EXIT_OK if any(r.get("status", "ok") == "ok" for r in result.rows) else lcli.EXIT_FAIL
+
+
+def cli_main(argv=None) -> int:
+    """``lalora compare ARGS`` as a function; returns the exit code."""
+    import sys
+
+    return lcli.main(["compare", *(sys.argv[1:] if argv is None else argv)])
+
