@@ -1,13 +1,25 @@
-"""Backend ``backpack``: diagonal GGN / MC Fisher of the LoRA weights via BackPACK.
+"""Backend ``backpack``: diagonal or Kronecker-factored GGN / MC Fisher of the LoRA weights via BackPACK.
 
 Options:
-- ``curvature``: ``"ggn"`` (``DiagGGNExact``: exact ``diag((1/N) sum_n J_n^T H_n J_n)``) or
+- ``curvature``: ``"ggn"`` (``DiagGGNExact``: exact ``diag((1/N) sum_n J_n^T H_n J_n)``),
   ``"mc_fisher"`` (labels sampled from the model, ``mc_samples`` of them per labelled output;
-  an unbiased estimate of the same diagonal).
+  an unbiased estimate of the same diagonal), ``"kflr"`` (BackPACK's ``KFLR``: Kronecker factors
+  with the exact loss Hessian, the type-2 K-FAC) or ``"kfac"`` (BackPACK's ``KFAC``: the same with
+  ``mc_samples`` sampled labels; unbiased for ``kflr``). Kronecker curvatures give one
+  ``kron_block`` block per adapter (``"kfac"``: B-KFAC, ``"tri-kfac"``: with the A-B cross terms).
 - ``mc_samples``: number of MC samples (default 1).
 
+Kronecker factors: with ``reduction="sum"`` BackPACK stores for ``lora_B.weight`` the pair
+``[sum_n (s g_n)(s g_n)^T, mean_n h_n h_n^T]`` and for ``lora_A.weight``
+``[sum_n (s B^T g_n)(..)^T, mean_n x_n x_n^T]`` per batch (``g`` the gradient of the adapted
+layer's output, or its sqrt-Hessian columns). lalora keeps the layer factors
+``X = (1/N) sum_n x x^T`` (lora_A's input factor, weighted by batch size over batches) and
+``G = (1/N) sum_n g g^T`` (lora_B's output factor / s^2, summed over batches, / N); the per-matrix
+factors derive from them exactly (``h = A x``), as in the ``kfac`` backend with one output row per
+example (tests: equal to ``kfac(fisher_type="type-2")`` and curvlinops' KFAC).
+
 Routes:
-- **second order** (``DiagGGNExact``/``DiagGGNMC``): models whose base is an ``nn.Sequential``
+- **second order** (``DiagGGNExact``/``DiagGGNMC``/``KFLR``/``KFAC``): models whose base is an ``nn.Sequential``
   of modules BackPACK knows, with ``classification`` or ``mse`` losses. Each peft ``lora.Linear``
   is rebuilt for the fit as ``Parallel(base_layer, Sequential(lora_A, lora_B, ScaleModule(s)),
   merge_module=SumModule())`` sharing the same Parameters, and put back afterwards.
@@ -15,8 +27,8 @@ Routes:
   transformers. Only the ``lora_A``/``lora_B`` ``nn.Linear`` modules are extended; for every
   MC sample, labels are drawn from the model at every labelled position, and BackPACK returns
   ``sum_n ghat_n^2`` with ``ghat_n`` the gradient of example n's summed loss (per-sequence:
-  BackPACK's sample axis is the batch axis). ``curvature="ggn"`` on such models raises
-  ``BackendError`` naming the module BackPACK cannot traverse.
+  BackPACK's sample axis is the batch axis). ``curvature="ggn"``, ``"kflr"`` or ``"kfac"`` on such
+  models raises ``BackendError`` naming the module BackPACK cannot traverse.
 Afterwards BackPACK's hooks are removed (``CTX.remove_hooks()``) and the ``_backpack_extend``
 flags and stored tensors deleted, so other backends keep working in the same process.
 """
@@ -30,35 +42,58 @@ from torch import nn
 from lalora.adapters import base_model_of
 from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks import DiagBlock
+from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
 from lalora.errors import BackendError
+
+CURVATURES = ("ggn", "mc_fisher", "kflr", "kfac")
+KRONECKER = {"kflr": "kflr", "kfac": "kfac"}  # curvature -> BackPACK savefield
+DIAGONAL = {"ggn": "diag_ggn_exact", "mc_fisher": "diag_ggn_mc"}
+ROUTES = {"ggn": "DiagGGNExact", "mc_fisher": "DiagGGNMC", "kflr": "KFLR", "kfac": "KFAC"}
+KRON_BLOCKS = {"kfac": KFACBlock, "tri-kfac": TriKFACBlock}
 
 
 @register_backend("backpack")
 class BackPACKBackend(CurvatureBackend):
     requires = ("backpack",)
-    default_options = {"curvature": "ggn", "mc_samples": 1, "seed": 0}
+    default_options = {"curvature": "ggn", "mc_samples": 1, "seed": 0, "kron_block": "kfac"}
     option_help = {
-        "curvature": "'ggn' (DiagGGNExact, nn.Sequential models) or 'mc_fisher' (DiagGGNMC, or SumGradSquared on any model)",
-        "mc_samples": "MC samples per labelled output (curvature='mc_fisher')",
-        "seed": "seed of the label sampling (curvature='mc_fisher')",
+        "curvature": "'ggn' (DiagGGNExact, nn.Sequential models), 'mc_fisher' (DiagGGNMC, or SumGradSquared on any "
+                     "model), 'kflr' (KFLR: exact-GGN Kronecker factors) or 'kfac' (KFAC: MC Kronecker factors); "
+                     "the Kronecker ones on nn.Sequential models",
+        "mc_samples": "MC samples per labelled output (curvature='mc_fisher' or 'kfac')",
+        "seed": "seed of the label sampling (curvature='mc_fisher' or 'kfac')",
+        "kron_block": "block per adapter for curvature='kflr'/'kfac': 'kfac' (B-KFAC) or 'tri-kfac' (A-B cross terms)",
     }
 
     def check_options(self):
         o = self.options
-        if o["curvature"] not in ("ggn", "mc_fisher"):
-            raise BackendError(f"backpack backend: option curvature={o['curvature']!r} is unknown; use 'ggn' or 'mc_fisher'")
-        if not (isinstance(o["mc_samples"], int) and o["mc_samples"] >= 1):
+        if o["curvature"] not in CURVATURES:
+            raise BackendError(f"backpack backend: option curvature={o['curvature']!r} is unknown; use one of {CURVATURES}")
+        if not (isinstance(o["mc_samples"], int) and not isinstance(o["mc_samples"], bool) and o["mc_samples"] >= 1):
             raise BackendError(f"backpack backend: option mc_samples must be an integer >= 1, got {o['mc_samples']!r}")
+        if o["kron_block"] not in KRON_BLOCKS:
+            raise BackendError(f"backpack backend: option kron_block={o['kron_block']!r} is unknown; use 'kfac' or 'tri-kfac'")
+        if o["kron_block"] != "kfac" and o["curvature"] not in KRONECKER:
+            raise BackendError(f"backpack backend: option kron_block={o['kron_block']!r} needs a Kronecker curvature "
+                               f"('kflr' or 'kfac'), not curvature={o['curvature']!r}")
 
     def curvature_kind(self):
-        return self.options["curvature"]
+        return {"kflr": "ggn", "kfac": "mc_fisher"}.get(self.options["curvature"], self.options["curvature"])
 
     def fit(self, ctx: FitContext):
         base = base_model_of(ctx.model)
         blocker = _second_order_blocker(base)
+        kron = self.options["curvature"] in KRONECKER
         if blocker is None:
             sums = self._second_order(ctx, base)
-            ctx.metadata["backpack_route"] = "DiagGGNExact" if self.options["curvature"] == "ggn" else "DiagGGNMC"
+            ctx.metadata["backpack_route"] = ROUTES[self.options["curvature"]]
+            if kron:
+                return self._kron_blocks(ctx, sums)
+        elif kron:
+            raise BackendError(
+                f"backpack backend: BackPACK's Kronecker extensions (curvature={self.options['curvature']!r}) cannot "
+                f"traverse {blocker} (they need an nn.Sequential of supported modules). Use lalora's 'kfac' or "
+                "'tri-kfac' backend (own hooks; any model, masked tokens).")
         elif self.options["curvature"] == "mc_fisher":
             sums = self._sum_grad_squared(ctx)
             ctx.metadata["backpack_route"] = "SumGradSquared"
@@ -71,16 +106,35 @@ class BackPACKBackend(CurvatureBackend):
         return [DiagBlock(n, (ctx.all_reduce(s) / N).float()) for n, s in sums.items()]
 
     # --- second order on nn.Sequential -------------------------------------------------
+    def _extension(self):
+        from backpack.extensions import KFAC, DiagGGNExact, DiagGGNMC
+
+        c, S = self.options["curvature"], self.options["mc_samples"]
+        if c == "kflr":
+            return _branching_kflr()
+        return {"ggn": DiagGGNExact, "mc_fisher": lambda: DiagGGNMC(mc_samples=S), "kfac": lambda: KFAC(mc_samples=S)}[c]()
+
     def _second_order(self, ctx, base):
+        """Sums over batches: per LoRA weight the diagonal (diagonal curvatures), or per adapter
+        ``{"X": sum_batches n_b * X_b, "G": sum_n (s g)(s g)^T / s^2, "T": rows}`` (Kronecker)."""
         from backpack import backpack, extend
-        from backpack.extensions import DiagGGNExact, DiagGGNMC
 
         params = ctx.params()
-        sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
-        ggn = self.options["curvature"] == "ggn"
-        attr = "diag_ggn_exact" if ggn else "diag_ggn_mc"
+        c = self.options["curvature"]
+        kron = c in KRONECKER
+        attr = KRONECKER.get(c) or DIAGONAL[c]
+        if kron:
+            for a in ctx.adapters:
+                if a.scaling == 0:
+                    raise BackendError(f"backpack backend: adapter {a.name!r} has LoRA scaling 0: its layer factor G "
+                                       "cannot be recovered from lora_B's")
+            sums = {a.name: {"X": torch.zeros(a.A.shape[1], a.A.shape[1], dtype=torch.float64),
+                             "G": torch.zeros(a.B.shape[0], a.B.shape[0], dtype=torch.float64), "T": 0}
+                    for a in ctx.adapters}
+        else:
+            sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
         with torch.random.fork_rng(devices=[]), _rebuilt_lora(ctx, base), _backpack_cleanup(base, params.values()):
-            torch.manual_seed(self.options["seed"])  # DiagGGNMC samples from the global RNG; fork_rng restores it
+            torch.manual_seed(self.options["seed"])  # BackPACK samples from the global RNG; fork_rng restores it
             extend(base)
             for batch in ctx.stream:
                 loss = ctx.loss
@@ -96,15 +150,44 @@ class BackPACKBackend(CurvatureBackend):
                 else:
                     y = y.reshape(x.shape[0], -1)
                     lossfunc = extend(nn.MSELoss(reduction="sum"))
+                if x.shape[0] == 0:  # every label masked: nothing to add
+                    continue
                 out = base(x)
                 value = lossfunc(out.float().reshape(x.shape[0], -1) if loss.name == "mse" else out.float(), y.to(out.device))
-                ext = DiagGGNExact() if ggn else DiagGGNMC(mc_samples=self.options["mc_samples"])
-                with backpack(ext), _quiet():
-                    value.backward()
-                for n, p in params.items():
-                    sums[n] += getattr(p, attr).detach().double().cpu()
+                try:
+                    with backpack(self._extension()), _quiet():
+                        value.backward()
+                except NotImplementedError as e:  # e.g. KFLR/KFAC on a Linear with 3d inputs
+                    raise BackendError(f"backpack backend: BackPACK cannot compute curvature={c!r} here: {e}") from e
+                if kron:
+                    for a in ctx.adapters:
+                        _, X = getattr(a.A, attr)  # [G_A, X_A]: X_A = batch mean of lora_A's input
+                        GB, _ = getattr(a.B, attr)  # [G_B, X_B]: G_B = sum over rows of (s g)(s g)^T
+                        d = sums[a.name]
+                        d["X"] += X.detach().double().cpu() * x.shape[0]
+                        d["G"] += GB.detach().double().cpu() / a.scaling ** 2
+                        d["T"] += x.shape[0]
+                else:
+                    for n, p in params.items():
+                        sums[n] += getattr(p, attr).detach().double().cpu()
                 ctx.batch_done(self)
         return sums
+
+    def _kron_blocks(self, ctx, sums):
+        N = ctx.num_examples
+        cls = KRON_BLOCKS[self.options["kron_block"]]
+        blocks = []
+        for a in ctx.adapters:
+            d = sums[a.name]
+            T = float(ctx.all_reduce(torch.tensor([float(d["T"])], dtype=torch.float64)))
+            if T == 0:
+                raise BackendError(f"backpack backend: adapter {a.name!r} saw no labelled example during the fit")
+            X = (ctx.all_reduce(d["X"]) / T).float()
+            G = (ctx.all_reduce(d["G"]) / N).float()
+            X, G = 0.5 * (X + X.T), 0.5 * (G + G.T)
+            blocks.append(cls((a.a_name, a.b_name), X, G, a.A.detach().float().cpu().clone(),
+                              a.B.detach().float().cpu().clone(), a.scaling))
+        return blocks
 
     # --- first order (any model) --------------------------------------------------------
     def _sum_grad_squared(self, ctx):
@@ -140,6 +223,19 @@ class BackPACKBackend(CurvatureBackend):
                         sums[n] += p.sum_grad_squared.detach().double().cpu() / S
                 ctx.batch_done(self)
         return sums
+
+
+def _branching_kflr():
+    """BackPACK's ``KFLR`` on graphs with branches (the Parallel form of a LoRA layer): BackPACK 1.7
+    defines no accumulation for it; the backpropagated sqrt-GGN columns of two branches add, as
+    ``KFAC`` (same backprop strategy) already does."""
+    from backpack.extensions import KFLR
+
+    class BranchingKFLR(KFLR):
+        def accumulate_backpropagated_quantities(self, existing, other):
+            return existing + other
+
+    return BranchingKFLR()
 
 
 _SAFE_LEAVES = (nn.Linear, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.SELU, nn.Identity, nn.Dropout,
@@ -230,6 +326,6 @@ def _backpack_cleanup(roots, params):
                 memory_cleanup(m)
         for p, g in zip(params, saved):
             p.grad = g
-            for attr in ("diag_ggn_exact", "diag_ggn_mc", "sum_grad_squared"):
+            for attr in ("diag_ggn_exact", "diag_ggn_mc", "sum_grad_squared", "kflr", "kfac"):
                 if hasattr(p, attr):
                     delattr(p, attr)
