@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import BackendError, LaloraError
+from ..errors import BackendError
 from .displacement import displacement_vector
 from .exact import dense_reference
 from .memory import MemoryMeter
@@ -93,7 +93,7 @@ def compare(model, data, backends: Sequence = ("diag",), reference: str | None =
     kind = reference
     if reference == "auto":
         known = [k for k in kinds.values() if k]
-        kind = "ef" if known and all(k == "empirical_fisher" for k in known) else "ggn"
+        kind = "ef" if all(k == "empirical_fisher" for k in known) else "ggn"  # none known: the cheap EF
     note = None
     if reference is None:
         note = "reference=None"
