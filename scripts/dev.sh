@@ -2,6 +2,7 @@
 # Set-up and the two everyday jobs, on a fresh machine:
 #   bash scripts/dev.sh demo   # install, then run the learning-forgetting benchmark (lalora bench; ~15 min on 2 cores)
 #   bash scripts/dev.sh test   # install, then run the test suite
+#   bash scripts/dev.sh docs [DIR]  # install the `docs` extra, build the site with --strict (into DIR or a temp dir)
 # The virtual environment lives in .venv (override with LALORA_VENV).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,17 @@ fortunes() {
   fi
 }
 
+docs() {
+  if ! "$PY" -c "import mkdocs, material, mkdocstrings, mkdocstrings_handlers.python" 2>/dev/null; then
+    "$PY" -m pip install -q --disable-pip-version-check -e ".[docs]" 2>&1 | grep -v "is ignored" || true
+  fi
+  DOCS_OUT=${1:-}
+  if [ -z "$DOCS_OUT" ]; then DOCS_OUT=$(mktemp -d); trap 'rm -rf "$DOCS_OUT"' EXIT; fi
+  # --strict: every warning (broken link or anchor, page missing from the nav, docstring error) fails the build
+  NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --clean -f mkdocs.yml -d "$DOCS_OUT"
+  if [ -n "${1:-}" ]; then echo "docs: built into $DOCS_OUT"; else echo "docs: built (strict) and discarded; pass a folder to keep the site"; fi
+}
+
 jemalloc() {
   local lib=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
   if [ ! -e "$lib" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -39,6 +51,7 @@ jemalloc() {
 case "${1:-}" in
   demo) shift; install; fortunes; jemalloc; exec "$VENV/bin/lalora" bench "$@" ;;
   test) shift; install; exec "$PY" -m pytest "$@" ;;
+  docs) shift; install; docs "$@" ;;
   install) install ;;
-  *) echo "usage: bash scripts/dev.sh {demo|test|install} [args]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/dev.sh {demo|test|docs|install} [args]" >&2; exit 2 ;;
 esac
