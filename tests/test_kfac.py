@@ -346,3 +346,59 @@ def test_validate_names_the_bad_tensor():
     bad = KFACBlock(block.params, block.X[:3, :3], block.G, block.A0, block.B0, 1.0)
     with pytest.raises(ValueError, match="'X'"):
         bad.validate(block.shapes)
+
+
+# --- non-contiguous factors / anchors (torch.kron raised "view size is not compatible") ----------
+def _noncontiguous_block(cls, d_in, d_out, r, seed=0):
+    """float64 block whose X, G, A0, B0 are all transposed views (as made by ``.t()``)."""
+    g = torch.Generator().manual_seed(seed)
+    mx = torch.randn(d_in, d_in + 2, generator=g, dtype=torch.float64)
+    mg = torch.randn(d_out, d_out + 1, generator=g, dtype=torch.float64)
+    X, G = (mx @ mx.T / d_in).t(), (mg @ mg.T / d_out).t()
+    A0 = torch.randn(d_in, r, generator=g, dtype=torch.float64).t()
+    B0 = torch.randn(r, d_out, generator=g, dtype=torch.float64).t()
+    assert not any(t.is_contiguous() for t in (X, G, A0, B0))
+    return cls(("l.lora_A", "l.lora_B"), X, G, A0, B0, 1.5)
+
+
+@pytest.mark.parametrize("cls", [KFACBlock, TriKFACBlock])
+@pytest.mark.parametrize("d_in,d_out,r", [(5, 3, 2), (3, 6, 3), (4, 2, 3)])
+def test_to_dense_with_noncontiguous_tensors_matches_quadratic_and_matvec(cls, d_in, d_out, r):
+    block = _noncontiguous_block(cls, d_in, d_out, r)
+    dense = block.to_dense()  # raised RuntimeError (torch.kron on a transposed B0 / G / X) before the fix
+    assert dense.shape == (r * (d_in + d_out),) * 2
+    g = torch.Generator().manual_seed(5)
+    delta = {p: torch.randn(s[::-1], generator=g, dtype=torch.float64).t() for p, s in block.shapes.items()}
+    v = _flat(delta, block.params)
+    # float64 block, float64 references: 1e-10 is round-off
+    assert rel(block.quadratic(delta), v @ dense @ v) <= 1e-10
+    assert rel(_flat(block.matvec(delta), block.params), dense @ v) <= 1e-10
+    assert rel(_flat(block.diagonal(), block.params), torch.diagonal(dense)) <= 1e-10
+    contiguous = cls(block.params, *(t.contiguous() for t in (block.X, block.G, block.A0, block.B0)), block.scaling)
+    assert torch.equal(dense, contiguous.to_dense())
+    # the effective-weight dense form too: vec(Delta)^T kron(G, X) vec(Delta)
+    theta = {block.params[0]: block.A0 + delta[block.params[0]], block.params[1]: block.B0 + delta[block.params[1]]}
+    Delta = block.scaling * (theta[block.params[1]] @ theta[block.params[0]] - block.B0 @ block.A0)
+    dvec = Delta.reshape(-1)
+    assert rel(block.effective_quadratic(theta), dvec @ block.effective_dense() @ dvec) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["kfac", "tri-kfac"])
+def test_fit_with_noncontiguous_lora_weights_gives_usable_dense(backend):
+    """LoRA weights stored transposed (e.g. assigned from ``W.t()``): the fitted anchors keep those strides."""
+    from models import lora_mlp
+
+    model = lora_mlp(r=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for a in find_lora_adapters(model):
+            a.lora_A.weight = nn.Parameter(torch.randn(a.A.shape[::-1]).t())
+            a.lora_B.weight = nn.Parameter(0.5 * torch.randn(a.B.shape[::-1]).t())
+    assert not find_lora_adapters(model)[0].A.is_contiguous()
+    x, y = torch.randn(6, 5), torch.randn(6, 3)
+    precision = _fit(model, (x, y), backend, loss="mse", fisher_type="empirical")
+    dense = precision.to_dense().double()
+    g = torch.Generator().manual_seed(1)
+    delta = {n: torch.randn(t.shape, generator=g) for n, t in precision.anchor.items()}
+    v = torch.cat([delta[n].reshape(-1) for n in precision.param_names]).double()
+    assert rel(precision.quadratic(delta), v @ dense @ v) <= TOL

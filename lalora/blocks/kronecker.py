@@ -30,6 +30,12 @@ from torch import Tensor
 from .base import Block, register_block
 
 
+def _kron(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.kron`` on contiguous copies: torch 2.14's kron raises "view size is not compatible"
+    for many shapes when an input is non-contiguous (e.g. anchors made by ``.t()``)."""
+    return torch.kron(a.contiguous(), b.contiguous())
+
+
 def _lowrank_trace(U: Tensor, V: Tensor, G: Tensor, X: Tensor) -> Tensor:
     """``tr(D^T G D X)`` for ``D = U V^T`` (U: (d_out, k), V: (d_in, k))."""
     return ((U.T @ (G @ U)) * (V.T @ (X @ V))).sum()
@@ -66,8 +72,8 @@ class _KroneckerAdapterBlock(Block):
         A0, B0, s = self.A0, self.B0, self.scaling
         r, d_in = A0.shape
         d_out = B0.shape[0]
-        JA = torch.kron(B0, torch.eye(d_in, dtype=A0.dtype, device=A0.device))  # vec(B0 dA)
-        JB = torch.kron(torch.eye(d_out, dtype=A0.dtype, device=A0.device), A0.T.contiguous())  # vec(dB A0)
+        JA = _kron(B0, torch.eye(d_in, dtype=A0.dtype, device=A0.device))  # vec(B0 dA)
+        JB = _kron(torch.eye(d_out, dtype=A0.dtype, device=A0.device), A0.T)  # vec(dB A0)
         return s * torch.cat([JA, JB], 1)
 
     # --- effective-weight form ---------------------------------------------------------
@@ -81,7 +87,7 @@ class _KroneckerAdapterBlock(Block):
 
     def effective_dense(self) -> Tensor:
         """``kron(G, X)``: the effective-weight form is ``vec(Delta)^T kron(G, X) vec(Delta)`` (tests)."""
-        return torch.kron(self.G, self.X)
+        return _kron(self.G, self.X)
 
     # --- storage -------------------------------------------------------------------
     def tensors(self):
@@ -151,7 +157,7 @@ class KFACBlock(_KroneckerAdapterBlock):
 
     def to_dense(self):
         GA, XA, GB, XB = self._kfac_factors()
-        return torch.block_diag(torch.kron(GA, XA), torch.kron(GB, XB))
+        return torch.block_diag(_kron(GA, XA), _kron(GB, XB))
 
 
 @register_block("tri-kfac")
@@ -178,4 +184,4 @@ class TriKFACBlock(_KroneckerAdapterBlock):
 
     def to_dense(self):
         J = self._jacobian()  # includes s
-        return J.T @ torch.kron(self.G, self.X) @ J
+        return J.T @ _kron(self.G, self.X) @ J
