@@ -51,6 +51,15 @@ def read(path):
     return header, tensors
 
 
+def factor(t, name):
+    """A Kronecker factor: dense ``name``, or ``U diag(s) U^T + diag(d)`` from ``name_U/_s/_d`` (low-rank kinds).
+    Densified here for brevity; a reader for wide layers would keep the low-rank form."""
+    if name in t:
+        return t[name]
+    U, s, d = t[f"{name}_U"], t[f"{name}_s"], t[f"{name}_d"]
+    return U @ np.diag(s) @ U.T + np.diag(d)
+
+
 def quadratic(header, tensors, delta):
     """``d^T F d`` (without the prior term) for ``delta``: parameter name -> array shaped like it."""
     total = 0.0
@@ -62,8 +71,10 @@ def quadratic(header, tensors, delta):
         elif kind in ("dense", "factored"):  # over the concatenated row-major flattening of params
             v = np.concatenate([delta[p].reshape(-1) for p in names])
             total += float(v @ t["matrix"] @ v) if kind == "dense" else float(((t["factor"] @ v) ** 2).sum())
-        elif kind in ("kfac", "tri-kfac"):  # params = (lora_A, lora_B); factors X, G; fit point A0, B0
-            X, G, A0, B0, s = t["X"], t["G"], t["A0"], t["B0"], cfg["scaling"]
+        elif kind in ("kfac", "tri-kfac", "kfac-lowrank", "tri-kfac-lowrank"):
+            # params = (lora_A, lora_B); factors X, G (dense, or low rank + diagonal); fit point A0, B0
+            X, G, A0, B0, s = factor(t, "X"), factor(t, "G"), t["A0"], t["B0"], cfg["scaling"]
+            kind = kind.removesuffix("-lowrank")
             dA, dB = delta[names[0]], delta[names[1]]
             if kind == "kfac":  # tr(dA^T G_A dA X) + tr(dB^T G_B dB X_B)
                 GA, XB = s**2 * B0.T @ G @ B0, A0 @ X @ A0.T
@@ -117,6 +128,10 @@ def _self_check():
               FactoredBlock(("m.lora_A", "m.lora_B"), torch.randn(3, n, generator=g), shapes),
               KFACBlock(("m.lora_A", "m.lora_B"), X, G, anchor["m.lora_A"].clone(), anchor["m.lora_B"].clone(), s),
               TriKFACBlock(("m.lora_A", "m.lora_B"), X, G, anchor["m.lora_A"].clone(), anchor["m.lora_B"].clone(), s)]
+    from lalora.compression import compress
+
+    # low-rank factors: max_rank 2 < d_in, d_out, so both factors are stored as U, s, d
+    blocks += [compress(lalora.Precision([b], anchor), max_rank=2).blocks[0] for b in blocks[3:5]]
     delta = {k: torch.randn(v.shape, generator=g) for k, v in anchor.items()}
     errors = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +143,7 @@ def _self_check():
             ours = quadratic(header, tensors, {k: v.double().numpy() for k, v in delta.items()})
             want = float(p.quadratic({k: v.double() for k, v in delta.items()}))
             errors[b.kind] = abs(ours - want) / abs(want)
-            print(f"{b.kind:>9}: reader {ours:.8g}  lalora {want:.8g}  rel. diff {errors[b.kind]:.1e}")
+            print(f"{b.kind:>16}: reader {ours:.8g}  lalora {want:.8g}  rel. diff {errors[b.kind]:.1e}")
     return errors
 
 
