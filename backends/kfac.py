@@ -30,8 +30,9 @@ type-2 is wrong on causal LMs, it needs flattened logits and ``batch_size_fn`` p
 factors on a second ``compute_kronecker_factors()``. The factors here are two matrix products
 per layer and batch on tensors the forward/backward already computes, masked exactly, in
 float32 (float64 accumulation) also for bf16 models. curvlinops stays the dense reference in
-the tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfinite`` and
-``torch.distributed`` sharding (every sum is all-reduced).
+the tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfinite``,
+``torch.distributed`` sharding (every sum is all-reduced) and the checkpoint protocol
+(``fit_precision(checkpoint_dir=...)``: the float64 sums and the MC generator state).
 """
 from __future__ import annotations
 
@@ -154,6 +155,49 @@ class KFACBackend(CurvatureBackend):
             except ValueError as e:
                 raise BackendError(str(e)) from None
 
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._sums: dict[str, dict[str, Tensor]] | None = None
+        self._gen: torch.Generator | None = None
+        self._loaded: dict[str, Tensor] | None = None
+
+    # --- checkpoint protocol (lalora.checkpoint, docs/robustness.md) ---------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """The float64 sums so far, ``sum.<adapter>.<X|G|T>``, and the MC generator state ``rng``."""
+        if self._sums is None:
+            return {} if self._loaded is None else dict(self._loaded)
+        state = {f"sum.{n}.{k}": t for n, d in self._sums.items() for k, t in d.items()}
+        state["rng"] = self._gen.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k, t in state.items():
+            ok = (t.dtype == torch.uint8) if k == "rng" else (
+                k.startswith("sum.") and k.rsplit(".", 1)[-1] in ("X", "G", "T") and t.dtype == torch.float64)
+            if not ok:
+                raise BackendError(f"{self.name} backend state: unexpected entry {k!r} ({t.dtype})")
+        if "rng" not in state:
+            raise BackendError(f"{self.name} backend state has no 'rng' entry (the MC generator state)")
+        self._loaded = dict(state)
+
+    def _restore(self, adapters, sums: dict, gen: torch.Generator, device) -> None:
+        """Start ``sums`` and ``gen`` from a loaded checkpoint state (checked against the adapters)."""
+        if self._loaded is None:
+            return
+        shapes = {a.name: {"X": (a.A.shape[1],) * 2, "G": (a.B.shape[0],) * 2, "T": ()} for a in adapters}
+        for k, t in self._loaded.items():
+            if k == "rng":
+                continue
+            name, key = k[len("sum."):].rsplit(".", 1)
+            if name not in shapes:
+                raise BackendError(f"{self.name} backend state has sums for adapter {name!r}, which the model does not have")
+            if tuple(t.shape) != shapes[name][key]:
+                raise BackendError(f"{self.name} backend state {k!r} has shape {tuple(t.shape)}, expected "
+                                   f"{shapes[name][key]}")
+            sums[name][key] = t.to(device)
+        gen.set_state(self._loaded["rng"])
+        self._loaded = None
+
     def curvature_kind(self) -> str:
         return {"mc": "mc_fisher", "empirical": "empirical_fisher", "type-2": "ggn"}[self.options["fisher_type"]]
 
@@ -223,6 +267,8 @@ class KFACBackend(CurvatureBackend):
         approx = self.options["kfac_approx"]
         sums = {a.name: {} for a in adapters}
         gen = torch.Generator().manual_seed(int(self.options["seed"]))
+        self._restore(adapters, sums, gen, ctx.device)
+        self._sums, self._gen = sums, gen  # read by state_dict() at each checkpoint
         with _FactorHooks(adapters, approx) as hooks:
             for batch in ctx.stream:
                 counted = (batch.extra["labelled_counts"] > 0).float().to(ctx.device)
