@@ -11,10 +11,14 @@ Backend options:
 - ``curvature``: ``"ggn"`` (``CurvlinopsGGN``; exact type-2 GGN), ``"mc_fisher"`` (``CurvlinopsGGN``
   with ``stochastic=True``) or ``"empirical_fisher"`` (``CurvlinopsEF``, kron only is per-sample exact).
 Supported: models taking one tensor with ``classification`` losses on ``(x, y)`` batches (one output
-row per example, so laplace-torch's "data point" is lalora's example). Causal LMs are refused:
-laplace-torch counts tokens as data points (its kron rescaling uses ``len(y)/N`` with y the tokens,
-and its ASDL backends are per token), which breaks the per-example convention; fit them
-with ``kfac``/``block``/``diag`` and use ``Precision.to_laplace`` for predictive uncertainty.
+row per example, so laplace-torch's "data point" is lalora's example), and causal LMs with
+``hessian_structure="diag"`` and ``curvature`` ``"ggn"``/``"mc_fisher"``: the LM is wrapped
+(``_LabelledRows``) to return one logits row per labelled token, laplace-torch's per-row GGN
+``sum_rows J^T H J`` is then lalora's per-position GGN summed over examples, and the loader reports
+N examples (tiny models: the Jacobian is M x V x P per batch). Refused on causal LMs: ``kron``
+(curvlinops' KFAC inside laplace-torch puts padding into ``X``, normalises per token, laplace
+rescales by labelled tokens / examples, and its type-2 mixes positions) and ``empirical_fisher``
+(per-token gradients); docs/block-backpack-laplace.md has the details.
 
 Kron results become per-matrix ``DenseBlock``s of ``kron(Q, H)`` (laplace-torch's factors
 ``[Q (out x out), H (in x in)]`` of an ``nn.Linear`` weight, in flatten order): fine for the
@@ -38,8 +42,10 @@ MAX_DENSE_NUMEL = 4096  # a kron block of a matrix with more weights is refused 
 @register_backend("laplace")
 class LaplaceBackend(CurvatureBackend):
     requires = ("laplace",)
-    default_options = {"hessian_structure": "diag", "curvature": "ggn"}
-    option_help = {"hessian_structure": "'diag' or 'kron'", "curvature": "'ggn', 'mc_fisher' or 'empirical_fisher'"}
+    default_options = {"hessian_structure": "diag", "curvature": "ggn", "seed": 0}
+    option_help = {"hessian_structure": "'diag' or 'kron' (kron: classification models only)",
+                   "curvature": "'ggn', 'mc_fisher' or 'empirical_fisher' (causal LMs: 'ggn' or 'mc_fisher')",
+                   "seed": "seed of laplace-torch's MC label sampling (curvature='mc_fisher')"}
 
     def check_options(self):
         o = self.options
@@ -56,30 +62,91 @@ class LaplaceBackend(CurvatureBackend):
         from laplace import Laplace
         from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
 
-        base = base_model_of(ctx.model)
-        batches = []
-        for batch in ctx.stream:
-            if ctx.loss.name != "classification" or isinstance(batch.inputs, dict) or len(batch.inputs) != 1:
-                raise BackendError(
-                    f"laplace backend: supports classification models on (x, y) batches, got loss {ctx.loss.name!r}"
-                    + (" with dict inputs" if isinstance(batch.inputs, dict) else "")
-                    + "; laplace-torch treats tokens as data points. Use backends 'kfac', 'block' or 'diag' for "
-                    "language models (and Precision.to_laplace for predictive uncertainty)")
-            keep = batch.labels != -100
-            batches.append((batch.inputs[0][keep], batch.labels[keep]))
+        o = self.options
+        stream = iter(ctx.stream)
+        first = next(stream, None)
+        if first is None:
+            raise BackendError("laplace backend: the source data is empty")
+        lm = ctx.loss.name == "causal_lm"
+        if lm:
+            _check_lm_options(o)
+            model, batches = _LabelledRows(ctx.model, ctx.loss), _lm_batches(first, stream, ctx.loss)
+        else:
+            model, batches = base_model_of(ctx.model), _xy_batches(first, stream, ctx.loss)
         N = ctx.num_examples
         loader = _Loader(batches, N)
-        o = self.options
         backend = CurvlinopsEF if o["curvature"] == "empirical_fisher" else CurvlinopsGGN
         kwargs = {"stochastic": True} if o["curvature"] == "mc_fisher" else {}
-        _check_only_lora_trainable(base, ctx.params())
-        la = Laplace(base, "classification", subset_of_weights="all", hessian_structure=o["hessian_structure"],
-                     backend=backend, backend_kwargs=kwargs or None)
-        la.fit(loader)
+        _check_only_lora_trainable(model, ctx.params())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(o["seed"]))  # laplace-torch samples MC labels from the global RNG
+            la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=o["hessian_structure"],
+                         backend=backend, backend_kwargs=kwargs or None)
+            la.fit(loader)
         if la.n_data != N:
             raise BackendError(f"laplace backend: laplace-torch counted {la.n_data} data points, lalora {N} examples")
         ctx.metadata["laplace_backend"] = f"{backend.__name__}{'(stochastic=True)' if kwargs else ''}"
         return blocks_from_laplace(la, ctx.params())
+
+
+def _xy_batches(first, stream, loss):
+    """(x, y) batches of a classification model, masked labels dropped (one row per example)."""
+    out = []
+    for batch in (first, *stream):
+        if loss.name != "classification" or isinstance(batch.inputs, dict) or len(batch.inputs) != 1:
+            raise BackendError(
+                f"laplace backend: supports classification models on (x, y) batches and causal LMs (hessian_structure="
+                f"'diag'), got loss {loss.name!r}" + (" with dict inputs" if isinstance(batch.inputs, dict) else "")
+                + ". Use backends 'kfac', 'block' or 'diag' (and Precision.to_laplace for predictive uncertainty)")
+        keep = batch.labels != -100
+        out.append((batch.inputs[0][keep], batch.labels[keep]))
+    return out
+
+
+def _check_lm_options(o):
+    if o["hessian_structure"] == "kron":
+        raise BackendError(
+            "laplace backend: hessian_structure='kron' is refused for causal LMs: laplace-torch's Kron fit counts "
+            "tokens as data points (curvlinops KFAC puts padding and every position into X with a per-token "
+            "normalisation, laplace rescales X by labelled tokens / examples per batch, and its exact type-2 mixes "
+            "positions of a sequence); see docs/block-backpack-laplace.md. Use lalora's 'kfac' backend "
+            "(fisher_type='mc') and Precision.to_laplace, or hessian_structure='diag' here")
+    if o["curvature"] == "empirical_fisher":
+        raise BackendError(
+            "laplace backend: curvature='empirical_fisher' is refused for causal LMs: laplace-torch's EF squares "
+            "per-token gradients, lalora's EF per-sequence ones. Use curvature='ggn' or 'mc_fisher', or lalora's "
+            "'diag' backend for the per-sequence EF")
+
+
+class _LabelledRows(nn.Module):
+    """A causal LM as laplace-torch sees it: called with a batch dict (the model inputs, the full
+    ``lalora_labels`` (N, T) and ``labels`` = the M labelled next-token targets), returns the logits of
+    those M positions, float32 (M, V). One row per labelled token, so laplace-torch's per-row GGN
+    ``sum_rows J^T H J`` is lalora's per-position GGN summed over all examples."""
+
+    def __init__(self, model: nn.Module, loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, data):
+        from lalora.losses import Batch, call_model
+
+        inputs = {k: v for k, v in data.items() if k not in ("labels", "lalora_labels")}
+        batch = Batch(inputs, data["lalora_labels"], None, int(data["lalora_labels"].shape[0]))
+        rows, _, _ = self.loss.outputs_and_targets(call_model(self.model, batch), batch)
+        return rows.float()
+
+
+def _lm_batches(first, stream, loss):
+    out = []
+    for batch in (first, *stream):
+        if not isinstance(batch.inputs, dict):
+            raise BackendError("laplace backend: causal LM batches must be dicts (input_ids, attention_mask, labels)")
+        targets = loss._targets(batch)
+        targets = targets[targets != -100]
+        if targets.numel():
+            out.append({**batch.inputs, "lalora_labels": batch.labels, "labels": targets})
+    return out
 
 
 class _Loader:

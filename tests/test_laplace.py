@@ -98,7 +98,43 @@ def test_to_laplace_needs_n_and_lora_only():
         p.to_laplace(model, num_examples=5)
 
 
-def test_causal_lm_is_refused_with_a_clear_error():
+@pytest.mark.parametrize("b_nonzero", [False, True], ids=["B=0", "B!=0"])
+def test_causal_lm_diag_ggn_equals_per_position_ggn(b_nonzero):
+    """laplace-torch's per-row GGN diagonal on the labelled positions (padded, prompt-masked tiny Llama),
+    summed over tokens, / N examples == lalora's brute-force per-position GGN diagonal."""
+    model = tiny_lora_llama(targets=("v_proj",), init="orthogonal" if b_nonzero else True)
+    if b_nonzero:
+        randomize_lora_B(model)
+    batches = token_batches(n_batches=1, batch_size=3, seq_len=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = lalora.fit_precision(model, batches, backend="laplace", progress=False)
+    ref = torch.diagonal(dense_ggn(model, batches))
+    assert p.metadata["num_examples"] == 3 and p.metadata["curvature"] == "ggn"
+    assert rel_err(torch.diagonal(p.to_dense()), ref) <= TOL
+    d = p.diagonal()
+    a_zero = [bool((d[n] == 0).all()) for n in d if "lora_A" in n]  # 2 layers: 2 adapters
+    assert a_zero == [not b_nonzero] * 2  # B = 0: A's GGN is exactly 0
+    assert all(bool((d[n] > 0).any()) for n in d if "lora_B" in n)
+
+
+def test_causal_lm_mc_fisher_is_seeded():
+    model = tiny_lora_llama(targets=("v_proj",))
+    randomize_lora_B(model)
+    batches = token_batches(n_batches=1, batch_size=2, seq_len=5)
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    fits = [lalora.fit_precision(model, batches, backend="laplace", curvature="mc_fisher", seed=s, progress=False)
+            for s in (0, 0, 1)]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    d = [torch.diagonal(f.to_dense()) for f in fits]
+    assert torch.equal(d[0], d[1]) and not torch.equal(d[0], d[2])
+
+
+def test_causal_lm_kron_and_ef_are_refused_with_a_clear_error():
     model = tiny_lora_llama(targets=("v_proj",))
     with pytest.raises(lalora.BackendError, match="tokens as data points"):
-        lalora.fit_precision(model, token_batches(n_batches=1), backend="laplace", progress=False)
+        lalora.fit_precision(model, token_batches(n_batches=1), backend="laplace", hessian_structure="kron", progress=False)
+    with pytest.raises(lalora.BackendError, match="per-token gradients"):
+        lalora.fit_precision(model, token_batches(n_batches=1), backend="laplace", curvature="empirical_fisher",
+                             progress=False)
