@@ -103,6 +103,8 @@ def test_compressed_block_algebra_matches_dense(precisions, kind):
         assert rel(C.quadratic(delta), v @ D @ v) <= TOL
         assert rel(_flat(C.matvec(delta), names), D @ v) <= TOL
     assert rel(_flat(C.diagonal(), names), torch.diagonal(D)) <= TOL
+    for b in C.blocks:  # the blockwise dense form equals lalora.blocks.kronecker's J^T kron(G, X) J / block_diag
+        assert rel(b.to_dense(), b.uncompressed().to_dense()) <= TOL
     assert float(torch.linalg.eigvalsh(D).min()) >= -1e-6 * float(torch.linalg.eigvalsh(D).max())  # PSD
     # the effective-weight form: vec(Delta)^T kron(G~, X~) vec(Delta), Delta = s (B A - B0 A0)
     for b in C.blocks:

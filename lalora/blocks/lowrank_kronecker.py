@@ -152,11 +152,17 @@ class _LowRankKroneckerBlock(Block):
         return self.scaling ** 2 * self.B0.T @ _mm(self.G, self.B0), self.A0 @ _mm(self.X, self.A0.T.contiguous())
 
     def uncompressed(self) -> _KroneckerAdapterBlock:
-        """The same block with dense factors ``U diag(s) U^T + diag(d)`` (small blocks only)."""
+        """The ``kfac``/``tri-kfac`` block with the dense factors ``U diag(s) U^T + diag(d)`` (small blocks only)."""
         return self.dense_kind(self.params, _dense(self.X), _dense(self.G), self.A0, self.B0, self.scaling)
 
-    def to_dense(self):
-        return self.uncompressed().to_dense()
+    def _dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(F_AA, F_BB, F_AB)`` in flatten order: ``s^2 (B0^T G B0) (x) X``, ``s^2 G (x) (A0 X A0^T)``,
+        ``s^2 (B0^T G) (x) (X A0^T)`` (small blocks only; no ``(d_out d_in)^2`` intermediate)."""
+        X, G = _dense(self.X), _dense(self.G)
+        s2 = self.scaling ** 2
+        GB0 = G @ self.B0
+        kron = lambda a, b: torch.kron(a.contiguous(), b.contiguous())  # noqa: E731 (kron fails on some strided views)
+        return (s2 * kron(self.B0.T @ GB0, X), s2 * kron(G, self.A0 @ X @ self.A0.T), s2 * kron(GB0.T, X @ self.A0.T))
 
     def diagonal(self):
         GA, XB = self._small_factors()
@@ -241,6 +247,10 @@ class LowRankKFACBlock(_LowRankKroneckerBlock):
 
     dense_kind = KFACBlock
 
+    def to_dense(self):
+        FAA, FBB, _ = self._dense_blocks()
+        return torch.block_diag(FAA, FBB)
+
     def quadratic(self, delta):
         dA, dB = self._dA_dB(delta)
         GA, XB = self._small_factors()
@@ -260,6 +270,10 @@ class LowRankTriKFACBlock(_LowRankKroneckerBlock):
     """``tri-kfac`` with low-rank-plus-diagonal factors (A-B cross terms included, PSD)."""
 
     dense_kind = TriKFACBlock
+
+    def to_dense(self):
+        FAA, FBB, FAB = self._dense_blocks()
+        return torch.cat([torch.cat([FAA, FAB], 1), torch.cat([FAB.T, FBB], 1)], 0)
 
     def _UV(self, dA, dB):
         return torch.cat([self.B0, dB], 1), torch.cat([dA.T, self.A0.T], 1)
