@@ -186,6 +186,43 @@ def test_mc_converges_to_per_token_type2_reference():
         assert err < 0.5 * rel(ef[name][1], G)  # it converges to the GGN, not to the EF
 
 
+def test_mc_error_shrinks_like_one_over_sqrt_samples_to_the_type2_reference():
+    """Fast MC convergence check (the slow test above uses 1500 samples on the default tiny Llama).
+
+    Vocabulary 8, two sequences of 6 tokens (one padded, prompts masked): 7 labelled positions, so
+    the per-token type-2 reference costs 56 backward passes. The MC variance is *measured*: K fits
+    with S0 samples and different seeds; their spread about their own mean (a bias does not enter
+    it) estimates var0 = E|G_S0 - E G_S0|^2, and an unbiased estimator with S1 samples has
+    E|G_S1 - G|^2 = var0 * S0 / S1. Tolerance: err(S1) <= 3 * sqrt(var0 * S0 / S1) / |G|, i.e. 9x the
+    expected squared error (Markov: P <= 1/9 for any unbiased estimator; the squared error is a sum
+    over many entries, so far less in practice; the seed is fixed). A bias (cross-position terms,
+    a wrong 1/S, pad tokens in G) larger than that noise fails it, and so does no convergence
+    (err(S1) must also be below the mean error at S0, expected ratio sqrt(S0/S1) = 1/4).
+    """
+    V, S0, K, S1 = 8, 8, 4, 128
+    model = tiny_lora_llama(r=2, vocab_size=V)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V, (2, 6), generator=g)
+    mask, labels = torch.ones_like(ids), ids.clone()
+    mask[1, 4:], ids[1, 4:], labels[1, 4:] = 0, 0, -100
+    labels[:, :2] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ref = reference_factors(model, [batch], _type2_vectors)
+    ef = reference_factors(model, [batch], _ef_vectors)
+    small = [_blocks(_fit(model, batch, fisher_type="mc", mc_samples=S0, seed=k)) for k in range(K)]
+    large = _blocks(_fit(model, batch, fisher_type="mc", mc_samples=S1, seed=K))
+    for name, (X, G) in ref.items():
+        assert rel(large[name].X, X) <= TOL
+        Gs = torch.stack([f[name].G.double() for f in small])
+        var0 = float(((Gs - Gs.mean(0)) ** 2).sum()) / (K - 1)
+        bound = 3 * (var0 * S0 / S1) ** 0.5 / float(G.norm())
+        err0 = sum(rel(f[name].G, G) for f in small) / K
+        err1 = rel(large[name].G, G)
+        assert err1 < err0, (name, err1, err0)
+        assert err1 <= bound, (name, err1, bound)
+        assert err1 < 0.5 * rel(ef[name][1], G), (name, err1, rel(ef[name][1], G))  # the GGN, not the EF
+
+
 def test_type2_refused_on_causal_lm():
     model = tiny_lora_llama()
     with pytest.raises(BackendError, match="type-2.*mc"):
