@@ -61,8 +61,22 @@ class _FactorHooks:
         self.approx = approx
         self.mask: Tensor | None = None  # (N, T) float: real tokens of counted examples
         self.example_mask: Tensor | None = None  # (N,) float
-        self.batch: dict[str, dict[str, Tensor]] = {}
+        self._batch: dict[str, dict[str, Tensor]] = {}
+        # this forward's input factors by input tensor: q/k/v (and gate/up, and several adapters on
+        # one layer) share their input, so its X is computed once (the input is kept alive by the
+        # entry, so identity cannot be reused by another tensor)
+        self._x_cache: list[tuple[Tensor, int, dict[str, Tensor]]] = []
         self._handles = []
+
+    @property
+    def batch(self) -> dict[str, dict[str, Tensor]]:
+        return self._batch
+
+    @batch.setter
+    def batch(self, value: dict) -> None:
+        """Starting a batch (``hooks.batch = {}``) also drops the previous forward's input cache."""
+        self._batch = value
+        self._x_cache = []
 
     def _token_weights(self, x: Tensor) -> Tensor:
         """(N, M) weights for the rows of x reshaped to (N, M, d)."""
@@ -75,21 +89,30 @@ class _FactorHooks:
         slot = self.batch.setdefault(name, {})
         slot[key] = value if key not in slot else slot[key] + value
 
+    def _input_factor(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"X": sum of x x^T, "T": count}`` (float64) of one lora_A input, per ``approx``."""
+        x = x.detach().float()
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, M, d_in)
+        w = self._token_weights(x).to(x)
+        if self.approx == "expand":
+            if bool((w == 1).all()):  # no padding, every example counted: skip the weighted copy of x
+                xm = x.reshape(-1, x.shape[-1])
+            else:
+                xm = (x * w.sqrt()[..., None]).reshape(-1, x.shape[-1])
+            return {"X": (xm.T @ xm).double(), "T": w.sum().double()}
+        cnt = w.sum(1)
+        xbar = (x * w[..., None]).sum(1) / cnt.clamp_min(1)[:, None]  # (N, d_in)
+        return {"X": (xbar.T @ xbar).double(), "T": (cnt > 0).sum().double()}
+
     def _a_hook(self, adapter):
         def hook(module, inputs, output):
-            x = inputs[0].detach().float()
-            x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, M, d_in)
-            w = self._token_weights(x).to(x)
-            if self.approx == "expand":
-                xm = x * w.sqrt()[..., None]
-                xm = xm.reshape(-1, x.shape[-1])
-                self._add(adapter.name, "X", (xm.T @ xm).double())
-                self._add(adapter.name, "T", w.sum().double())
-            else:
-                cnt = w.sum(1)
-                xbar = (x * w[..., None]).sum(1) / cnt.clamp_min(1)[:, None]  # (N, d_in)
-                self._add(adapter.name, "X", (xbar.T @ xbar).double())
-                self._add(adapter.name, "T", (cnt > 0).sum().double())
+            x = inputs[0]
+            factor = next((f for seen, version, f in self._x_cache if seen is x and version == x._version), None)
+            if factor is None:
+                factor = self._input_factor(x)
+                self._x_cache.append((x, x._version, factor))
+            for key, value in factor.items():  # own copies: the sums are all-reduced in place per adapter
+                self._add(adapter.name, key, value.clone())
         return hook
 
     def _b_hook(self, adapter):
@@ -100,13 +123,14 @@ class _FactorHooks:
                 return
 
             def grad_hook(grad):
-                g = grad.detach().float() / s
+                g = grad.detach().float()
                 g = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, M, d_out)
                 if self.approx == "expand":
                     gm = g.reshape(-1, g.shape[-1])
                 else:
                     gm = g.sum(1)
-                self._add(adapter.name, "G", (gm.T @ gm).double())
+                # 1/s^2 on the (d_out, d_out) product in float64, not on the (N*M, d_out) gradient
+                self._add(adapter.name, "G", (gm.T @ gm).double() / (s * s))
 
             output.register_hook(grad_hook)
         return hook
@@ -121,6 +145,7 @@ class _FactorHooks:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._x_cache = []
 
 
 @register_backend("kfac")

@@ -128,9 +128,13 @@ class CausalLMLoss(LossFunction):
         return logits[mask], targets[mask], index[mask]
 
     def per_example(self, output, batch):
-        out, tgt, idx = self.outputs_and_targets(output, batch)
-        losses = F.cross_entropy(out.float(), tgt, reduction="none")
-        return torch.zeros(batch.size, device=out.device, dtype=losses.dtype).index_add(0, idx, losses)
+        # All (N*T, V) rows in place, unlabelled ones ignored (target -100 gives loss 0 and gradient 0):
+        # gathering the labelled rows first copies the logits and scatters them back in the backward
+        # pass, which doubled the loss's cost on large vocabularies (benchmarks/README.md).
+        n, t = output.shape[0], output.shape[1]
+        targets = F.pad(self._targets(batch).to(output.device), (0, 1), value=IGNORE_INDEX)
+        losses = F.cross_entropy(output.float().reshape(n * t, -1), targets.reshape(-1), reduction="none")
+        return losses.view(n, t).sum(1)
 
 
 class ClassificationLoss(LossFunction):
