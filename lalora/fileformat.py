@@ -103,6 +103,17 @@ def _remove_stale_temps(path: Path) -> None:
                 pass
 
 
+def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of tensors whose storage another entry already uses: safetensors refuses shared
+    memory (e.g. a block built from the anchor tensors themselves, ``.float()`` being a no-op)."""
+    seen, out = set(), {}
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen and t.numel() else t
+        seen.add(ptr)
+    return out
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically: temp file ``.<name>.<pid>.*.tmp`` in the same
     folder, fsync, ``os.replace`` over ``path``. An exception removes the temp file; a killed
@@ -110,6 +121,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
+    tensors = _unaliased(tensors)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

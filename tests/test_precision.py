@@ -206,3 +206,12 @@ def test_hf_sequence_classification_batches():
         gr = torch.autograd.grad(loss, [params[k] for k in names])
         rows.append(torch.cat([t.reshape(-1) for t in gr]).double())
     assert rel_err(torch.diagonal(P.to_dense()), (torch.stack(rows) ** 2).mean(0)) <= 1e-5
+
+
+def test_save_block_sharing_memory_with_anchor(tmp_path):
+    """A block built from the anchor tensors themselves (no clone) saves and loads."""
+    t = torch.rand(3, 4) + 0.1
+    P = lalora.Precision([lalora.DiagBlock("w", t)], {"w": t})
+    P.save(tmp_path / "p.lalora")
+    Q = lalora.Precision.load(tmp_path / "p.lalora")
+    assert torch.equal(Q.anchor["w"], t) and torch.equal(Q.diagonal()["w"], t)
