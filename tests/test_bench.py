@@ -9,34 +9,7 @@ import torch
 from lalora.bench import tasks
 from lalora.bench.plot import pareto_plot
 from lalora.bench.run import BenchConfig, format_table, identity_precision, make_lora_model, run_benchmark
-from models import tiny_llama
-
-
-def byte_tokenizer():
-    """One token per byte, id = byte value, plus <eos> (id 256).
-
-    Not ``enumerate(pre_tokenizers.ByteLevel.alphabet())``: that list comes from a Rust hash set
-    whose order changes in every process, so the byte -> id map (and with it the tiny model's
-    data and every metric of the benchmark test) changed from run to run.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # GPT-2's byte -> printable character map, the alphabet of the ByteLevel pre-tokenizer
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b], extra = chr(256 + extra), extra + 1
-    vocab = {chars[b]: b for b in range(256)}
-    assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet())
-    vocab["<eos>"] = 256
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+from models import byte_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")

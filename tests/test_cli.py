@@ -8,21 +8,7 @@ import torch
 
 import lalora
 from lalora.cli import build_parser, main
-from models import tiny_llama
-
-
-def byte_tokenizer():
-    """A byte-level BPE tokenizer without merges: one token per byte, plus <eos> (id 256)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    assert len(vocab) == 256
-    vocab["<eos>"] = 256
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    return fast
+from models import byte_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")

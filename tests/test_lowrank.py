@@ -257,7 +257,7 @@ def test_estimate_fit_extrapolates(model):
 def test_cli_fit_dry_run_prints_estimates_and_writes_nothing(tmp_path, capsys):
     from lalora.cli import main
     from models import tiny_llama
-    from test_cli import byte_tokenizer
+    from models import byte_tokenizer
 
     mdir = tmp_path / "model"
     tiny_llama(vocab_size=257, max_position_embeddings=128).save_pretrained(mdir)
