@@ -172,7 +172,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     ``DataError`` naming it, or with ``skip_nonfinite=True`` is left out (``metadata
     ["skipped_nonfinite"]``). ``checkpoint_dir``: save the backend's partial sums every
     ``checkpoint_every`` batches and resume from them when called again after an interruption
-    (backends implementing ``state_dict``/``load_state_dict``, e.g. ``diag``); the file is
+    (backends implementing ``state_dict``/``load_state_dict``: ``diag``, ``kfac``, ``tri-kfac``); the file is
     deleted when the fit completes. ``tokenizer``: its name and size are stored in the metadata
     and checked against the model's vocabulary. Sequences longer than the model's
     ``max_position_embeddings`` and token ids outside its vocabulary raise ``DataError``.
