@@ -1,8 +1,9 @@
 """``LaLoRARegularizer``: the Laplace penalty ``(strength/2) [d^T P d + delta |d|^2]``.
 
 It consumes a ``Precision`` and never calls a backend. Evaluation goes through each
-block's own quadratic form (no Kronecker product or dense matrix is formed that the
-structure avoids) in float32, whatever the LoRA weights' dtype.
+block's own matrix-vector product (no Kronecker product or dense matrix is formed that the
+structure avoids) in float32, whatever the LoRA weights' dtype; the gradient is computed in
+closed form (``lalora.penalty``), so each curvature factor is read once per step.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from .adapters import find_lora_adapters, lora_parameters
 from .errors import AnchorMismatchError, BackendError
+from .penalty import effective_weight_quadratic, linearized_quadratic
 from .precision import Precision
 from .validation import match_to_model
 
@@ -80,18 +82,22 @@ class LaLoRARegularizer(nn.Module):
     def delta(self) -> dict[str, Tensor]:
         return {n: p.float() - self.precision.anchor[n] for n, p in self._params.items()}
 
-    def curvature_term(self) -> Tensor:
-        """``d^T P d`` (linearized) or the effective-weight form, without prior and strength."""
+    def curvature_term(self, delta: dict[str, Tensor] | None = None) -> Tensor:
+        """``d^T P d`` (linearized) or the effective-weight form, without prior and strength.
+
+        The gradient is computed in closed form (``lalora.penalty``: ``2 P d``, one read of each
+        curvature factor per step); ``delta`` (from ``self.delta()``) saves recomputing it."""
         if self.form == "effective-weight":
             theta = {n: p.float() for n, p in self._params.items()}
-            terms = [b.effective_quadratic(theta) for b in self.precision.blocks]
+            terms = [effective_weight_quadratic(b, theta) for b in self.precision.blocks]
             return torch.stack([t.reshape(()) for t in terms]).sum()
-        return self.precision.quadratic(self.delta())
+        return linearized_quadratic(self.precision, self.delta() if delta is None else delta)
 
     def forward(self) -> Tensor:
-        q = self.curvature_term()
+        delta = self.delta()
+        q = self.curvature_term(delta)
         if self.prior_precision:
-            q = q + self.prior_precision * sum(d.square().sum() for d in self.delta().values())
+            q = q + self.prior_precision * sum(d.square().sum() for d in delta.values())
         return 0.5 * self.strength * q
 
     def extra_repr(self) -> str:

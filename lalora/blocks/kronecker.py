@@ -41,6 +41,51 @@ def _lowrank_trace(U: Tensor, V: Tensor, G: Tensor, X: Tensor) -> Tensor:
     return ((U.T @ (G @ U)) * (V.T @ (X @ V))).sum()
 
 
+def cached_anchor_products(block) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(G B0 (d_out, r), X A0^T (d_in, r), B0^T G B0 (r, r), A0 X A0^T (r, r))`` of a Kronecker block.
+
+    Computed once without autograd through the block's ``_apply_G``/``_apply_X`` and cached on the
+    block: the penalty is evaluated every training step and these products (``r d_out^2 + r d_in^2``
+    multiply-adds for dense factors) would otherwise be half of its cost. The cache holds the
+    block's tensors and their version counters and is rebuilt when any of them changes.
+    """
+    key = [(t, t._version) for t in block.tensors().values()]
+    cached = block.__dict__.get("_anchor_cache")
+    if (cached is None or len(cached[0]) != len(key)
+            or any(t is not u or v != w for (t, v), (u, w) in zip(cached[0], key))):
+        with torch.no_grad():
+            GB0 = block._apply_G(block.B0)
+            XA0t = block._apply_X(block.A0.T.contiguous())
+            cached = (key, (GB0, XA0t, block.B0.T @ GB0, block.A0 @ XA0t))
+        block._anchor_cache = cached
+    return cached[1]
+
+
+def kfac_matvec(block, dA: Tensor, dB: Tensor) -> dict[str, Tensor]:
+    """``(F_A dA, F_B dB)`` of a ``kfac`` block: ``s^2 (B0^T G B0) dA X`` and ``s^2 G dB (A0 X A0^T)``.
+
+    One product with each factor (``X dA^T``: r d_in^2, ``G dB``: r d_out^2); the (r, r) projections
+    come from the cache."""
+    _, _, BGB, AXA = block._anchor_products()
+    s2 = block.scaling ** 2
+    a, b = block.params
+    return {a: s2 * BGB @ block._apply_X(dA.T).T, b: s2 * block._apply_G(dB) @ AXA}
+
+
+def trikfac_matvec(block, dA: Tensor, dB: Tensor) -> dict[str, Tensor]:
+    """``J^T vec(s^2 G D X)`` of a ``tri-kfac`` block, ``D = B0 dA + dB A0 = U V^T``, ``U = [B0, dB]``,
+    ``V = [dA^T, A0^T]``: A-part ``s^2 B0^T (G U)(X V)^T``, B-part ``s^2 (G U)((X V)^T A0^T)``.
+
+    ``G B0`` and ``X A0^T`` come from the cache, so one product with each factor remains
+    (``G dB``, ``X dA^T``); no ``d_out x d_in`` matrix is formed."""
+    GB0, XA0t, _, _ = block._anchor_products()
+    s2 = block.scaling ** 2
+    GU = torch.cat([GB0, block._apply_G(dB)], 1)  # (d_out, 2r)
+    XV = torch.cat([block._apply_X(dA.T), XA0t], 1)  # (d_in, 2r)
+    a, b = block.params
+    return {a: s2 * (block.B0.T @ GU) @ XV.T, b: s2 * GU @ (XV.T @ block.A0.T)}
+
+
 class _KroneckerAdapterBlock(Block):
     """Shared storage and effective-weight form of the per-adapter Kronecker blocks."""
 
@@ -62,17 +107,25 @@ class _KroneckerAdapterBlock(Block):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.params[0]: tuple(self.A0.shape), self.params[1]: tuple(self.B0.shape)}
 
+    # ``(V^T F)^T`` (F symmetric) instead of ``F @ V``: with MKL on CPU the thin product in this
+    # layout is 1-3x faster for m = r columns (``F @ V`` with a contiguous (n, m) V is the slow case)
+    def _apply_G(self, V: Tensor) -> Tensor:
+        """``G @ V`` for V (d_out, m) (G is symmetric)."""
+        return (V.T @ self.G).T
+
+    def _apply_X(self, V: Tensor) -> Tensor:
+        """``X @ V`` for V (d_in, m) (X is symmetric)."""
+        return (V.T @ self.X).T
+
+    def _anchor_products(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(G B0, X A0^T, B0^T G B0, A0 X A0^T)``, cached (see ``cached_anchor_products``)."""
+        return cached_anchor_products(self)
+
     def _projected(self) -> tuple[Tensor, Tensor]:
         """``(B0^T G B0, A0 X A0^T)``, both (r, r), cached: the penalty is evaluated every training
         step and these two products (``r d_out^2 + r d_in^2`` multiply-adds) would otherwise be
-        half of its cost. The cache is keyed on the tensors' identity and version counters."""
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (self.X, self.G, self.A0, self.B0))
-        cached = getattr(self, "_projected_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, (self.B0.T @ self.G @ self.B0, self.A0 @ self.X @ self.A0.T))
-            self._projected_cache = cached
-        return cached[1]
+        half of its cost."""
+        return self._anchor_products()[2:]
 
     def _kfac_factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(G_A, X_A, G_B, X_B)`` of the kfac diagonal blocks."""
@@ -162,10 +215,7 @@ class KFACBlock(_KroneckerAdapterBlock):
         return s2 * (qA + qB)
 
     def matvec(self, delta):
-        dA, dB = self._dA_dB(delta)
-        GA, XA, GB, XB = self._kfac_factors()
-        a, b = self.params
-        return {a: GA @ dA @ XA, b: GB @ dB @ XB}
+        return kfac_matvec(self, *self._dA_dB(delta))
 
     def to_dense(self):
         GA, XA, GB, XB = self._kfac_factors()
@@ -186,13 +236,7 @@ class TriKFACBlock(_KroneckerAdapterBlock):
         return self.scaling ** 2 * _lowrank_trace(U, V, self.G, self.X)
 
     def matvec(self, delta):
-        # J^T vec(s^2 G D X): A-part B0^T (G D X), B-part (G D X) A0^T, through D = U V^T
-        dA, dB = self._dA_dB(delta)
-        U, V = self._UV(dA, dB)
-        s2 = self.scaling ** 2
-        GU, XV = self.G @ U, self.X @ V  # (d_out, 2r), (d_in, 2r)
-        a, b = self.params
-        return {a: s2 * (self.B0.T @ GU) @ XV.T, b: s2 * GU @ (XV.T @ self.A0.T)}
+        return trikfac_matvec(self, *self._dA_dB(delta))
 
     def to_dense(self):
         J = self._jacobian()  # includes s

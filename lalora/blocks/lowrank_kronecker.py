@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .base import Block, register_block
-from .kronecker import KFACBlock, TriKFACBlock, _KroneckerAdapterBlock
+from .kronecker import KFACBlock, TriKFACBlock, _KroneckerAdapterBlock, cached_anchor_products, kfac_matvec, trikfac_matvec
 
 OVERSAMPLE = 10  # extra random columns of the subspace iteration
 POWER_ITERS = 4  # subspace (power) iterations
@@ -147,9 +147,22 @@ class _LowRankKroneckerBlock(Block):
         a, b = self.params
         return delta[a].to(self.dtype), delta[b].to(self.dtype)
 
+    def _apply_G(self, V: Tensor) -> Tensor:
+        """``G @ V`` for V (d_out, m), never forming ``G``."""
+        return _mm(self.G, V)
+
+    def _apply_X(self, V: Tensor) -> Tensor:
+        """``X @ V`` for V (d_in, m), never forming ``X``."""
+        return _mm(self.X, V)
+
+    def _anchor_products(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(G B0, X A0^T, B0^T G B0, A0 X A0^T)``, cached (see ``cached_anchor_products``)."""
+        return cached_anchor_products(self)
+
     def _small_factors(self) -> tuple[Tensor, Tensor]:
-        """``(G_A, X_B) = (s^2 B0^T G B0, A0 X A0^T)``, both (r, r)."""
-        return self.scaling ** 2 * self.B0.T @ _mm(self.G, self.B0), self.A0 @ _mm(self.X, self.A0.T.contiguous())
+        """``(G_A, X_B) = (s^2 B0^T G B0, A0 X A0^T)``, both (r, r) (cached projections)."""
+        _, _, BGB, AXA = self._anchor_products()
+        return self.scaling ** 2 * BGB, AXA
 
     def uncompressed(self) -> _KroneckerAdapterBlock:
         """The ``kfac``/``tri-kfac`` block with the dense factors ``U diag(s) U^T + diag(d)`` (small blocks only)."""
@@ -259,10 +272,7 @@ class LowRankKFACBlock(_LowRankKroneckerBlock):
         return qA + self.scaling ** 2 * qB
 
     def matvec(self, delta):
-        dA, dB = self._dA_dB(delta)
-        GA, XB = self._small_factors()
-        a, b = self.params
-        return {a: GA @ _mm(self.X, dA.T).T, b: self.scaling ** 2 * _mm(self.G, dB) @ XB}
+        return kfac_matvec(self, *self._dA_dB(delta))
 
 
 @register_block("tri-kfac-lowrank")
@@ -283,11 +293,7 @@ class LowRankTriKFACBlock(_LowRankKroneckerBlock):
         return self.scaling ** 2 * _trace(U, V, self.G, self.X)
 
     def matvec(self, delta):
-        U, V = self._UV(*self._dA_dB(delta))
-        s2 = self.scaling ** 2
-        GU, XV = _mm(self.G, U), _mm(self.X, V)
-        a, b = self.params
-        return {a: s2 * (self.B0.T @ GU) @ XV.T, b: s2 * GU @ (XV.T @ self.A0.T)}
+        return trikfac_matvec(self, *self._dA_dB(delta))
 
 
 _LOWRANK_OF = {"kfac": LowRankKFACBlock, "tri-kfac": LowRankTriKFACBlock}

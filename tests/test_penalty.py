@@ -1,0 +1,232 @@
+"""Closed-form penalty gradients (lalora.penalty) against the autograd path and dense float64 references.
+
+For every block kind the new value and gradient equal autograd through ``Precision.quadratic`` /
+``Block.effective_quadratic`` (float32, rel. err <= 1e-5) and the dense matrix ``to_dense()``
+(float64 reference, same tolerance); B0 = 0 and B0 != 0; through ``LaLoRARegularizer`` with
+``prior_precision > 0``, strength scaling and bf16 LoRA weights (bf16 ``.grad``, tolerance 1e-2:
+bf16 keeps 8 mantissa bits, a relative rounding of <= 2^-8 = 3.9e-3 per entry).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import lalora
+from lalora.adapters import find_lora_adapters
+from lalora.blocks import DenseBlock, DiagBlock
+from lalora.blocks.factored import FactoredBlock
+from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
+from lalora.blocks.lowrank_kronecker import compress_block
+from lalora.penalty import effective_weight_quadratic, has_closed_form_effective, linearized_quadratic
+from models import randomize_lora_B, tiny_llama, tiny_lora_llama
+
+TOL = 1e-5  # float32 against float32 autograd / float64 dense
+BF16_TOL = 1e-2
+KINDS = ("diag", "dense", "factored", "kfac", "tri-kfac", "kfac-lowrank", "tri-kfac-lowrank")
+KRON = ("kfac", "tri-kfac", "kfac-lowrank", "tri-kfac-lowrank")
+TARGETS = ("q_proj", "v_proj", "up_proj")  # (d_out, d_in) = (16, 16), (8, 16), (24, 16)
+MAX_RANK = 5  # < every factor side: all low-rank factors are compressed
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _psd(n, g):
+    M = torch.randn(n, n, generator=g)
+    return M @ M.T / n + 0.1 * torch.eye(n)
+
+
+def _block(kind, a, b, A0, B0, scaling, g):
+    """One block of ``kind`` over the adapter ``(a, b)`` with random PSD curvature."""
+    (r, d_in), d_out = A0.shape, B0.shape[0]
+    shapes = {a: tuple(A0.shape), b: tuple(B0.shape)}
+    n = A0.numel() + B0.numel()
+    if kind == "diag":
+        return [DiagBlock(a, torch.rand(A0.shape, generator=g)), DiagBlock(b, torch.rand(B0.shape, generator=g))]
+    if kind == "dense":
+        M = torch.randn(n, n, generator=g)
+        return [DenseBlock((a, b), M @ M.T / n, shapes)]
+    if kind == "factored":
+        return [FactoredBlock((a, b), torch.randn(7, n, generator=g), shapes)]
+    cls = TriKFACBlock if kind.startswith("tri") else KFACBlock
+    blk = cls((a, b), _psd(d_in, g), _psd(d_out, g), A0, B0, scaling)
+    return [compress_block(blk, MAX_RANK, seed=1) if kind.endswith("lowrank") else blk]
+
+
+def _adapter_shapes(model):
+    return [(ad.a_name, ad.b_name, ad.A.detach().float().clone(), ad.B.detach().float().clone(), ad.scaling)
+            for ad in find_lora_adapters(model)]
+
+
+def _precision(kind, adapters, seed=0, prior_precision=0.0):
+    g = torch.Generator().manual_seed(seed)
+    blocks, anchor = [], {}
+    for a, b, A0, B0, s in adapters:
+        anchor[a], anchor[b] = A0, B0
+        blocks += _block(kind, a, b, A0, B0, s, g)
+    return lalora.Precision(blocks, anchor, prior_precision=prior_precision)
+
+
+def _synthetic(kind, b_zero, seed=0):
+    """A precision over three adapters of different shapes (B0 = 0 or random), no model needed."""
+    g = torch.Generator().manual_seed(100 + seed)
+    adapters = []
+    for i, (d_out, d_in, r) in enumerate([(16, 16, 2), (8, 16, 3), (24, 12, 2)]):
+        A0 = torch.randn(r, d_in, generator=g) / d_in ** 0.5
+        B0 = torch.zeros(d_out, r) if b_zero else 0.3 * torch.randn(d_out, r, generator=g)
+        adapters.append((f"l{i}.lora_A", f"l{i}.lora_B", A0, B0, 1.5 + i))
+    return _precision(kind, adapters, seed)
+
+
+def _flat(d, names):
+    return torch.cat([d[n].reshape(-1) for n in names])
+
+
+@pytest.mark.parametrize("b_zero", [True, False], ids=["B0=0", "B0!=0"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_linearized_value_and_gradient_match_autograd_and_dense(kind, b_zero):
+    P = _synthetic(kind, b_zero)
+    names = P.param_names
+    g = torch.Generator().manual_seed(7)
+    base = {n: 0.3 * torch.randn(P.shapes[n], generator=g) for n in names}
+    d_new = {n: t.clone().requires_grad_(True) for n, t in base.items()}
+    d_old = {n: t.clone().requires_grad_(True) for n, t in base.items()}
+    q_new, q_old = linearized_quadratic(P, d_new), P.quadratic(d_old)
+    assert q_new.dtype == torch.float32 and q_new.dim() == 0
+    g_new = torch.autograd.grad(q_new, [d_new[n] for n in names])
+    g_old = torch.autograd.grad(q_old, [d_old[n] for n in names])
+    assert rel(q_new, q_old) <= TOL
+    assert rel(torch.cat([t.reshape(-1) for t in g_new]), torch.cat([t.reshape(-1) for t in g_old])) <= TOL
+    D, v = P.to_dense(), _flat(base, names).double()
+    assert rel(q_new, v @ D @ v) <= TOL
+    assert rel(torch.cat([t.reshape(-1) for t in g_new]), 2 * D @ v) <= TOL
+
+
+@pytest.mark.parametrize("b_zero", [True, False], ids=["B0=0", "B0!=0"])
+@pytest.mark.parametrize("kind", KRON)
+def test_effective_weight_value_and_gradient_match_autograd(kind, b_zero):
+    P = _synthetic(kind, b_zero, seed=1)
+    g = torch.Generator().manual_seed(8)
+    for blk in P.blocks:
+        assert has_closed_form_effective(blk)
+        a, b = blk.params
+        base = {n: P.anchor[n] + 0.2 * torch.randn(P.shapes[n], generator=g) for n in blk.params}
+        t_new = {n: t.clone().requires_grad_(True) for n, t in base.items()}
+        t_old = {n: t.clone().requires_grad_(True) for n, t in base.items()}
+        f_new, f_old = effective_weight_quadratic(blk, t_new), blk.effective_quadratic(t_old)
+        g_new = torch.autograd.grad(f_new, [t_new[a], t_new[b]])
+        g_old = torch.autograd.grad(f_old, [t_old[a], t_old[b]])
+        assert rel(f_new, f_old) <= TOL
+        for x, y in zip(g_new, g_old):
+            assert rel(x, y) <= TOL
+        # float64 dense reference: vec(Delta)^T kron(G, X) vec(Delta), gradient by autograd
+        t64 = {n: t.double().requires_grad_(True) for n, t in base.items()}
+        K = (blk.uncompressed() if kind.endswith("lowrank") else blk).effective_dense().double()
+        Delta = blk.scaling * (t64[b] @ t64[a] - blk.B0.double() @ blk.A0.double())
+        ref = Delta.reshape(-1) @ K @ Delta.reshape(-1)
+        g_ref = torch.autograd.grad(ref, [t64[a], t64[b]])
+        assert rel(f_new, ref) <= TOL
+        for x, y in zip(g_new, g_ref):
+            assert rel(x, y) <= TOL
+        # at the fit point the form and its gradient are exactly zero
+        at0 = {n: P.anchor[n].clone().requires_grad_(True) for n in blk.params}
+        f0 = effective_weight_quadratic(blk, at0)
+        assert float(f0.detach()) == 0.0
+        assert all(float(t.abs().max()) == 0.0 for t in torch.autograd.grad(f0, [at0[a], at0[b]]))
+
+
+def test_non_kronecker_blocks_have_no_closed_form_effective_weight():
+    P = _synthetic("diag", False)
+    assert not any(has_closed_form_effective(b) for b in P.blocks)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "tri-kfac-lowrank"])
+def test_cached_anchor_products_follow_in_place_changes(kind):
+    """The (r, r) / (d, r) products are cached; an in-place change of a factor must be seen."""
+    P = _synthetic(kind, False)
+    blk = P.blocks[0]
+    delta = {n: torch.ones(P.shapes[n]) for n in blk.params}
+    before = blk.matvec(delta)
+    with torch.no_grad():
+        (blk.B0 if kind == "kfac" else blk.A0).mul_(2.0)
+    after = blk.matvec(delta)
+    fresh = type(blk).from_state(blk.params, {k: v.clone() for k, v in blk.tensors().items()}, blk.config())
+    want = fresh.matvec(delta)
+    for n in blk.params:
+        assert rel(after[n], want[n]) <= TOL
+    assert any(rel(after[n], before[n]) > 0.1 for n in blk.params)
+
+
+# --- through LaLoRARegularizer -----------------------------------------------------------------
+def _bf16_model():
+    base = tiny_llama(0, dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=list(TARGETS), init_lora_weights="orthogonal")
+    model = get_peft_model(base, cfg, autocast_adapter_dtype=False)
+    randomize_lora_B(model)
+    return model
+
+
+def _reference(reg, P, lam, delta0, form):
+    """(penalty, grads) by float32 autograd on the old path, at the model's current LoRA weights."""
+    theta = {n: p.detach().float().clone().requires_grad_(True) for n, p in reg._params.items()}
+    names = P.param_names
+    if form == "linearized":
+        d = {n: theta[n] - P.anchor[n] for n in names}
+        q = P.quadratic(d)
+    else:
+        d = {n: theta[n] - P.anchor[n] for n in names}
+        q = torch.stack([b.effective_quadratic(theta) for b in P.blocks]).sum()
+    q = q + delta0 * sum(t.square().sum() for t in d.values())
+    pen = 0.5 * lam * q
+    return pen, torch.autograd.grad(pen, [theta[n] for n in names])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind,form", [(k, "linearized") for k in KINDS] + [(k, "effective-weight") for k in KRON])
+@pytest.mark.parametrize("b_zero", [True, False], ids=["B=0", "B!=0"])
+def test_regularizer_penalty_and_grad(kind, form, dtype, b_zero):
+    if dtype == torch.float32:
+        model = tiny_lora_llama(targets=TARGETS, r=2)
+        if not b_zero:
+            randomize_lora_B(model)
+    else:
+        model = _bf16_model()
+    ads = find_lora_adapters(model)
+    if b_zero:
+        with torch.no_grad():
+            for ad in ads:
+                ad.B.zero_()
+    assert all(ad.A.dtype == dtype for ad in ads)
+    P = _precision(kind, _adapter_shapes(model), seed=3, prior_precision=0.25)
+    lam = 3.0
+    reg = lalora.LaLoRARegularizer(model, P, strength=lam, form=form)
+    assert reg.prior_precision == 0.25
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in reg._params.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+    names = P.param_names
+    params = [reg._params[n] for n in names]
+    for p in params:
+        p.grad = None
+    pen = reg()
+    pen.backward()
+    assert pen.dtype == torch.float32
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in params)
+    ref, ref_grads = _reference(reg, P, lam, 0.25, form)
+    got = torch.cat([p.grad.float().reshape(-1) for p in params])
+    want = torch.cat([t.reshape(-1) for t in ref_grads])
+    assert rel(pen, ref) <= TOL
+    assert rel(got, want) <= (TOL if dtype == torch.float32 else BF16_TOL)
+    # strength scales penalty and gradient linearly; strength 0 gives exactly zero
+    reg2 = lalora.LaLoRARegularizer(model, P, strength=2 * lam, form=form, check_anchor=False)
+    pen2 = reg2()
+    grads2 = torch.autograd.grad(pen2, params)
+    assert rel(pen2, 2 * pen) <= TOL
+    assert rel(torch.cat([t.float().reshape(-1) for t in grads2]), 2 * got) <= (TOL if dtype == torch.float32 else BF16_TOL)
+    reg0 = lalora.LaLoRARegularizer(model, P, strength=0.0, form=form, check_anchor=False)
+    assert float(reg0()) == 0.0
