@@ -66,13 +66,15 @@ class DiagEFBackend(CurvatureBackend):
                 if losses is None:  # non-finite loss, skipped
                     continue
                 torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
-                grads = {n: capture.grads[n] for n in names if capture.grads.get(n) is not None}
-                bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+                # this batch's sum of squares in float32 (a non-finite gradient makes it non-finite),
+                # added to the float64 running sums: no float64 copy of the per-example gradients
+                squares = capture.squared_sums()
+                bad = [n for n in names if n in squares and not bool(torch.isfinite(squares[n]).all())]
                 if bad:
                     ctx.nonfinite(batch, "gradient", f"of {bad[0]!r}")
                     continue
-                for n, g in grads.items():
-                    sums[n] += g.double().square().sum(0)
+                for n, sq in squares.items():
+                    sums[n] += sq
                 ctx.batch_done(self)
         n_examples = ctx.num_examples
         return [DiagBlock(n, (ctx.all_reduce(sums[n]) / n_examples).float()) for n in names]

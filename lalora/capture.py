@@ -18,14 +18,17 @@ from .adapters import LoraAdapter
 
 
 class PerExampleGrads:
-    """Context manager: after ``backward``, ``grads[name]`` is ``(N, out, in)`` in float32."""
+    """Context manager: after ``backward``, ``grads[name]`` is ``(N, out, in)`` in float32 and
+    ``squared_sums()[name]`` is ``sum_n grads[name][n]**2``, ``(out, in)``. The hooks only record
+    each call's ``(g, x)``; per-example gradients are formed on first access."""
 
     def __init__(self, adapters: list[LoraAdapter]):
         self.modules: dict[str, nn.Linear] = {}
         for a in adapters:
             self.modules[a.a_name] = a.lora_A
             self.modules[a.b_name] = a.lora_B
-        self.grads: dict[str, Tensor] = {}
+        self._factors: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        self._grads: dict[str, Tensor] | None = None
         self._handles = []
 
     def _hook(self, name):
@@ -38,16 +41,40 @@ class PerExampleGrads:
                 n = g.shape[0]
                 gg = g.detach().float().reshape(n, -1, g.shape[-1])
                 xx = x.float().reshape(n, -1, x.shape[-1])
-                per_example = torch.einsum("nto,nti->noi", gg, xx)
-                prev = self.grads.get(name)
-                self.grads[name] = per_example if prev is None else prev + per_example
+                self._factors.setdefault(name, []).append((gg, xx))
+                self._grads = None
 
             output.register_hook(grad_hook)
 
         return forward_hook
 
+    @property
+    def grads(self) -> dict[str, Tensor]:
+        """``{name: (N, out, in)}`` per-example gradients (calls of one module summed per example)."""
+        if self._grads is None:
+            self._grads = {}
+            for name, factors in self._factors.items():
+                per_example = [torch.einsum("nto,nti->noi", gg, xx) for gg, xx in factors]
+                self._grads[name] = per_example[0] if len(per_example) == 1 else torch.stack(per_example).sum(0)
+        return self._grads
+
+    def squared_sums(self) -> dict[str, Tensor]:
+        """``{name: (out, in)}`` sum over the batch's examples of the squared per-example gradient
+        (float32). With one call of one position per example (classifiers, MLPs) this is the
+        GEMM ``(g^2)^T (x^2)``, without forming the ``(N, out, in)`` per-example gradients."""
+        out = {}
+        for name, factors in self._factors.items():
+            if len(factors) == 1 and factors[0][0].shape[1] == 1:
+                gg, xx = factors[0]
+                out[name] = gg[:, 0].square().T @ xx[:, 0].square()
+            else:
+                pe = self.grads[name]
+                out[name] = torch.einsum("noi,noi->oi", pe, pe)
+        return out
+
     def clear(self) -> None:
-        self.grads = {}
+        self._factors = {}
+        self._grads = None
 
     def __enter__(self):
         self.clear()

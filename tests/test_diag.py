@@ -111,3 +111,51 @@ def test_dropout_is_off_and_training_mode_restored():
     a = _fit(model, batches).to_dense()
     b = _fit(model, batches).to_dense()
     assert torch.equal(a, b) and model.training
+
+
+class _TwiceMLP(torch.nn.Module):
+    """fc1 is called twice per forward (weight sharing): per-example gradients must be summed over calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(5, 5)
+        self.fc2 = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.fc1(x)))))
+
+
+def _classifier_reference(model, batches):
+    """(1/N) sum_n diag(g_n g_n^T) from a loop over examples (cross-entropy summed per example)."""
+    from lalora.adapters import find_lora_adapters, lora_parameters
+
+    params = lora_parameters(find_lora_adapters(model))
+    rows = []
+    for x, y in batches:
+        for n in range(x.shape[0]):
+            loss = torch.nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1], reduction="sum")
+            g = torch.autograd.grad(loss, list(params.values()))
+            rows.append(torch.cat([t.reshape(-1) for t in g]).double())
+    return torch.stack(rows).square().mean(0)
+
+
+@pytest.mark.parametrize("net", ["mlp", "shared-layer"])
+def test_classifier_squared_sums_match_per_example_loop(net):
+    """One output row per example: the squared sums come from the GEMM (g^2)^T (x^2) (mlp) or, for a
+    layer called twice, from the summed per-example gradients (shared-layer). Tolerance 1e-5."""
+    from peft import LoraConfig, get_peft_model
+
+    from models import lora_mlp
+
+    if net == "mlp":
+        model = lora_mlp()
+    else:
+        torch.manual_seed(0)
+        model = get_peft_model(_TwiceMLP(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"],
+                                                       init_lora_weights="orthogonal"))
+    randomize_lora_B(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    precision = _fit(model, batches)
+    ref = _classifier_reference(model.eval(), batches)
+    assert rel_err(torch.diagonal(precision.to_dense()), ref) <= TOL
