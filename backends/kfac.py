@@ -53,8 +53,9 @@ APPROXES = ("expand", "reduce")
 
 class _FactorHooks:
     """Forward hook on ``lora_A`` (input factor, once per forward) and a tensor hook on
-    ``lora_B``'s output (gradient factor, once per backward). Sums go to ``self.batch``
-    (float64) so a batch can be dropped before it is committed."""
+    ``lora_B``'s output (gradient factor, once per backward). This batch's sums go to
+    ``self.batch`` (float32, one GEMM each) so a batch can be dropped before it is added to the
+    float64 running sums."""
 
     def __init__(self, adapters, approx: str):
         self.adapters = adapters
@@ -86,11 +87,12 @@ class _FactorHooks:
         return self.example_mask[:, None].expand(n, m)
 
     def _add(self, name: str, key: str, value: Tensor) -> None:
+        # never in place: one input factor is shared by the adapters reading the same input
         slot = self.batch.setdefault(name, {})
         slot[key] = value if key not in slot else slot[key] + value
 
     def _input_factor(self, x: Tensor) -> dict[str, Tensor]:
-        """``{"X": sum of x x^T, "T": count}`` (float64) of one lora_A input, per ``approx``."""
+        """``{"X": sum of x x^T, "T": count}`` (float32, this batch) of one lora_A input, per ``approx``."""
         x = x.detach().float()
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, M, d_in)
         w = self._token_weights(x).to(x)
@@ -99,10 +101,10 @@ class _FactorHooks:
                 xm = x.reshape(-1, x.shape[-1])
             else:
                 xm = (x * w.sqrt()[..., None]).reshape(-1, x.shape[-1])
-            return {"X": (xm.T @ xm).double(), "T": w.sum().double()}
+            return {"X": xm.T @ xm, "T": w.sum()}
         cnt = w.sum(1)
         xbar = (x * w[..., None]).sum(1) / cnt.clamp_min(1)[:, None]  # (N, d_in)
-        return {"X": (xbar.T @ xbar).double(), "T": (cnt > 0).sum().double()}
+        return {"X": xbar.T @ xbar, "T": (cnt > 0).sum().float()}
 
     def _a_hook(self, adapter):
         def hook(module, inputs, output):
@@ -111,13 +113,11 @@ class _FactorHooks:
             if factor is None:
                 factor = self._input_factor(x)
                 self._x_cache.append((x, x._version, factor))
-            for key, value in factor.items():  # own copies: the sums are all-reduced in place per adapter
-                self._add(adapter.name, key, value.clone())
+            for key, value in factor.items():
+                self._add(adapter.name, key, value)
         return hook
 
     def _b_hook(self, adapter):
-        s = adapter.scaling
-
         def hook(module, inputs, output):
             if not output.requires_grad:
                 return
@@ -125,12 +125,9 @@ class _FactorHooks:
             def grad_hook(grad):
                 g = grad.detach().float()
                 g = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, M, d_out)
-                if self.approx == "expand":
-                    gm = g.reshape(-1, g.shape[-1])
-                else:
-                    gm = g.sum(1)
-                # 1/s^2 on the (d_out, d_out) product in float64, not on the (N*M, d_out) gradient
-                self._add(adapter.name, "G", (gm.T @ gm).double() / (s * s))
+                gm = g.reshape(-1, g.shape[-1]) if self.approx == "expand" else g.sum(1)
+                # the gradient at lora_B's output is s times the layer's: 1/s^2 is applied when the batch is added
+                self._add(adapter.name, "G", gm.T @ gm)
 
             output.register_hook(grad_hook)
         return hook
@@ -146,6 +143,32 @@ class _FactorHooks:
             h.remove()
         self._handles = []
         self._x_cache = []
+
+
+def _sample_categorical(p: Tensor, gen: torch.Generator) -> Tensor:
+    """One draw per row of ``p`` (R, C) by inverse CDF: one uniform per row from the CPU generator
+    ``gen`` (the same draws on every device). ``torch.multinomial`` draws C exponentials per row,
+    which cost as much as the rest of the MC step on LLM vocabularies. The float32 CDF is
+    renormalised by its last entry; its rounding (about 1e-7 per entry) is far below MC noise."""
+    u = torch.rand(p.shape[0], generator=gen, dtype=torch.float64).to(p.device)
+    out = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
+    step = max(1, (1 << 24) // max(1, p.shape[1]))  # rows per chunk: at most 16M CDF entries at a time
+    for i in range(0, p.shape[0], step):
+        c = torch.cumsum(p[i:i + step], -1)
+        v = (u[i:i + step].to(c.dtype) * c[:, -1]).unsqueeze(1)
+        out[i:i + step] = torch.searchsorted(c, v, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
+    return out
+
+
+def _nonfinite_factor(batch: dict[str, dict[str, Tensor]]) -> str | None:
+    """The first adapter with a non-finite factor sum, else None. A Gram matrix ``M = Z^T Z`` has a
+    non-finite entry only if a diagonal entry is (``|M_ij| <= sqrt(M_ii M_jj)``), so the trace is
+    checked instead of every entry (d^2 -> d elements)."""
+    for name, d in batch.items():
+        for key, t in d.items():
+            if not bool(torch.isfinite(torch.diagonal(t).sum() if t.dim() == 2 else t).all()):
+                return name
+    return None
 
 
 @register_backend("kfac")
@@ -240,6 +263,8 @@ class KFACBackend(CurvatureBackend):
         if loss.likelihood not in ("categorical", "gaussian"):
             raise BackendError(f"fisher_type={fisher!r} needs a loss with a known likelihood (causal_lm, "
                                f"classification, mse); loss {loss.name!r} has none: use fisher_type='empirical'")
+        if fisher == "mc" and loss.likelihood == "categorical":
+            return self._mc_categorical(ctx, batch, output, tensors, gen, self.options["mc_samples"])
         rows, _, index = loss.outputs_and_targets(output, batch)
         z = rows.float()
         if not bool(torch.isfinite(z).all()):
@@ -269,15 +294,29 @@ class KFACBackend(CurvatureBackend):
                     torch.autograd.grad(z, tensors, grad_outputs=v, retain_graph=c < C - 1, allow_unused=True)
             return True
         k = self.options["mc_samples"]
-        for i in range(k):
-            if loss.likelihood == "categorical":
-                p = torch.softmax(z.detach(), -1)
-                y = torch.multinomial(p.cpu(), 1, generator=gen).squeeze(1).to(z.device)
-                lmc = F.cross_entropy(z, y, reduction="sum")
-            else:  # l = |f - y|^2 is the NLL of N(f, I/2) up to constants
-                eps = torch.randn(z.shape, generator=gen).to(z.device) * math.sqrt(0.5)
-                lmc = (z - (z.detach() + eps)).square().sum()
+        for i in range(k):  # l = |f - y|^2 is the NLL of N(f, I/2) up to constants
+            eps = torch.randn(z.shape, generator=gen).to(z.device) * math.sqrt(0.5)
+            lmc = (z - (z.detach() + eps)).square().sum()
             torch.autograd.grad(lmc, tensors, retain_graph=i < k - 1, allow_unused=True)
+        return True
+
+    def _mc_categorical(self, ctx: FitContext, batch, output: Tensor, tensors, gen, k: int) -> bool:
+        """``k`` backward passes of ``softmax(z) - onehot(y)``, ``y ~ softmax(z)``, fed straight into the
+        output rows (zero on unlabelled rows): the gradient of the sampled cross-entropy without a
+        gather of the labelled rows, a scatter back or a second log-softmax (benchmarks/README.md)."""
+        rows, keep = ctx.loss.output_rows(output, batch)  # (R, C) view of the outputs, (R,) bool
+        p = torch.softmax(rows.detach().float(), -1)
+        if not bool((torch.isfinite(p.sum(-1)) | ~keep).all()):  # a non-finite logit makes its row's sum NaN
+            ctx.nonfinite(batch, "loss", "non-finite outputs")
+            return False
+        drop = (~keep).nonzero().squeeze(1)
+        for i in range(k):
+            y = _sample_categorical(p, gen)
+            v = p.clone() if i < k - 1 else p  # the last sample reuses p's memory
+            v[torch.arange(v.shape[0], device=v.device), y] -= 1
+            v[drop] = 0
+            torch.autograd.grad(rows, tensors, grad_outputs=v.to(rows.dtype), retain_graph=i < k - 1,
+                                allow_unused=True)
         return True
 
     def _samples_per_batch(self) -> int:
@@ -291,6 +330,7 @@ class KFACBackend(CurvatureBackend):
         tensors = list(ctx.params().values())
         approx = self.options["kfac_approx"]
         sums = {a.name: {} for a in adapters}
+        scaling = {a.name: a.scaling for a in adapters}
         gen = torch.Generator().manual_seed(int(self.options["seed"]))
         self._restore(adapters, sums, gen, ctx.device)
         self._sums, self._gen = sums, gen  # read by state_dict() at each checkpoint
@@ -306,13 +346,18 @@ class KFACBackend(CurvatureBackend):
                 del output  # free this batch's outputs before the next forward: one batch of activations at a time
                 if not ok:
                     continue
-                bad = [n for n, d in hooks.batch.items() if not all(bool(torch.isfinite(t).all()) for t in d.values())]
+                bad = _nonfinite_factor(hooks.batch)
                 if bad:
-                    ctx.nonfinite(batch, "gradients", f"in the factors of {bad[0]!r}")
+                    ctx.nonfinite(batch, "gradients", f"in the factors of {bad!r}")
                     continue
                 for name, d in hooks.batch.items():
                     for key, t in d.items():
-                        sums[name][key] = t if key not in sums[name] else sums[name][key] + t
+                        # G was taken at lora_B's output, s times the layer's output gradient
+                        alpha = 1.0 / scaling[name] ** 2 if key == "G" else 1.0
+                        if key in sums[name]:
+                            sums[name][key].add_(t, alpha=alpha)
+                        else:
+                            sums[name][key] = t.double() * alpha
                 ctx.batch_done(self)
         n_examples = ctx.num_examples
         S = self._samples_per_batch()

@@ -5,7 +5,8 @@ tokens; labels ``-100`` and attention-mask padding are excluded. Every loss give
 - ``prepare(raw)``: split a user batch into model inputs and labels (a ``Batch``);
 - ``outputs_and_targets(output, batch)``: the model outputs at labelled positions
   ``(M, C)``, their targets ``(M,)`` (or ``(M, C)`` for MSE) and the example index ``(M,)``;
-- ``per_example(output, batch)``: ``(N,)`` tensor of ``l_n``.
+- ``per_example(output, batch)``: ``(N,)`` tensor of ``l_n``;
+- ``output_rows(output, batch)``: all output rows ``(R, C)`` as a view and the mask of labelled rows.
 ``likelihood`` tells MC-Fisher backends how to sample labels ("categorical", "gaussian").
 """
 from __future__ import annotations
@@ -88,6 +89,12 @@ class LossFunction:
     def per_example(self, output: Tensor, batch: Batch) -> Tensor:
         raise NotImplementedError
 
+    def output_rows(self, output: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``(rows, keep)``: the outputs as ``(R, C)`` rows (a view where possible, so gradients can be
+        fed in without a gather/scatter) and a ``(R,)`` bool mask of the rows with a target."""
+        rows, _, _ = self.outputs_and_targets(output, batch)
+        return rows, torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+
     def labelled_counts(self, batch: Batch) -> Tensor:
         """``(N,)`` number of labelled positions per example (0 = example has no loss)."""
         return torch.ones(batch.size, dtype=torch.long)
@@ -127,6 +134,11 @@ class CausalLMLoss(LossFunction):
         index = torch.arange(targets.shape[0], device=logits.device)[:, None].expand_as(targets)
         return logits[mask], targets[mask], index[mask]
 
+    def output_rows(self, output, batch):
+        n, t = output.shape[0], output.shape[1]
+        targets = F.pad(self._targets(batch).to(output.device), (0, 1), value=IGNORE_INDEX)
+        return output.reshape(n * t, -1), targets.reshape(-1) != IGNORE_INDEX
+
     def per_example(self, output, batch):
         # All (N*T, V) rows in place, unlabelled ones ignored (target -100 gives loss 0 and gradient 0):
         # gathering the labelled rows first copies the logits and scatters them back in the backward
@@ -151,6 +163,9 @@ class ClassificationLoss(LossFunction):
         mask = targets != IGNORE_INDEX
         index = torch.arange(targets.shape[0], device=output.device)
         return output[mask], targets[mask], index[mask]
+
+    def output_rows(self, output, batch):
+        return output, batch.labels.to(output.device) != IGNORE_INDEX
 
     def per_example(self, output, batch):
         out, tgt, idx = self.outputs_and_targets(output, batch)

@@ -439,3 +439,23 @@ def test_fit_with_noncontiguous_lora_weights_gives_usable_dense(backend):
     delta = {n: torch.randn(t.shape, generator=g) for n, t in precision.anchor.items()}
     v = torch.cat([delta[n].reshape(-1) for n in precision.param_names]).double()
     assert rel(precision.quadratic(delta), v @ dense @ v) <= TOL
+
+
+def test_categorical_sampler_frequencies_zero_mass_and_chunks():
+    """Inverse-CDF draws: frequencies within 5 sigma of p, zero-probability classes never drawn, and
+    rows split over CDF chunks (C = 2^20: 16 rows per chunk) land on the right rows."""
+    from lalora.backends.kfac import _sample_categorical
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    R = 200_000
+    y = _sample_categorical(p.expand(R, -1).contiguous(), gen)
+    freq = torch.bincount(y, minlength=6).double() / R
+    sigma = (p.double() * (1 - p.double()) / R).sqrt()
+    assert bool(((freq - p.double()).abs() <= 5 * sigma + 1e-12).all()), freq
+    assert freq[1] == 0 and freq[5] == 0
+    C, rows = 1 << 20, 40
+    where = torch.randint(0, C, (rows,), generator=gen)
+    onehot = torch.zeros(rows, C)
+    onehot[torch.arange(rows), where] = 1
+    assert torch.equal(_sample_categorical(onehot, gen), where)

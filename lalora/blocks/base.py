@@ -50,6 +50,12 @@ def _import_builtin_block_kinds() -> None:
         importlib.import_module(f"lalora.blocks.{mod.name}")
 
 
+def all_finite(t: Tensor) -> bool:
+    """True if every entry of ``t`` is finite: a NaN or Inf entry makes the float64 sum non-finite
+    (one pass, no (n, n) temporaries; factors of LLM layers are validated at every load)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
 class Block:
     """One curvature term over ``params`` (canonical names). Subclasses are immutable."""
 
@@ -106,7 +112,7 @@ class Block:
         for role, t in self.tensors().items():
             if not torch.is_floating_point(t):
                 raise ValueError(f"block {self.kind!r} tensor {role!r} has non-float dtype {t.dtype}")
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise ValueError(f"block {self.kind!r} tensor {role!r} has NaN or Inf entries")
 
     # --- generic helpers ---------------------------------------------------------
