@@ -101,10 +101,10 @@ class _FactorHooks:
                 xm = x.reshape(-1, x.shape[-1])
             else:
                 xm = (x * w.sqrt()[..., None]).reshape(-1, x.shape[-1])
-            return {"X": xm.T @ xm, "T": w.sum()}
+            return {"X": _gram(xm), "T": w.sum()}
         cnt = w.sum(1)
         xbar = (x * w[..., None]).sum(1) / cnt.clamp_min(1)[:, None]  # (N, d_in)
-        return {"X": xbar.T @ xbar, "T": (cnt > 0).sum().float()}
+        return {"X": _gram(xbar), "T": (cnt > 0).sum().float()}
 
     def _a_hook(self, adapter):
         def hook(module, inputs, output):
@@ -127,7 +127,7 @@ class _FactorHooks:
                 g = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, M, d_out)
                 gm = g.reshape(-1, g.shape[-1]) if self.approx == "expand" else g.sum(1)
                 # the gradient at lora_B's output is s times the layer's: 1/s^2 is applied when the batch is added
-                self._add(adapter.name, "G", gm.T @ gm)
+                self._add(adapter.name, "G", _gram(gm))
 
             output.register_hook(grad_hook)
         return hook
@@ -143,6 +143,35 @@ class _FactorHooks:
             h.remove()
         self._handles = []
         self._x_cache = []
+
+
+PANEL = 256
+
+
+def _gram(z: Tensor, panel: int = PANEL) -> Tensor:
+    """The upper panels of ``z^T z`` (d, d) for ``z`` (m, d): rows ``[a, a+panel)`` from column ``a``
+    on are exact, the rest is zero; ``_mirror_panels`` completes the matrix once per fit. torch has
+    no symmetric rank-k update (BLAS syrk); the factors' GEMMs are the floor of the kfac fit, and
+    computing ``(k+1)/(2k)`` of the products (``k`` panels) cut them to 0.6-0.85x of ``z.T @ z`` for
+    d = 512-1536 (benchmarks/README.md). Narrow matrices get the plain product."""
+    d = z.shape[1]
+    if d < panel + panel // 2:
+        return z.T @ z
+    out = z.new_zeros(d, d)
+    for a0 in range(0, d, panel):
+        out[a0:a0 + panel, a0:] = z[:, a0:a0 + panel].T @ z[:, a0:]
+    return out
+
+
+def _mirror_panels(m: Tensor, panel: int = PANEL) -> Tensor:
+    """Complete a sum of ``_gram`` results in place: the blocks below the diagonal panels are copied
+    from above. Full (already symmetric) matrices are left unchanged."""
+    d = m.shape[0]
+    if d < panel + panel // 2:
+        return m
+    for a0 in range(0, d - panel, panel):
+        m[a0 + panel:, a0:a0 + panel] = m[a0:a0 + panel, a0 + panel:].T
+    return m
 
 
 def _sample_categorical(p: Tensor, gen: torch.Generator) -> Tensor:
@@ -211,7 +240,8 @@ class KFACBackend(CurvatureBackend):
 
     # --- checkpoint protocol (lalora.checkpoint, docs/robustness.md) ---------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """The float64 sums so far, ``sum.<adapter>.<X|G|T>``, and the MC generator state ``rng``."""
+        """The float64 sums so far, ``sum.<adapter>.<X|G|T>`` (X, G: upper panels, see ``_gram``),
+        and the MC generator state ``rng``."""
         if self._sums is None:
             return {} if self._loaded is None else dict(self._loaded)
         state = {f"sum.{n}.{k}": t for n, d in self._sums.items() for k, t in d.items()}
@@ -357,7 +387,7 @@ class KFACBackend(CurvatureBackend):
                         if key in sums[name]:
                             sums[name][key].add_(t, alpha=alpha)
                         else:
-                            sums[name][key] = t.double() * alpha
+                            sums[name][key] = t.double() if alpha == 1.0 else t.double().mul_(alpha)
                 ctx.batch_done(self)
         n_examples = ctx.num_examples
         S = self._samples_per_batch()
@@ -371,9 +401,10 @@ class KFACBackend(CurvatureBackend):
             if T == 0:
                 raise BackendError(f"adapter {a.name!r} saw no token of a counted example during the fit "
                                    "(is the adapted layer used in the forward pass?)")
-            X = (X / T).float()
-            G = (G / (n_examples * S)).float()
-            X, G = 0.5 * (X + X.T), 0.5 * (G + G.T)
+            # the sums hold the upper panels (_gram); symmetric float32 factors, one mirror per fit
+            X, G = _mirror_panels(X).float(), _mirror_panels(G).float()
+            X = (X + X.T).mul_(0.5 / T)
+            G = (G + G.T).mul_(0.5 / (n_examples * S))
             block = self.block_class((a.a_name, a.b_name), X, G, a.A.detach().float().clone(), a.B.detach().float().clone(),
                                      a.scaling)
             if self.options["max_rank"] is not None:  # on the model's device, before the copy to CPU

@@ -22,7 +22,7 @@ TOL = 1e-5  # relative error, float32 computations vs float64 references
 
 
 def rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -167,6 +167,22 @@ def test_tiny_llama_empirical_factors_match_per_token_reference(targets, approx)
         assert rel(blocks[name].X, X) <= TOL, name
         assert rel(blocks[name].G, G) <= TOL, name
     assert precision.metadata["num_examples"] == 6
+
+
+def test_wide_layers_panel_products_match_per_token_reference():
+    """intermediate 400 >= 1.5 panels: G of gate/up and X of down are accumulated as upper panels over
+    two padded batches and mirrored at the end (backends/kfac.py _gram); same reference and tolerance."""
+    model = tiny_lora_llama(targets=("gate_proj", "up_proj", "down_proj"), r=2, intermediate_size=400,
+                            num_hidden_layers=1)
+    randomize_lora_B(model)
+    batches = token_batches(n_batches=2, batch_size=3, pad=True, mask_prompt=True)
+    precision = _fit(model, batches, fisher_type="empirical")
+    ref = reference_factors(model, batches, _ef_vectors)
+    blocks = _blocks(precision)
+    for name, (X, G) in ref.items():
+        assert rel(blocks[name].X, X) <= TOL, name
+        assert rel(blocks[name].G, G) <= TOL, name
+        assert max(X.shape[0], G.shape[0]) == 400
 
 
 @pytest.mark.slow  # ~1500 MC samples: minutes on 2 cores; run with `-m slow`
@@ -459,3 +475,16 @@ def test_categorical_sampler_frequencies_zero_mass_and_chunks():
     onehot = torch.zeros(rows, C)
     onehot[torch.arange(rows), where] = 1
     assert torch.equal(_sample_categorical(onehot, gen), where)
+
+
+@pytest.mark.parametrize("d", [5, 383, 384, 700])
+def test_gram_panels_mirrored_equal_full_product(d):
+    """Upper panels of z^T z (sums of two batches), mirrored once, equal the full product (float64, 1e-12)."""
+    from lalora.backends.kfac import _gram, _mirror_panels
+
+    g = torch.Generator().manual_seed(d)
+    z1, z2 = (torch.randn(37, d, generator=g, dtype=torch.float64) for _ in range(2))
+    got = _mirror_panels(_gram(z1) + _gram(z2))
+    ref = z1.T @ z1 + z2.T @ z2
+    assert rel(got, ref) <= 1e-12
+    assert rel(0.5 * (got + got.T), ref) <= 1e-12

@@ -170,9 +170,12 @@ class _KroneckerAdapterBlock(Block):
 
     def diagonal(self):
         # the diagonal blocks of tri-kfac are the kfac blocks, so both kinds share the diagonal
-        GA, XA, GB, XB = self._kfac_factors()
+        # diag(B0^T G B0) and diag(A0 X A0^T) from (d, r) products: no (d, d) temporaries
+        s2 = self.scaling ** 2
+        gA = s2 * (self.B0 * (self.G @ self.B0)).sum(0)
+        xB = (self.A0.T * (self.X @ self.A0.T)).sum(0)
         a, b = self.params
-        return {a: torch.outer(torch.diagonal(GA), torch.diagonal(XA)), b: torch.outer(torch.diagonal(GB), torch.diagonal(XB))}
+        return {a: torch.outer(gA, torch.diagonal(self.X)), b: torch.outer(s2 * torch.diagonal(self.G), xB)}
 
     def validate(self, shapes):
         super().validate(shapes)
