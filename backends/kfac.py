@@ -148,19 +148,37 @@ class _FactorHooks:
 PANEL = 256
 
 
-def _gram(z: Tensor, panel: int = PANEL) -> Tensor:
-    """The upper panels of ``z^T z`` (d, d) for ``z`` (m, d): rows ``[a, a+panel)`` from column ``a``
-    on are exact, the rest is zero; ``_mirror_panels`` completes the matrix once per fit. torch has
-    no symmetric rank-k update (BLAS syrk); the factors' GEMMs are the floor of the kfac fit, and
-    computing ``(k+1)/(2k)`` of the products (``k`` panels) cut them to 0.6-0.85x of ``z.T @ z`` for
-    d = 512-1536 (benchmarks/README.md). Narrow matrices get the plain product."""
+class _Panels:
+    """The upper panels of a symmetric (d, d) matrix: ``parts[i]`` holds rows ``[a_i, a_i + w)`` from
+    column ``a_i`` on (``a_i = starts[i]``). Added to the float64 running sums panel by panel, so a
+    batch's product is never zero-filled or copied into a (d, d) buffer."""
+
+    __slots__ = ("d", "starts", "parts")
+
+    def __init__(self, d: int, starts: list[int], parts: list[Tensor]):
+        self.d, self.starts, self.parts = d, starts, parts
+
+    def __add__(self, other: "_Panels") -> "_Panels":
+        return _Panels(self.d, self.starts, [p + q for p, q in zip(self.parts, other.parts)])
+
+    def trace(self) -> Tensor:
+        return sum(torch.diagonal(p).sum() for p in self.parts)
+
+    def add_to(self, dst: Tensor, alpha: float = 1.0) -> None:
+        for a0, p in zip(self.starts, self.parts):
+            dst[a0:a0 + p.shape[0], a0:].add_(p, alpha=alpha)
+
+
+def _gram(z: Tensor, panel: int = PANEL) -> _Panels:
+    """The upper panels of ``z^T z`` (d, d) for ``z`` (m, d); ``_mirror_panels`` completes their sum
+    once per fit. torch has no symmetric rank-k update (BLAS syrk); the factors' GEMMs are the floor
+    of the kfac fit, and computing ``(k+1)/(2k)`` of the products (``k`` panels) cut them to
+    0.6-0.85x of ``z.T @ z`` for d = 512-1536 (benchmarks/README.md). Narrow matrices: one panel."""
     d = z.shape[1]
     if d < panel + panel // 2:
-        return z.T @ z
-    out = z.new_zeros(d, d)
-    for a0 in range(0, d, panel):
-        out[a0:a0 + panel, a0:] = z[:, a0:a0 + panel].T @ z[:, a0:]
-    return out
+        return _Panels(d, [0], [z.T @ z])
+    starts = list(range(0, d, panel))
+    return _Panels(d, starts, [z[:, a0:a0 + panel].T @ z[:, a0:] for a0 in starts])
 
 
 def _mirror_panels(m: Tensor, panel: int = PANEL) -> Tensor:
@@ -195,7 +213,7 @@ def _nonfinite_factor(batch: dict[str, dict[str, Tensor]]) -> str | None:
     checked instead of every entry (d^2 -> d elements)."""
     for name, d in batch.items():
         for key, t in d.items():
-            if not bool(torch.isfinite(torch.diagonal(t).sum() if t.dim() == 2 else t).all()):
+            if not bool(torch.isfinite(t.trace() if isinstance(t, _Panels) else t).all()):
                 return name
     return None
 
@@ -384,10 +402,12 @@ class KFACBackend(CurvatureBackend):
                     for key, t in d.items():
                         # G was taken at lora_B's output, s times the layer's output gradient
                         alpha = 1.0 / scaling[name] ** 2 if key == "G" else 1.0
-                        if key in sums[name]:
-                            sums[name][key].add_(t, alpha=alpha)
+                        if isinstance(t, _Panels):
+                            if key not in sums[name]:
+                                sums[name][key] = torch.zeros(t.d, t.d, dtype=torch.float64, device=ctx.device)
+                            t.add_to(sums[name][key], alpha)
                         else:
-                            sums[name][key] = t.double() if alpha == 1.0 else t.double().mul_(alpha)
+                            sums[name][key] = t.double() + sums[name].get(key, 0.0)
                 ctx.batch_done(self)
         n_examples = ctx.num_examples
         S = self._samples_per_batch()
