@@ -102,3 +102,16 @@ def test_run_benchmark_end_to_end_on_tiny_model(tok, tmp_path):
     assert "| base model |" in table and table.count("\n| ") == len(rows) + 1
     pareto_plot(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_generation_stops_once_the_answer_is_stated_and_the_metric_is_unchanged(tok):
+    """Rows stop after "The answer is N<non-digit>"; the parsed answer of the truncated text equals the
+    full text's (first statement wins), and a row without a statement keeps generating."""
+    prompt = "Q: x\nAnswer:"
+    texts = [" 2 * 3 = 6. The answer is 61. The answer is 7.", " 2 * 3 = 6. The answer is 6", " no answer here"]
+    stop = tasks._AnswerStated(tok, len(tok(prompt)["input_ids"]))
+    done = [bool(stop(torch.tensor([tok(prompt + t)["input_ids"]]), None)[0]) for t in texts]
+    assert done == [True, False, False]  # row 2: "6" may continue ("61")
+    full = tasks.parse_answer(texts[0])
+    cut = texts[0][:texts[0].index("61.") + 3]
+    assert tasks.parse_answer(cut) == full == 61

@@ -174,6 +174,22 @@ def source_metrics(model, batches: list[dict]) -> dict:
     return {"source_ppl": float(torch.exp(torch.tensor(nll / count))), "source_acc": correct / count}
 
 
+_ANSWER_DONE_RE = re.compile(r"The answer is -?\d+\D")
+
+
+class _AnswerStated:
+    """Generation stopping criterion: a row is done once its new text states the final number
+    ("The answer is 53" followed by a non-digit). ``parse_answer`` reads the first such statement,
+    so stopping there leaves the metric unchanged and saves the rest of the 40 tokens."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([bool(_ANSWER_DONE_RE.search(t)) for t in texts], device=input_ids.device)
+
+
 @torch.no_grad()
 def target_exact_match(model, tokenizer, problems: list[tuple[str, str, int]], batch_size: int = 32,
                        max_new_tokens: int = 40) -> float:
@@ -187,7 +203,8 @@ def target_exact_match(model, tokenizer, problems: list[tuple[str, str, int]], b
         for i in range(0, len(problems), batch_size):
             chunk = problems[i:i + batch_size]
             enc = tokenizer([p for p, _, _ in chunk], return_tensors="pt", padding=True)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            stop = _AnswerStated(tokenizer, enc["input_ids"].shape[1])
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=[stop],
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             hits += sum(parse_answer(t) == ans for t, (_, _, ans) in zip(texts, chunk))
