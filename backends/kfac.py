@@ -29,10 +29,12 @@ puts pad activations into ``X`` and normalises by the padded shape (DESIGN.md se
 type-2 is wrong on causal LMs, it needs flattened logits and ``batch_size_fn`` plumbing and adds
 factors on a second ``compute_kronecker_factors()``. The factors here are two matrix products
 per layer and batch on tensors the forward/backward already computes, masked exactly, in
-float32 (float64 accumulation) also for bf16 models. curvlinops stays the dense reference in
+float32 also for bf16 models; the running sums are float64 (``sum_dtype="float32"`` halves them,
+for 7-8B models). Only the upper panels of each Gram product are computed (``_gram``). curvlinops
+stays the dense reference in
 the tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfinite``,
 ``torch.distributed`` sharding (every sum is all-reduced) and the checkpoint protocol
-(``fit_precision(checkpoint_dir=...)``: the float64 sums and the MC generator state).
+(``fit_precision(checkpoint_dir=...)``: the running sums and the MC generator state).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from lalora.errors import BackendError
 
 FISHER_TYPES = ("mc", "empirical", "type-2")
 APPROXES = ("expand", "reduce")
+SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class _FactorHooks:
@@ -224,7 +227,8 @@ class KFACBackend(CurvatureBackend):
 
     curvature = "mc_fisher"
     block_class = KFACBlock
-    default_options = {"fisher_type": "mc", "mc_samples": 1, "kfac_approx": "expand", "seed": 0, "max_rank": None}
+    default_options = {"fisher_type": "mc", "mc_samples": 1, "kfac_approx": "expand", "seed": 0, "max_rank": None,
+                       "sum_dtype": "float64"}
     option_help = {
         "fisher_type": "mc (labels sampled from the model), empirical (true labels) or type-2 (exact GGN; "
                        "not for causal LMs)",
@@ -233,6 +237,8 @@ class KFACBackend(CurvatureBackend):
         "seed": "seed of the MC label sampling",
         "max_rank": "store factors wider than this as top-max_rank eigenpairs + diagonal (None: dense); "
                     "see lalora.compress",
+        "sum_dtype": "float64 (default) or float32: dtype of the running factor sums held during the fit "
+                     "(float32 halves them, e.g. for 7-8B models; each batch's products are float32 either way)",
     }
     supports_skip_nonfinite = True
 
@@ -244,6 +250,9 @@ class KFACBackend(CurvatureBackend):
             raise BackendError(f"backend {self.name!r}: option kfac_approx={o['kfac_approx']!r} is unknown; use one of {APPROXES}")
         if not isinstance(o["mc_samples"], int) or isinstance(o["mc_samples"], bool) or o["mc_samples"] < 1:
             raise BackendError(f"backend {self.name!r}: option mc_samples must be an integer >= 1, got {o['mc_samples']!r}")
+        if o["sum_dtype"] not in SUM_DTYPES:
+            raise BackendError(f"backend {self.name!r}: option sum_dtype={o['sum_dtype']!r} is unknown; use one of "
+                               f"{tuple(SUM_DTYPES)}")
         if o["max_rank"] is not None:
             try:
                 check_max_rank(o["max_rank"], f"backend {self.name!r}: option max_rank")
@@ -258,7 +267,7 @@ class KFACBackend(CurvatureBackend):
 
     # --- checkpoint protocol (lalora.checkpoint, docs/robustness.md) ---------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """The float64 sums so far, ``sum.<adapter>.<X|G|T>`` (X, G: upper panels, see ``_gram``),
+        """The running sums so far (``sum_dtype``), ``sum.<adapter>.<X|G|T>`` (X, G: upper panels, see ``_gram``),
         and the MC generator state ``rng``."""
         if self._sums is None:
             return {} if self._loaded is None else dict(self._loaded)
@@ -269,7 +278,8 @@ class KFACBackend(CurvatureBackend):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for k, t in state.items():
             ok = (t.dtype == torch.uint8) if k == "rng" else (
-                k.startswith("sum.") and k.rsplit(".", 1)[-1] in ("X", "G", "T") and t.dtype == torch.float64)
+                k.startswith("sum.") and k.rsplit(".", 1)[-1] in ("X", "G", "T")
+                and t.dtype == SUM_DTYPES[self.options["sum_dtype"]])
             if not ok:
                 raise BackendError(f"{self.name} backend state: unexpected entry {k!r} ({t.dtype})")
         if "rng" not in state:
@@ -379,6 +389,7 @@ class KFACBackend(CurvatureBackend):
         approx = self.options["kfac_approx"]
         sums = {a.name: {} for a in adapters}
         scaling = {a.name: a.scaling for a in adapters}
+        sum_dtype = SUM_DTYPES[self.options["sum_dtype"]]
         gen = torch.Generator().manual_seed(int(self.options["seed"]))
         self._restore(adapters, sums, gen, ctx.device)
         self._sums, self._gen = sums, gen  # read by state_dict() at each checkpoint
@@ -404,20 +415,20 @@ class KFACBackend(CurvatureBackend):
                         alpha = 1.0 / scaling[name] ** 2 if key == "G" else 1.0
                         if isinstance(t, _Panels):
                             if key not in sums[name]:
-                                sums[name][key] = torch.zeros(t.d, t.d, dtype=torch.float64, device=ctx.device)
+                                sums[name][key] = torch.zeros(t.d, t.d, dtype=sum_dtype, device=ctx.device)
                             t.add_to(sums[name][key], alpha)
                         else:
-                            sums[name][key] = t.double() + sums[name].get(key, 0.0)
+                            sums[name][key] = t.to(sum_dtype) + sums[name].get(key, 0.0)
                 ctx.batch_done(self)
         n_examples = ctx.num_examples
         S = self._samples_per_batch()
         blocks = []
         for a in adapters:
-            d = sums.pop(a.name)  # free each adapter's float64 sums once its factors are built
+            d = sums.pop(a.name)  # free each adapter's running sums once its factors are built
             d_in, d_out = a.A.shape[1], a.B.shape[0]
-            X = ctx.all_reduce(d.get("X", torch.zeros(d_in, d_in, dtype=torch.float64, device=ctx.device)))
-            G = ctx.all_reduce(d.get("G", torch.zeros(d_out, d_out, dtype=torch.float64, device=ctx.device)))
-            T = float(ctx.all_reduce(d.get("T", torch.zeros((), dtype=torch.float64, device=ctx.device)).reshape(1)))
+            X = ctx.all_reduce(d.get("X", torch.zeros(d_in, d_in, dtype=sum_dtype, device=ctx.device)))
+            G = ctx.all_reduce(d.get("G", torch.zeros(d_out, d_out, dtype=sum_dtype, device=ctx.device)))
+            T = float(ctx.all_reduce(d.get("T", torch.zeros((), dtype=sum_dtype, device=ctx.device)).reshape(1)))
             if T == 0:
                 raise BackendError(f"adapter {a.name!r} saw no token of a counted example during the fit "
                                    "(is the adapted layer used in the forward pass?)")

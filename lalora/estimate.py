@@ -13,8 +13,8 @@
 - peak memory: measured around the sample fit (``lalora.compare.memory.MemoryMeter``: CUDA
   allocator peak, or sampled RSS on CPU). Streaming backends (``diag``, ``kfac``, ``tri-kfac``)
   hold one batch of activations at a time, so their peak does not grow with the number of
-  batches. For the Kronecker backends the float64 factor sums (running sum + one batch) are
-  given separately as ``accumulator_bytes``.
+  batches. For the Kronecker backends the factor sums (running sums in ``sum_dtype`` + one batch's
+  float32 products) are given separately as ``accumulator_bytes``.
 
 Nothing is written to disk.
 """
@@ -56,12 +56,14 @@ def stored_bytes(model, backend: str, options: dict | None = None, *, adapter_na
     return None
 
 
-def accumulator_bytes(model, backend: str, *, adapter_name=None) -> int | None:
-    """Float64 factor sums the Kronecker backends hold while fitting (running sum + one batch's sum)."""
+def accumulator_bytes(model, backend: str, options: dict | None = None, *, adapter_name=None) -> int | None:
+    """Upper bound of the factor sums the Kronecker backends hold while fitting: the running sums
+    (``sum_dtype``: 8 or 4 bytes per factor entry) and one batch's float32 products (at most 4)."""
     if backend not in _KRONECKER:
         return None
+    running = 4 if (options or {}).get("sum_dtype") == "float32" else 8
     adapters = find_lora_adapters(model, adapter_name)
-    return 2 * 8 * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)
+    return (running + 4) * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)
 
 
 class _TimedBatches:
@@ -119,7 +121,7 @@ class FitEstimate:
                     else f"{self.estimated_seconds:.1f} s for {total} batches")]
         mem = f"  peak memory (measured on the sample, {self.memory_method}): {mib(self.peak_memory_bytes)}"
         if self.accumulator_bytes is not None:
-            mem += f"; of which float64 factor sums {mib(self.accumulator_bytes)}"
+            mem += f"; factor sums held during the fit (bound) {mib(self.accumulator_bytes)}"
         lines.append(mem)
         return "\n".join(lines)
 
@@ -165,5 +167,5 @@ def estimate_fit(model, data, backend: str = "diag", *, num_batches: int = 2, to
                        total_batches=total_batches, sample_seconds=t_end - t0, batch_seconds=per_batch,
                        seconds_per_batch=sec_per_batch, estimated_seconds=estimated,
                        stored_bytes=precision.num_bytes if exact is None else exact, stored_bytes_exact=exact is not None,
-                       accumulator_bytes=accumulator_bytes(model, backend, adapter_name=adapter_name),
+                       accumulator_bytes=accumulator_bytes(model, backend, options, adapter_name=adapter_name),
                        peak_memory_bytes=mem.peak_bytes, memory_method=mem.method, structure=precision.structure)

@@ -490,3 +490,15 @@ def test_gram_panels_mirrored_equal_full_product(d):
     ref = z1.T @ z1 + z2.T @ z2
     assert rel(got, ref) <= 1e-12
     assert rel(0.5 * (got + got.T), ref) <= 1e-12
+
+
+def test_float32_running_sums_match_float64():
+    """sum_dtype='float32' (half the fit's accumulator memory) gives the float64-sum factors to 1e-6."""
+    model = tiny_lora_llama(targets=("q_proj", "v_proj", "down_proj"), r=2)
+    batches = token_batches(n_batches=3, batch_size=3, pad=True, mask_prompt=True)
+    a = _blocks(_fit(model, batches, fisher_type="empirical"))
+    b = _blocks(_fit(model, batches, fisher_type="empirical", sum_dtype="float32"))
+    for name in a:
+        assert rel(b[name].X, a[name].X) <= 1e-6 and rel(b[name].G, a[name].G) <= 1e-6
+    with pytest.raises(BackendError, match="sum_dtype"):
+        _fit(model, batches, sum_dtype="float16")

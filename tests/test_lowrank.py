@@ -246,7 +246,7 @@ def test_estimate_fit_extrapolates(model):
     assert est.sample_batches == 2 and est.total_batches == 5 and len(est.batch_seconds) == 2
     assert est.estimated_seconds == pytest.approx(est.sample_seconds + 3 * est.batch_seconds[1])
     assert est.stored_bytes_exact and est.stored_bytes == stored_bytes(model, "kfac", {"max_rank": 5})
-    assert est.accumulator_bytes == 16 * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2
+    assert est.accumulator_bytes == 12 * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2
                                              for a in lalora.find_lora_adapters(model))
     text = est.format()
     assert "stored precision" in text and "estimated" in text and "peak memory" in text
