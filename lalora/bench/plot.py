@@ -21,11 +21,23 @@ def pareto_plot(report: dict, path) -> None:
             if r["strength"]:
                 ax.annotate(f"{r['strength']:g}", (r["target_em"], r["source_ppl"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
+    ppl = [b["source_ppl"]] + [r["source_ppl"] for r in report["results"]]
+    if max(ppl) > 2 * min(ppl):  # forgetting LoRA would squash the regularised runs into one corner
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_yscale("log")
+        ticks = sorted({float(f"{v:.2g}") for v in _geomspace(min(ppl), max(ppl), 7)})
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("target: arithmetic exact match (higher is better)")
-    ax.set_ylabel("source: held-out perplexity (lower is better)")
+    ax.set_ylabel("source: held-out perplexity (lower is better)" + (", log scale" if ax.get_yscale() == "log" else ""))
     ax.set_title("Learning vs forgetting (labels: strength)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _geomspace(lo: float, hi: float, n: int) -> list[float]:
+    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
