@@ -98,31 +98,37 @@ def bench_llm(name, cfg, args):
     model.eval()
     fwd_bwd(model, data[:1])  # warm-up
     fit = {k: (lambda b=b, o=o: lalora.fit_precision(model, data, backend=b, progress=False, **o)) for k, (b, o) in FITS.items()}
-    fb_t, fit_t = [], {k: [] for k in fit}
-    for _ in range(args.repeats):
-        fb_t.append(timed(lambda: fwd_bwd(model, data)))
-        for k, f in fit.items():
-            fit_t[k].append(timed(f))
-    fb = median(fb_t)
-    print(f"1. fit / fwd+bwd (fwd+bwd {fb:.2f}s): "
-          + "; ".join(f"{k} {median(t) / fb:.2f}x ({median(t):.2f}s)" for k, t in fit_t.items()))
+    if "1" in args.items:
+        fb_t, fit_t = [], {k: [] for k in fit}
+        for _ in range(args.repeats):
+            fb_t.append(timed(lambda: fwd_bwd(model, data)))
+            for k, f in fit.items():
+                fit_t[k].append(timed(f))
+        fb = median(fb_t)
+        print(f"1. fit / fwd+bwd (fwd+bwd {fb:.2f}s): "
+              + "; ".join(f"{k} {median(t) / fb:.2f}x ({median(t):.2f}s)" for k, t in fit_t.items()))
 
-    # 4. memory and stored bytes
+    # 4. memory and stored bytes (the precisions are needed by item 3 either way)
     mem = {}
     with PeakRSS() as m:
         fwd_bwd(model, data)
     mem["fwd+bwd"] = m.peak
     precisions = {}
     for k, f in fit.items():
+        if k == "kfac empirical" and "4" not in args.items:
+            continue
         with PeakRSS() as m:
             precisions[k] = f()
         mem[k] = m.peak
     precisions["tri-kfac"] = lalora.fit_precision(model, data, backend="tri-kfac", progress=False)
     lora_bytes = 4 * n_lora
-    print("4. peak RSS above start: " + "; ".join(f"{k} {mib(v)}" for k, v in mem.items()))
-    print(f"4. stored bytes (LoRA weights {mib(lora_bytes)} in float32): "
-          + "; ".join(f"{k} {mib(precisions[k].num_bytes)} ({precisions[k].num_bytes / lora_bytes:.2f}x)"
-                      for k in ("diag", "kfac mc", "tri-kfac")))
+    if "4" in args.items:
+        print("4. peak RSS above start: " + "; ".join(f"{k} {mib(v)}" for k, v in mem.items()))
+        print(f"4. stored bytes (LoRA weights {mib(lora_bytes)} in float32): "
+              + "; ".join(f"{k} {mib(precisions[k].num_bytes)} ({precisions[k].num_bytes / lora_bytes:.2f}x)"
+                          for k in ("diag", "kfac mc", "tri-kfac")))
+    if "3" not in args.items:
+        return
 
     # 3. regularizer cost per training step
     regs = {"diag": lalora.LaLoRARegularizer(model, precisions["diag"], strength=1.0),
@@ -229,7 +235,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--no-laplace", action="store_true")
+    ap.add_argument("--items", default="1,2,3,4", help="which of the items 1-4 to run (e.g. 3: the regularizer only)")
     args = ap.parse_args()
+    args.items = set(args.items.split(","))
     warnings.simplefilter("ignore")
     jemalloc = "jemalloc" in os.environ.get("LD_PRELOAD", "")
     from importlib.metadata import version
@@ -245,7 +253,7 @@ def main():
             name = f"smollm2-size ({args.smol_layers} of 30 layers)"
         bench_llm(name, cfg, args)
         print(f"# load {os.getloadavg()}")
-    if not args.no_laplace:
+    if not args.no_laplace and "2" in args.items:
         bench_vs_laplace(args)
         print(f"# load {os.getloadavg()}")
 
