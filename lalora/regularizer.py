@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .adapters import find_lora_adapters, lora_parameters
 from .errors import AnchorMismatchError, BackendError
-from .penalty import effective_weight_quadratic, linearized_quadratic
+from .penalty import GroupedPrecision, grouped_effective_weight, linearized_quadratic
 from .precision import Precision
 from .validation import match_to_model
 
@@ -44,7 +44,11 @@ class LaLoRARegularizer(nn.Module):
         params = lora_parameters(find_lora_adapters(model, adapter_name))
         self._params = {n: params[n] for n in precision.param_names}
         device = next(iter(self._params.values())).device
-        self.precision = precision.to(device, torch.float32)
+        # equal-shaped Kronecker blocks are stacked for batched products (lalora.penalty.GroupedPrecision);
+        # self.precision holds the blocks on views of the stacks. While the caller keeps the original
+        # float32 precision on this device, its factors exist twice (the stacks are copies).
+        self._grouped = GroupedPrecision(precision.to(device, torch.float32))
+        self.precision = self._grouped.precision
         self.strength = strength
         self.prior_precision = float(precision.prior_precision if prior_precision is None else prior_precision)
         if self.prior_precision < 0:
@@ -89,9 +93,8 @@ class LaLoRARegularizer(nn.Module):
         curvature factor per step); ``delta`` (from ``self.delta()``) saves recomputing it."""
         if self.form == "effective-weight":
             theta = {n: p.float() for n, p in self._params.items()}
-            terms = [effective_weight_quadratic(b, theta) for b in self.precision.blocks]
-            return torch.stack([t.reshape(()) for t in terms]).sum()
-        return linearized_quadratic(self.precision, self.delta() if delta is None else delta)
+            return grouped_effective_weight(self._grouped, theta)
+        return linearized_quadratic(self._grouped, self.delta() if delta is None else delta)
 
     def forward(self) -> Tensor:
         delta = self.delta()
