@@ -171,7 +171,9 @@ class GroupedPrecision:
 
 
 class _EffectiveWeightStacked(torch.autograd.Function):
-    """``_EffectiveWeight`` for a ``StackedKronecker`` group: the same formulas with ``bmm``."""
+    """``_EffectiveWeight`` for a ``StackedKronecker`` group: the same formulas in the batched
+    ``(L, ., .)`` layout with ``bmm`` (kept next to the 2-D version for the low-rank blocks, whose
+    factors cannot be stacked)."""
 
     @staticmethod
     def forward(ctx, stack: StackedKronecker, *tensors: Tensor) -> Tensor:
