@@ -49,19 +49,28 @@ def linearized_quadratic(precision: "Precision | GroupedPrecision", delta: Mappi
     return _Linearized.apply(precision, names, *(delta[n] for n in names))
 
 
+def _ew_forward(s: float, A, B, A0, B0, GdB, XdA, GB0, XA0t):
+    """``(f, GU, XV)`` of the effective-weight form from ``G dB`` and ``X dA^T``; every tensor is 2-D
+    (one block) or batched ``(L, ., .)`` (a ``StackedKronecker`` group): ``@`` and ``.mT`` serve both."""
+    GU = s * torch.cat([GdB, GB0], -1)  # G U, U = s [B - B0, B0]
+    XV = torch.cat([XdA + XA0t, XdA], -1)  # X V, V = [A^T, (A - A0)^T]
+    U = s * torch.cat([B - B0, B0], -1)
+    V = torch.cat([A.mT, (A - A0).mT], -1)
+    return ((U.mT @ GU) * (V.mT @ XV)).sum(), GU, XV
+
+
+def _ew_backward(c: Tensor, A, B, GU, XV) -> tuple[Tensor, Tensor]:
+    """``(c (B^T GU) XV^T, c GU (XV^T A^T))``: ``(df/dA, df/dB)`` for ``c = 2 s df``."""
+    return c * (B.mT @ GU) @ XV.mT, c * GU @ (XV.mT @ A.mT)
+
+
 class _EffectiveWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, A: Tensor, B: Tensor) -> Tensor:
-        s = block.scaling
         GB0, XA0t, _, _ = block._anchor_products()
-        dA, dB = A - block.A0, B - block.B0
-        GU = s * torch.cat([block._apply_G(dB), GB0], 1)  # G U, U = s [B - B0, B0]
-        XdA = block._apply_X(dA.T)
-        XV = torch.cat([XdA + XA0t, XdA], 1)  # X V, V = [A^T, (A - A0)^T]
-        U = s * torch.cat([dB, block.B0], 1)
-        V = torch.cat([A.T, dA.T], 1)
-        f = ((U.T @ GU) * (V.T @ XV)).sum()
-        ctx.scaling = s
+        f, GU, XV = _ew_forward(block.scaling, A, B, block.A0, block.B0, block._apply_G(B - block.B0),
+                                block._apply_X((A - block.A0).T), GB0, XA0t)
+        ctx.scaling = block.scaling
         ctx.save_for_backward(A, B, GU, XV)
         return f
 
@@ -69,8 +78,7 @@ class _EffectiveWeight(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_f: Tensor):
         A, B, GU, XV = ctx.saved_tensors
-        c = 2 * ctx.scaling * grad_f
-        return None, c * (B.T @ GU) @ XV.T, c * GU @ (XV.T @ A.T)
+        return (None, *_ew_backward(2 * ctx.scaling * grad_f, A, B, GU, XV))
 
 
 def has_closed_form_effective(block: Block) -> bool:
@@ -171,24 +179,16 @@ class GroupedPrecision:
 
 
 class _EffectiveWeightStacked(torch.autograd.Function):
-    """``_EffectiveWeight`` for a ``StackedKronecker`` group: the same formulas in the batched
-    ``(L, ., .)`` layout with ``bmm`` (kept next to the 2-D version for the low-rank blocks, whose
-    factors cannot be stacked)."""
+    """``_EffectiveWeight`` for a ``StackedKronecker`` group (batched ``(L, ., .)`` tensors)."""
 
     @staticmethod
     def forward(ctx, stack: StackedKronecker, *tensors: Tensor) -> Tensor:
         L = len(stack.params)
         A, B = torch.stack(tensors[:L]), torch.stack(tensors[L:])  # (L, r, d_in), (L, d_out, r)
-        s = stack.scaling
-        dA, dB = A - stack.A0, B - stack.B0
-        GdB = torch.bmm(dB.transpose(1, 2), stack.G).transpose(1, 2)
-        GU = s * torch.cat([GdB, stack.GB0], 2)  # (L, d_out, 2r): G U, U = s [B - B0, B0]
-        XdA = torch.bmm(dA, stack.X).transpose(1, 2)  # (L, d_in, r) = X dA^T
-        XV = torch.cat([XdA + stack.XA0t, XdA], 2)  # (L, d_in, 2r): X V, V = [A^T, (A - A0)^T]
-        U = s * torch.cat([dB, stack.B0], 2)
-        V = torch.cat([A.transpose(1, 2), dA.transpose(1, 2)], 2)
-        f = (torch.bmm(U.transpose(1, 2), GU) * torch.bmm(V.transpose(1, 2), XV)).sum()
-        ctx.scaling, ctx.L = s, L
+        GdB = torch.bmm((B - stack.B0).mT, stack.G).mT  # (L, d_out, r) = G dB, G symmetric
+        XdA = torch.bmm(A - stack.A0, stack.X).mT  # (L, d_in, r) = X dA^T
+        f, GU, XV = _ew_forward(stack.scaling, A, B, stack.A0, stack.B0, GdB, XdA, stack.GB0, stack.XA0t)
+        ctx.scaling = stack.scaling
         ctx.save_for_backward(A, B, GU, XV)
         return f
 
@@ -196,9 +196,7 @@ class _EffectiveWeightStacked(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_f: Tensor):
         A, B, GU, XV = ctx.saved_tensors
-        c = 2 * ctx.scaling * grad_f
-        gA = c * torch.bmm(torch.bmm(B.transpose(1, 2), GU), XV.transpose(1, 2))
-        gB = c * torch.bmm(GU, torch.bmm(XV.transpose(1, 2), A.transpose(1, 2)))
+        gA, gB = _ew_backward(2 * ctx.scaling * grad_f, A, B, GU, XV)
         return (None, *gA.unbind(0), *gB.unbind(0))
 
 
