@@ -232,8 +232,9 @@ def test_regularizer_penalty_and_grad(kind, form, dtype, b_zero):
     assert float(reg0().detach()) == 0.0
 
 
+@pytest.mark.parametrize("b_zero", [True, False], ids=["B0=0", "B0!=0"])
 @pytest.mark.parametrize("kind", ["kfac", "tri-kfac"])
-def test_grouped_precision_matvec_equals_precision_matvec(kind):
+def test_grouped_precision_matvec_equals_precision_matvec(kind, b_zero):
     """Equal-shaped Kronecker blocks stacked for bmm (lalora.penalty.GroupedPrecision) give
     Precision.matvec to 1e-6, mixed with a block that stays alone and a diag block; the rebuilt
     precision (blocks on views of the stacks) has the same dense matrix."""
@@ -244,7 +245,7 @@ def test_grouped_precision_matvec_equals_precision_matvec(kind):
     for i, (d_out, d_in, r, s) in enumerate([(16, 12, 2, 1.5), (16, 12, 2, 1.5), (16, 12, 2, 1.5), (8, 12, 2, 1.5),
                                              (16, 12, 2, 2.0)]):
         A0 = torch.randn(r, d_in, generator=g) / d_in ** 0.5
-        B0 = 0.3 * torch.randn(d_out, r, generator=g)
+        B0 = torch.zeros(d_out, r) if b_zero else 0.3 * torch.randn(d_out, r, generator=g)
         adapters.append((f"l{i}.lora_A", f"l{i}.lora_B", A0, B0, s))
     P = _precision(kind, adapters)
     extra = lalora.Precision([DiagBlock("x.w", torch.rand(3, 4, generator=g))], {"x.w": torch.zeros(3, 4)})
@@ -259,8 +260,9 @@ def test_grouped_precision_matvec_equals_precision_matvec(kind):
     assert rel(grouped.precision.to_dense(), P.to_dense()) <= 1e-6
 
 
+@pytest.mark.parametrize("b_zero", [True, False], ids=["B0=0", "B0!=0"])
 @pytest.mark.parametrize("kind", ["kfac", "tri-kfac"])
-def test_grouped_effective_weight_matches_per_block_autograd(kind):
+def test_grouped_effective_weight_matches_per_block_autograd(kind, b_zero):
     """Stacked effective-weight form (bmm, closed-form gradient) equals the per-block autograd form,
     value and gradients, rel. err 1e-5, away from the anchor; groups of 3 plus a lone block."""
     from lalora.penalty import GroupedPrecision, grouped_effective_weight
@@ -269,7 +271,7 @@ def test_grouped_effective_weight_matches_per_block_autograd(kind):
     adapters = []
     for i, (d_out, d_in, r) in enumerate([(16, 12, 2), (16, 12, 2), (16, 12, 2), (8, 12, 2)]):
         A0 = torch.randn(r, d_in, generator=g) / d_in ** 0.5
-        B0 = 0.3 * torch.randn(d_out, r, generator=g)
+        B0 = torch.zeros(d_out, r) if b_zero else 0.3 * torch.randn(d_out, r, generator=g)
         adapters.append((f"l{i}.lora_A", f"l{i}.lora_B", A0, B0, 1.5))
     P = _precision(kind, adapters)
     grouped = GroupedPrecision(P)
