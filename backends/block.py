@@ -113,7 +113,7 @@ class BlockBackend(CurvatureBackend):
                     continue
                 torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
                 if not all(bool(torch.isfinite(capture.grads[n]).all()) for n in names if n in capture.grads):
-                    ctx.nonfinite(batch, "gradients")
+                    ctx.nonfinite(batch, "gradient")
                     continue
                 keep = (batch.extra["labelled_counts"] > 0).to(losses.device)
                 for i, g in enumerate(groups):

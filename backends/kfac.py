@@ -30,14 +30,15 @@ type-2 is wrong on causal LMs, it needs flattened logits and ``batch_size_fn`` p
 factors on a second ``compute_kronecker_factors()``. The factors here are two matrix products
 per layer and batch on tensors the forward/backward already computes, masked exactly, in
 float32 also for bf16 models; the running sums are float64 (``sum_dtype="float32"`` halves them,
-for 7-8B models). Only the upper panels of each Gram product are computed (``_gram``). curvlinops
-stays the dense reference in
-the tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfinite``,
+for 7-8B models). Only the upper panels of each Gram product are computed (``_add_gram``), in
+place into float32 window sums (``_FactorHooks``). curvlinops stays the dense reference in the
+tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfinite``,
 ``torch.distributed`` sharding (every sum is all-reduced) and the checkpoint protocol
 (``fit_precision(checkpoint_dir=...)``: the running sums and the MC generator state).
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -52,35 +53,44 @@ from lalora.errors import BackendError
 FISHER_TYPES = ("mc", "empirical", "type-2")
 APPROXES = ("expand", "reduce")
 SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# batches per float32 window sum (_FactorHooks): at most ~16 eps = 2e-6 relative rounding before each
+# addition into the running sums
+FLUSH_EVERY = 16
 
 
 class _FactorHooks:
-    """Forward hook on ``lora_A`` (input factor, once per forward) and a tensor hook on
-    ``lora_B``'s output (gradient factor, once per backward). This batch's sums go to
-    ``self.batch`` (float32, one GEMM each) so a batch can be dropped before it is added to the
-    float64 running sums."""
+    """The factor sums of one fit. A forward hook on ``lora_A`` records its input; ``forward_done()``
+    (after the forward) adds the input Gram products, and a tensor hook on ``lora_B``'s output adds
+    the gradient Gram product during each backward.
 
-    def __init__(self, adapters, approx: str):
+    Accumulation: each product goes straight into a float32 window sum by an in-place GEMM
+    (``addmm_``, beta = 1), so no batch product is materialised and read again (8 instead of 24
+    bytes of memory traffic per factor entry and batch); the window sums are added into the running
+    sums (``sum_dtype``) every ``window`` batches (``flush``), and a fit of at most ``window``
+    batches uses them directly. ``window = 1`` (``skip_nonfinite``): the window holds one batch, so
+    a bad batch is dropped exactly. Adapters that read the same input tensor in a batch (q/k/v,
+    gate/up, several adapters on one layer) share one window sum of ``X``: its product is
+    computed once."""
+
+    def __init__(self, adapters, approx: str, sums: dict, sum_dtype: torch.dtype, window: int, device):
         self.adapters = adapters
         self.approx = approx
+        self.sums, self.sum_dtype, self.window, self.device = sums, sum_dtype, window, device
         self.mask: Tensor | None = None  # (N, T) float: real tokens of counted examples
         self.example_mask: Tensor | None = None  # (N,) float
-        self._batch: dict[str, dict[str, Tensor]] = {}
-        # this forward's input factors by input tensor: q/k/v (and gate/up, and several adapters on
-        # one layer) share their input, so its X is computed once (the input is kept alive by the
-        # entry, so identity cannot be reused by another tensor)
-        self._x_cache: list[tuple[Tensor, int, dict[str, Tensor]]] = []
+        self.acc_G: dict[str, Tensor] = {}  # adapter -> (d_out, d_out) float32 window sum (upper panels)
+        self.acc_X: dict[str, Tensor] = {}  # group leader -> (d_in, d_in) float32 window sum (upper panels)
+        self.x_leader: dict[str, str] = {}  # adapter -> the leader whose acc_X holds its X
+        self.members: dict[str, set[str]] = {}  # leader -> adapters sharing its acc_X
+        self.batch_T: dict[str, Tensor] = {}  # this batch's token counts
+        self._inputs: list[tuple[str, Tensor, int]] = []  # this forward's lora_A inputs
+        self._in_window = 0
         self._handles = []
 
-    @property
-    def batch(self) -> dict[str, dict[str, Tensor]]:
-        return self._batch
-
-    @batch.setter
-    def batch(self, value: dict) -> None:
-        """Starting a batch (``hooks.batch = {}``) also drops the previous forward's input cache."""
-        self._batch = value
-        self._x_cache = []
+    # --- per batch ------------------------------------------------------------------------
+    def begin_batch(self, mask: Tensor | None, example_mask: Tensor) -> None:
+        self.mask, self.example_mask = mask, example_mask
+        self._inputs, self.batch_T = [], {}
 
     def _token_weights(self, x: Tensor) -> Tensor:
         """(N, M) weights for the rows of x reshaped to (N, M, d)."""
@@ -89,38 +99,154 @@ class _FactorHooks:
             return self.mask
         return self.example_mask[:, None].expand(n, m)
 
-    def _add(self, name: str, key: str, value: Tensor) -> None:
-        # never in place: one input factor is shared by the adapters reading the same input
-        slot = self.batch.setdefault(name, {})
-        slot[key] = value if key not in slot else slot[key] + value
-
-    def _input_factor(self, x: Tensor) -> dict[str, Tensor]:
-        """``{"X": sum of x x^T, "T": count}`` (float32, this batch) of one lora_A input, per ``approx``."""
+    def _input_rows(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``z`` with ``X += z^T z`` and the token count ``T`` of one lora_A input, per ``approx``."""
         x = x.detach().float()
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, M, d_in)
         w = self._token_weights(x).to(x)
         if self.approx == "expand":
             if bool((w == 1).all()):  # no padding, every example counted: skip the weighted copy of x
-                xm = x.reshape(-1, x.shape[-1])
-            else:
-                xm = (x * w.sqrt()[..., None]).reshape(-1, x.shape[-1])
-            return {"X": _gram(xm), "T": w.sum()}
+                return x.reshape(-1, x.shape[-1]), w.sum()
+            return (x * w.sqrt()[..., None]).reshape(-1, x.shape[-1]), w.sum()
         cnt = w.sum(1)
         xbar = (x * w[..., None]).sum(1) / cnt.clamp_min(1)[:, None]  # (N, d_in)
-        return {"X": _gram(xbar), "T": (cnt > 0).sum().float()}
+        return xbar, (cnt > 0).sum().float()
 
+    def forward_done(self) -> None:
+        """Add this forward's input factors: one product per distinct input tensor."""
+        groups: dict[int, tuple[Tensor, int, dict[str, int]]] = {}
+        for name, x, version in self._inputs:  # the tensors are alive here, so id() is unique
+            users = groups.setdefault(id(x), (x, version, {}))[2]
+            users[name] = users.get(name, 0) + 1  # a layer called twice adds its input twice
+        self._inputs = []
+        for x, version, users in groups.values():
+            if x._version != version:
+                raise BackendError(f"the input of {sorted(users)} was modified in place after lora_A read it")
+            z, count = self._input_rows(x)
+            for name, m in users.items():
+                self.batch_T[name] = self.batch_T.get(name, 0.0) + m * count
+            self._add_input_product(z, users)
+
+    def _add_input_product(self, z: Tensor, users: dict[str, int]) -> None:
+        names, mult = set(users), set(users.values())
+        leaders = {self.x_leader.get(n) for n in names}
+        if len(mult) == 1 and len(leaders) == 1:
+            (leader,) = leaders
+            if leader is None:  # first sight of all of them: one shared window sum from now on
+                leader = next(iter(users))
+                self.acc_X[leader] = self._zeros(z.shape[1])
+                self.members[leader] = names
+                for n in names:
+                    self.x_leader[n] = leader
+            if self.members[leader] == names:
+                _add_gram(self.acc_X[leader], z, alpha=float(mult.pop()))
+                return
+        # the sharing changed (rare): every user gets its own window sum, and the product is added to each
+        product = _add_gram(self._zeros(z.shape[1]), z)
+        for n, m in users.items():
+            self._split(n, z.shape[1])
+            for dst, src in zip(_panel_views(self.acc_X[n]), _panel_views(product)):
+                dst.add_(src, alpha=float(m))
+
+    def _split(self, name: str, d: int) -> None:
+        """Give ``name`` its own window sum of X (a copy of its group's)."""
+        leader = self.x_leader.get(name)
+        if leader is None:
+            self.acc_X[name], self.members[name], self.x_leader[name] = self._zeros(d), {name}, name
+            return
+        group = self.members[leader]
+        if group == {name}:
+            return
+        group.discard(name)
+        if leader == name:  # the others move to a new leader, keeping the tensor
+            new = next(iter(group))
+            self.acc_X[new] = self.acc_X[name]
+            self.members[new] = self.members.pop(name)
+            for n in group:
+                self.x_leader[n] = new
+            leader = new
+        self.acc_X[name], self.members[name], self.x_leader[name] = self.acc_X[leader].clone(), {name}, name
+
+    def _zeros(self, d: int) -> Tensor:
+        return torch.zeros(d, d, dtype=torch.float32, device=self.device)
+
+    def nonfinite(self) -> str | None:
+        """The first adapter whose window sums are non-finite, else None. A Gram matrix ``M = Z^T Z``
+        has a non-finite entry only if a diagonal one does (``|M_ij| <= sqrt(M_ii M_jj)``), so the
+        traces are checked (d elements instead of d^2)."""
+        named = [(n, t) for n, t in self.acc_G.items()] + [(sorted(self.members[n])[0], t) for n, t in self.acc_X.items()]
+        if not named:
+            return None
+        traces = torch.stack([torch.diagonal(t).sum() for _, t in named])
+        if bool(torch.isfinite(traces).all()):
+            return None
+        return named[int((~torch.isfinite(traces)).nonzero()[0])][0]
+
+    def drop_batch(self) -> None:
+        """Forget this batch (skip_nonfinite: the window holds this batch only)."""
+        if self.window != 1:
+            raise RuntimeError("a batch can only be dropped with window 1")
+        for t in itertools.chain(self.acc_G.values(), self.acc_X.values()):
+            t.zero_()
+        self.batch_T = {}
+
+    def commit_batch(self) -> None:
+        for name, count in self.batch_T.items():
+            slot = self.sums.setdefault(name, {})
+            slot["T"] = slot.get("T", torch.zeros((), dtype=self.sum_dtype, device=self.device)) + count
+        self.batch_T = {}
+        self._in_window += 1
+        if self._in_window >= self.window:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the window sums into the running sums (upper panels) and zero them."""
+        pairs = [(n, "G", t) for n, t in self.acc_G.items()] + [(n, "X", self.acc_X[l]) for n, l in self.x_leader.items()]
+        for name, key, acc in pairs:
+            slot = self.sums.setdefault(name, {})
+            if key not in slot:
+                slot[key] = torch.zeros(acc.shape, dtype=self.sum_dtype, device=self.device)
+            for dst, src in zip(_panel_views(slot[key]), _panel_views(acc)):
+                dst.add_(src)
+        for t in itertools.chain(self.acc_G.values(), self.acc_X.values()):
+            t.zero_()
+        self._in_window = 0
+
+    def take(self, name: str, key: str) -> Tensor | None:
+        """Upper panels of the sum of factor ``key`` ("X" or "G") of adapter ``name`` over the fit: the running
+        sums plus this window; the float32 window sum itself when nothing was flushed yet (a fit of at most
+        ``window`` batches, no round trip through ``sum_dtype``). None if never accumulated. Called once per
+        adapter and factor after the last batch: the caller owns the result (a window sum still shared
+        with other adapters is copied), and the hooks release it."""
+        if key == "G":
+            acc = self.acc_G.pop(name, None)
+        else:
+            leader = self.x_leader.pop(name, None)
+            acc = None if leader is None else self.acc_X[leader]
+            if leader is not None:
+                self.members[leader].discard(name)
+                if self.members[leader]:  # still read by the others (and the caller may all-reduce in place)
+                    acc = acc.clone()
+                else:
+                    del self.acc_X[leader], self.members[leader]
+        running = self.sums.get(name, {}).get(key)
+        if running is None:
+            return acc
+        if acc is not None:
+            for dst, src in zip(_panel_views(running), _panel_views(acc)):
+                dst.add_(src)
+        return running
+
+    # --- hooks ------------------------------------------------------------------------------
     def _a_hook(self, adapter):
         def hook(module, inputs, output):
-            x = inputs[0]
-            factor = next((f for seen, version, f in self._x_cache if seen is x and version == x._version), None)
-            if factor is None:
-                factor = self._input_factor(x)
-                self._x_cache.append((x, x._version, factor))
-            for key, value in factor.items():
-                self._add(adapter.name, key, value)
+            self._inputs.append((adapter.name, inputs[0], inputs[0]._version))
         return hook
 
     def _b_hook(self, adapter):
+        # the gradient at lora_B's output is s times the layer's: the product is scaled by 1/s^2
+        alpha = 1.0 / adapter.scaling ** 2
+
         def hook(module, inputs, output):
             if not output.requires_grad:
                 return
@@ -129,8 +255,9 @@ class _FactorHooks:
                 g = grad.detach().float()
                 g = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, M, d_out)
                 gm = g.reshape(-1, g.shape[-1]) if self.approx == "expand" else g.sum(1)
-                # the gradient at lora_B's output is s times the layer's: 1/s^2 is applied when the batch is added
-                self._add(adapter.name, "G", _gram(gm))
+                if adapter.name not in self.acc_G:
+                    self.acc_G[adapter.name] = self._zeros(gm.shape[1])
+                _add_gram(self.acc_G[adapter.name], gm, alpha=alpha)
 
             output.register_hook(grad_hook)
         return hook
@@ -145,80 +272,97 @@ class _FactorHooks:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._x_cache = []
+        self._inputs = []
 
 
 PANEL = 256
 
 
-class _Panels:
-    """The upper panels of a symmetric (d, d) matrix: ``parts[i]`` holds rows ``[a_i, a_i + w)`` from
-    column ``a_i`` on (``a_i = starts[i]``). Added to the float64 running sums panel by panel, so a
-    batch's product is never zero-filled or copied into a (d, d) buffer."""
-
-    __slots__ = ("d", "starts", "parts")
-
-    def __init__(self, d: int, starts: list[int], parts: list[Tensor]):
-        self.d, self.starts, self.parts = d, starts, parts
-
-    def __add__(self, other: "_Panels") -> "_Panels":
-        return _Panels(self.d, self.starts, [p + q for p, q in zip(self.parts, other.parts)])
-
-    def trace(self) -> Tensor:
-        return sum(torch.diagonal(p).sum() for p in self.parts)
-
-    def add_to(self, dst: Tensor, alpha: float = 1.0) -> None:
-        for a0, p in zip(self.starts, self.parts):
-            dst[a0:a0 + p.shape[0], a0:].add_(p, alpha=alpha)
+def _panel_starts(d: int, panel: int = PANEL) -> list[int]:
+    """Row starts of the upper panels of a (d, d) matrix: panel ``i`` holds rows ``[a_i, a_i + panel)``
+    from column ``a_i`` on. Narrow matrices (d < 1.5 panels): one panel, the whole matrix."""
+    return [0] if d < panel + panel // 2 else list(range(0, d, panel))
 
 
-def _gram(z: Tensor, panel: int = PANEL) -> _Panels:
-    """The upper panels of ``z^T z`` (d, d) for ``z`` (m, d); ``_mirror_panels`` completes their sum
-    once per fit. torch has no symmetric rank-k update (BLAS syrk); the factors' GEMMs are the floor
-    of the kfac fit, and computing ``(k+1)/(2k)`` of the products (``k`` panels) cut them to
-    0.6-0.85x of ``z.T @ z`` for d = 512-1536 (benchmarks/README.md). Narrow matrices: one panel."""
+def _panel_views(m: Tensor, panel: int = PANEL) -> list[Tensor]:
+    """Views of the upper panels of ``m`` (d, d) (see ``_panel_starts``)."""
+    d = m.shape[0]
+    starts = _panel_starts(d, panel)
+    if len(starts) == 1:
+        return [m]
+    return [m[a0:a0 + panel, a0:] for a0 in starts]
+
+
+def _add_gram(acc: Tensor, z: Tensor, alpha: float = 1.0, panel: int = PANEL) -> Tensor:
+    """``acc += alpha z^T z`` on the upper panels of ``acc`` (d, d) for ``z`` (m, d), in place (one GEMM
+    with beta = 1 per panel); ``_mirror_panels`` completes a sum once per fit. torch has no symmetric
+    rank-k update (BLAS syrk); computing ``(k+1)/(2k)`` of the products (``k`` panels) cut them to
+    0.6-0.85x of ``z.T @ z`` for d = 512-1536 (benchmarks/README.md)."""
     d = z.shape[1]
-    if d < panel + panel // 2:
-        return _Panels(d, [0], [z.T @ z])
-    starts = list(range(0, d, panel))
-    return _Panels(d, starts, [z[:, a0:a0 + panel].T @ z[:, a0:] for a0 in starts])
+    starts = _panel_starts(d, panel)
+    if len(starts) == 1:
+        return acc.addmm_(z.T, z, alpha=alpha)
+    for a0 in starts:
+        acc[a0:a0 + panel, a0:].addmm_(z[:, a0:a0 + panel].T, z[:, a0:], alpha=alpha)
+    return acc
 
 
 def _mirror_panels(m: Tensor, panel: int = PANEL) -> Tensor:
-    """Complete a sum of ``_gram`` results in place: the blocks below the diagonal panels are copied
-    from above. Full (already symmetric) matrices are left unchanged."""
+    """Complete a sum of upper panels (``_add_gram``) in place: the blocks below the diagonal panels are
+    copied from above. Full (already symmetric) matrices are left unchanged."""
     d = m.shape[0]
-    if d < panel + panel // 2:
+    if len(_panel_starts(d, panel)) == 1:
         return m
     for a0 in range(0, d - panel, panel):
         m[a0 + panel:, a0:a0 + panel] = m[a0:a0 + panel, a0 + panel:].T
     return m
 
 
-def _sample_categorical(p: Tensor, gen: torch.Generator) -> Tensor:
-    """One draw per row of ``p`` (R, C) by inverse CDF: one uniform per row from the CPU generator
-    ``gen`` (the same draws on every device). ``torch.multinomial`` draws C exponentials per row,
-    which cost as much as the rest of the MC step on LLM vocabularies. The float32 CDF is
-    renormalised by its last entry; its rounding (about 1e-7 per entry) is far below MC noise."""
-    u = torch.rand(p.shape[0], generator=gen, dtype=torch.float64).to(p.device)
-    out = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
-    step = max(1, (1 << 24) // max(1, p.shape[1]))  # rows per chunk: at most 16M CDF entries at a time
-    for i in range(0, p.shape[0], step):
-        c = torch.cumsum(p[i:i + step], -1)
-        v = (u[i:i + step].to(c.dtype) * c[:, -1]).unsqueeze(1)
-        out[i:i + step] = torch.searchsorted(c, v, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
+def _finish_factor(upper: Tensor, scale: float) -> Tensor:
+    """The symmetric float32 factor ``scale * S`` from the upper panels of a sum ``S`` (``_add_gram``):
+    mirrored, and the diagonal tiles (whose GEMM need not be bitwise symmetric) symmetrised. A float32
+    ``upper`` is overwritten (the window sum handed over by ``_FactorHooks.take``: no second (d, d)
+    allocation per factor); a float64 one is converted into a new tensor."""
+    if upper.dtype == torch.float32:
+        out = upper.mul_(scale)
+    else:
+        out = torch.mul(upper, scale, out=torch.empty(upper.shape, dtype=torch.float32, device=upper.device))
+    starts = _panel_starts(out.shape[0])
+    if len(starts) == 1:
+        return (out + out.T).mul_(0.5)
+    _mirror_panels(out)
+    for a0 in starts:
+        tile = out[a0:a0 + PANEL, a0:a0 + PANEL]
+        tile.copy_((tile + tile.T).mul_(0.5))
     return out
 
 
-def _nonfinite_factor(batch: dict[str, dict[str, Tensor]]) -> str | None:
-    """The first adapter with a non-finite factor sum, else None. A Gram matrix ``M = Z^T Z`` has a
-    non-finite entry only if a diagonal entry is (``|M_ij| <= sqrt(M_ii M_jj)``), so the trace is
-    checked instead of every entry (d^2 -> d elements)."""
-    for name, d in batch.items():
-        for key, t in d.items():
-            if not bool(torch.isfinite(t.trace() if isinstance(t, _Panels) else t).all()):
-                return name
-    return None
+def _sample_categorical(p: Tensor, gen: torch.Generator, block: int = 256) -> Tensor:
+    """One draw per row of ``p`` (R, C) (non-negative, unnormalised) by inverse CDF, in two levels: the
+    block of ``block`` classes from the CDF of the block masses, then the class from the CDF inside
+    that block. One uniform per row from the CPU generator ``gen`` (the same draws on every device).
+    ``torch.multinomial`` draws C exponentials per row and a full-width cumsum writes an (R, C) CDF;
+    this reads ``p`` once (the block sums) and works on (R, C / block) and (R, block) tensors.
+    Classes of zero mass are never drawn: each level searches a value strictly below its total."""
+    R, C = p.shape
+    u = torch.rand(R, generator=gen, dtype=torch.float64).to(p.device)
+    full = C // block
+    masses = [p[:, :full * block].reshape(R, full, block).sum(-1)] if full else []
+    if full * block < C:
+        masses.append(p[:, full * block:].sum(-1, keepdim=True))
+    coarse = torch.cat(masses, 1).double().cumsum(-1)  # (R, ceil(C / block))
+    v = _strictly_below(u * coarse[:, -1], coarse[:, -1])
+    blk = torch.searchsorted(coarse, v.unsqueeze(1), right=True).squeeze(1)
+    v = v - torch.where(blk > 0, coarse.gather(1, (blk - 1).clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
+    cols = blk.unsqueeze(1) * block + torch.arange(block, device=p.device)  # (R, block)
+    fine = (p.gather(1, cols.clamp_max(C - 1)) * (cols < C)).double().cumsum(-1)
+    v = _strictly_below(v, fine[:, -1])
+    return blk * block + torch.searchsorted(fine, v.unsqueeze(1), right=True).squeeze(1)
+
+
+def _strictly_below(v: Tensor, total: Tensor) -> Tensor:
+    """``v`` clamped to the largest float below ``total`` (u * total can round up to total)."""
+    return torch.minimum(v, torch.nextafter(total, torch.zeros_like(total)))
 
 
 @register_backend("kfac")
@@ -264,11 +408,15 @@ class KFACBackend(CurvatureBackend):
         self._sums: dict[str, dict[str, Tensor]] | None = None
         self._gen: torch.Generator | None = None
         self._loaded: dict[str, Tensor] | None = None
+        self._hooks: _FactorHooks | None = None
 
     # --- checkpoint protocol (lalora.checkpoint, docs/robustness.md) ---------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """The running sums so far (``sum_dtype``), ``sum.<adapter>.<X|G|T>`` (X, G: upper panels, see ``_gram``),
-        and the MC generator state ``rng``."""
+        """The running sums so far (``sum_dtype``), ``sum.<adapter>.<X|G|T>`` (X, G: upper panels, see
+        ``_add_gram``), and the MC generator state ``rng``. During a fit the window sums are flushed
+        first (the flush points are then the same in an uninterrupted and a resumed fit)."""
+        if self._hooks is not None:
+            self._hooks.flush()
         if self._sums is None:
             return {} if self._loaded is None else dict(self._loaded)
         state = {f"sum.{n}.{k}": t for n, d in self._sums.items() for k, t in d.items()}
@@ -380,6 +528,26 @@ class KFACBackend(CurvatureBackend):
     def _samples_per_batch(self) -> int:
         return self.options["mc_samples"] if self.options["fisher_type"] == "mc" else 1
 
+    def _one_batch(self, ctx: FitContext, hooks: _FactorHooks, batch, tensors, gen) -> None:
+        """Forward (input factors), backward passes (gradient factors), then commit or drop the batch."""
+        counted = (batch.extra["labelled_counts"] > 0).float().to(ctx.device)
+        mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
+        hooks.begin_batch(None if mask is None else mask.float().to(ctx.device) * counted[:, None], counted)
+        output = ctx.forward(batch)
+        hooks.forward_done()
+        ok = self._backward_passes(ctx, batch, output, tensors, gen)
+        del output  # free this batch's outputs before the next forward: one batch of activations at a time
+        if not ok:  # skipped (skip_nonfinite): the window holds this batch only
+            hooks.drop_batch()
+            return
+        bad = hooks.nonfinite()
+        if bad:
+            ctx.nonfinite(batch, "gradient", f"in the factors of {bad!r}")  # raises unless skip_nonfinite
+            hooks.drop_batch()
+            return
+        hooks.commit_batch()
+        ctx.batch_done(self)
+
     def fit(self, ctx: FitContext):
         adapters = ctx.adapters
         for a in adapters:
@@ -388,54 +556,32 @@ class KFACBackend(CurvatureBackend):
         tensors = list(ctx.params().values())
         approx = self.options["kfac_approx"]
         sums = {a.name: {} for a in adapters}
-        scaling = {a.name: a.scaling for a in adapters}
         sum_dtype = SUM_DTYPES[self.options["sum_dtype"]]
         gen = torch.Generator().manual_seed(int(self.options["seed"]))
         self._restore(adapters, sums, gen, ctx.device)
         self._sums, self._gen = sums, gen  # read by state_dict() at each checkpoint
-        with _FactorHooks(adapters, approx) as hooks:
-            for batch in ctx.stream:
-                counted = (batch.extra["labelled_counts"] > 0).float().to(ctx.device)
-                hooks.example_mask = counted
-                mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
-                hooks.mask = None if mask is None else mask.float().to(ctx.device) * counted[:, None]
-                hooks.batch = {}
-                output = ctx.forward(batch)
-                ok = self._backward_passes(ctx, batch, output, tensors, gen)
-                del output  # free this batch's outputs before the next forward: one batch of activations at a time
-                if not ok:
-                    continue
-                bad = _nonfinite_factor(hooks.batch)
-                if bad:
-                    ctx.nonfinite(batch, "gradients", f"in the factors of {bad!r}")
-                    continue
-                for name, d in hooks.batch.items():
-                    for key, t in d.items():
-                        # G was taken at lora_B's output, s times the layer's output gradient
-                        alpha = 1.0 / scaling[name] ** 2 if key == "G" else 1.0
-                        if isinstance(t, _Panels):
-                            if key not in sums[name]:
-                                sums[name][key] = torch.zeros(t.d, t.d, dtype=sum_dtype, device=ctx.device)
-                            t.add_to(sums[name][key], alpha)
-                        else:
-                            sums[name][key] = t.to(sum_dtype) + sums[name].get(key, 0.0)
-                ctx.batch_done(self)
+        window = 1 if ctx.skip_nonfinite else FLUSH_EVERY
+        self._hooks = hooks = _FactorHooks(adapters, approx, sums, sum_dtype, window, ctx.device)
+        try:
+            with hooks:
+                for batch in ctx.stream:
+                    self._one_batch(ctx, hooks, batch, tensors, gen)
+        finally:
+            self._hooks = None
         n_examples = ctx.num_examples
         S = self._samples_per_batch()
         blocks = []
         for a in adapters:
-            d = sums.pop(a.name)  # free each adapter's running sums once its factors are built
             d_in, d_out = a.A.shape[1], a.B.shape[0]
-            X = ctx.all_reduce(d.get("X", torch.zeros(d_in, d_in, dtype=sum_dtype, device=ctx.device)))
-            G = ctx.all_reduce(d.get("G", torch.zeros(d_out, d_out, dtype=sum_dtype, device=ctx.device)))
-            T = float(ctx.all_reduce(d.get("T", torch.zeros((), dtype=sum_dtype, device=ctx.device)).reshape(1)))
+            X, G = hooks.take(a.name, "X"), hooks.take(a.name, "G")
+            X = ctx.all_reduce(torch.zeros(d_in, d_in, device=ctx.device) if X is None else X)
+            G = ctx.all_reduce(torch.zeros(d_out, d_out, device=ctx.device) if G is None else G)
+            T = sums.pop(a.name, {}).get("T")  # free each adapter's running sums once its factors are built
+            T = float(ctx.all_reduce(torch.zeros((), dtype=sum_dtype, device=ctx.device) if T is None else T).reshape(1))
             if T == 0:
                 raise BackendError(f"adapter {a.name!r} saw no token of a counted example during the fit "
                                    "(is the adapted layer used in the forward pass?)")
-            # the sums hold the upper panels (_gram); symmetric float32 factors, one mirror per fit
-            X, G = _mirror_panels(X).float(), _mirror_panels(G).float()
-            X = (X + X.T).mul_(0.5 / T)
-            G = (G + G.T).mul_(0.5 / (n_examples * S))
+            X, G = _finish_factor(X, 1.0 / T), _finish_factor(G, 1.0 / (n_examples * S))
             block = self.block_class((a.a_name, a.b_name), X, G, a.A.detach().float().clone(), a.B.detach().float().clone(),
                                      a.scaling)
             if self.options["max_rank"] is not None:  # on the model's device, before the copy to CPU

@@ -13,8 +13,8 @@
 - peak memory: measured around the sample fit (``lalora.compare.memory.MemoryMeter``: CUDA
   allocator peak, or sampled RSS on CPU). Streaming backends (``diag``, ``kfac``, ``tri-kfac``)
   hold one batch of activations at a time, so their peak does not grow with the number of
-  batches. For the Kronecker backends the factor sums (running sums in ``sum_dtype`` + one batch's
-  float32 products) are given separately as ``accumulator_bytes``.
+  batches. For the Kronecker backends the factor sums (running sums in ``sum_dtype`` + float32
+  window sums) are given separately as ``accumulator_bytes``.
 
 Nothing is written to disk.
 """
@@ -58,7 +58,7 @@ def stored_bytes(model, backend: str, options: dict | None = None, *, adapter_na
 
 def accumulator_bytes(model, backend: str, options: dict | None = None, *, adapter_name=None) -> int | None:
     """Upper bound of the factor sums the Kronecker backends hold while fitting: the running sums
-    (``sum_dtype``: 8 or 4 bytes per factor entry) and one batch's float32 products (at most 4)."""
+    (``sum_dtype``: 8 or 4 bytes per factor entry) and the float32 window sums (at most 4)."""
     if backend not in _KRONECKER:
         return None
     running = 4 if (options or {}).get("sum_dtype") == "float32" else 8

@@ -35,8 +35,10 @@ def _worker(rank, port, out_dir):
 
         model = make_model()
         precision = lalora.fit_precision(model, _source(), "diag", progress=False)
+        kfac = lalora.fit_precision(model, _source(), "kfac", progress=False, fisher_type="empirical")
         if rank == 0:
             precision.save(os.path.join(out_dir, "dist.safetensors"))
+            kfac.save(os.path.join(out_dir, "dist-kfac.safetensors"))
         trainer = lalora.LaLoRATrainer(model=model, args=args(os.path.join(out_dir, "trainer"), 2, 1, 2, ddp_backend="gloo"),
                                        train_dataset=examples(), data_collator=default_data_collator,
                                        precision=precision, strength=STRENGTH)
@@ -89,6 +91,21 @@ def test_fit_precision_two_ranks_equals_one(dist_run, tmp_path):
     assert h1 == h2
     assert h2["metadata"]["num_examples"] == 15 and h2["metadata"]["num_batches"] == 5
 
+
+
+def test_kfac_fit_two_ranks_equals_one(dist_run):
+    """kfac factor sums (q and v share one input window sum) all-reduced over 2 ranks equal one process's
+    to float32 rounding: each rank sums its shard in float32, so the order of additions differs."""
+    from test_trainer import make_model
+
+    single = lalora.fit_precision(make_model(), _source(), "kfac", progress=False, fisher_type="empirical")
+    dist = lalora.Precision.load(dist_run / "dist-kfac.safetensors")
+    assert [b.params for b in dist.blocks] == [b.params for b in single.blocks]
+    for b1, b2 in zip(single.blocks, dist.blocks):
+        for k in ("X", "G"):
+            t1, t2 = b1.tensors()[k], b2.tensors()[k]
+            assert float((t1 - t2).abs().max()) <= 1e-6 * float(t1.abs().max()), (b1.params, k)
+    assert dist.metadata["num_examples"] == 15
 
 def test_trainer_ddp_equals_single_process(dist_run):
     from test_trainer import STRENGTH, max_diff, reference

@@ -401,6 +401,28 @@ def test_validate_names_the_bad_tensor():
         bad.validate(block.shapes)
 
 
+
+@pytest.mark.parametrize("d", [3, 300, 600])
+def test_validate_refuses_asymmetric_factors_in_any_tile(d):
+    """The symmetry check compares 256-wide tiles: an asymmetry of 1e-3 (relative to the largest
+    diagonal entry) in the far corner, in a diagonal tile or next to it is refused; float32
+    rounding-level asymmetry (1e-7) is accepted."""
+    g = torch.Generator().manual_seed(d)
+    m = torch.randn(d, d + 3, generator=g)
+    X = m @ m.T / d
+    r = 2
+    A0, B0 = torch.randn(r, d, generator=g), torch.randn(4, r, generator=g)
+    G = torch.eye(4)
+    shapes = {"l.lora_A": (r, d), "l.lora_B": (4, r)}
+    scale = float(torch.diagonal(X).max())
+    for i, j in {(0, d - 1), (d // 2, d // 2 + 1), (d - 2, d - 1)}:
+        noisy = X.clone()
+        noisy[j, i] += 1e-7 * scale
+        KFACBlock(("l.lora_A", "l.lora_B"), noisy, G, A0, B0, 1.0).validate(shapes)
+        noisy[j, i] += 1e-3 * scale
+        with pytest.raises(ValueError, match="factor 'X' is not symmetric"):
+            KFACBlock(("l.lora_A", "l.lora_B"), noisy, G, A0, B0, 1.0).validate(shapes)
+
 # --- non-contiguous factors / anchors (torch.kron raised "view size is not compatible") ----------
 def _noncontiguous_block(cls, d_in, d_out, r, seed=0):
     """float64 block whose X, G, A0, B0 are all transposed views (as made by ``.t()``)."""
@@ -457,9 +479,10 @@ def test_fit_with_noncontiguous_lora_weights_gives_usable_dense(backend):
     assert rel(precision.quadratic(delta), v @ dense @ v) <= TOL
 
 
-def test_categorical_sampler_frequencies_zero_mass_and_chunks():
-    """Inverse-CDF draws: frequencies within 5 sigma of p, zero-probability classes never drawn, and
-    rows split over CDF chunks (C = 2^20: 16 rows per chunk) land on the right rows."""
+def test_categorical_sampler_frequencies_zero_mass_and_blocks():
+    """Two-level inverse-CDF draws: frequencies within 5 sigma of p, zero-probability classes never drawn
+    (C = 6: one partial block; C = 1000: three 256-wide blocks, a zero block and a partial one), and
+    one-hot rows over C = 2^20 classes land on their class."""
     from lalora.backends.kfac import _sample_categorical
 
     gen = torch.Generator().manual_seed(0)
@@ -470,6 +493,16 @@ def test_categorical_sampler_frequencies_zero_mass_and_chunks():
     sigma = (p.double() * (1 - p.double()) / R).sqrt()
     assert bool(((freq - p.double()).abs() <= 5 * sigma + 1e-12).all()), freq
     assert freq[1] == 0 and freq[5] == 0
+    q = torch.rand(1000, generator=gen)
+    q[256:512] = 0  # a whole block without mass
+    q[::7] = 0
+    q[255] = q[999] = 0.5  # block edges
+    q /= q.sum()
+    y = _sample_categorical(q.expand(R, -1).contiguous(), gen)
+    freq = torch.bincount(y, minlength=1000).double() / R
+    sigma = (q.double() * (1 - q.double()) / R).sqrt()
+    assert bool(((freq - q.double()).abs() <= 5 * sigma + 1e-12).all())
+    assert bool((freq[q == 0] == 0).all())
     C, rows = 1 << 20, 40
     where = torch.randint(0, C, (rows,), generator=gen)
     onehot = torch.zeros(rows, C)
@@ -479,15 +512,16 @@ def test_categorical_sampler_frequencies_zero_mass_and_chunks():
 
 @pytest.mark.parametrize("d", [5, 383, 384, 700])
 def test_gram_panels_mirrored_equal_full_product(d):
-    """Upper panels of z^T z (sums of two batches), mirrored once, equal the full product (float64, 1e-12)."""
-    from lalora.backends.kfac import _gram, _mirror_panels
+    """Upper panels of z^T z added in place (two batches, the second scaled), mirrored once, equal the full
+    product (float64, 1e-12)."""
+    from lalora.backends.kfac import _add_gram, _mirror_panels
 
     g = torch.Generator().manual_seed(d)
     z1, z2 = (torch.randn(37, d, generator=g, dtype=torch.float64) for _ in range(2))
     got = torch.zeros(d, d, dtype=torch.float64)
-    (_gram(z1) + _gram(z2)).add_to(got)
+    _add_gram(_add_gram(got, z1), z2, alpha=0.25)
     got = _mirror_panels(got)
-    ref = z1.T @ z1 + z2.T @ z2
+    ref = z1.T @ z1 + 0.25 * z2.T @ z2
     assert rel(got, ref) <= 1e-12
     assert rel(0.5 * (got + got.T), ref) <= 1e-12
 

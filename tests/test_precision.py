@@ -215,3 +215,17 @@ def test_save_block_sharing_memory_with_anchor(tmp_path):
     P.save(tmp_path / "p.lalora")
     Q = lalora.Precision.load(tmp_path / "p.lalora")
     assert torch.equal(Q.anchor["w"], t) and torch.equal(Q.diagonal()["w"], t)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_validate_refuses_nonfinite_entries_anywhere(bad, where):
+    """``all_finite`` (min/max of the tensor) finds one NaN or +-Inf entry at any position, in a diag
+    block and in a (600, 600) dense block (several vectorised chunks)."""
+    for n in (7, 600):
+        curv = torch.ones(n) if n == 7 else torch.eye(n)
+        flat = curv.view(-1)
+        flat[{"first": 0, "middle": flat.numel() // 2 + 1, "last": flat.numel() - 1}[where]] = bad
+        block = DiagBlock("w", curv) if n == 7 else DenseBlock(("w",), curv, {"w": (600,)})
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            block.validate({"w": (7,) if n == 7 else (600,)})
