@@ -514,13 +514,13 @@ def test_categorical_sampler_frequencies_zero_mass_and_blocks():
 def test_gram_panels_mirrored_equal_full_product(d):
     """Upper panels of z^T z added in place (two batches, the second scaled), mirrored once, equal the full
     product (float64, 1e-12)."""
-    from lalora.backends.kfac import _add_gram, _mirror_panels
+    from lalora.backends.kfac_factors import add_gram, mirror_panels
 
     g = torch.Generator().manual_seed(d)
     z1, z2 = (torch.randn(37, d, generator=g, dtype=torch.float64) for _ in range(2))
     got = torch.zeros(d, d, dtype=torch.float64)
-    _add_gram(_add_gram(got, z1), z2, alpha=0.25)
-    got = _mirror_panels(got)
+    add_gram(add_gram(got, z1), z2, alpha=0.25)
+    got = mirror_panels(got)
     ref = z1.T @ z1 + 0.25 * z2.T @ z2
     assert rel(got, ref) <= 1e-12
     assert rel(0.5 * (got + got.T), ref) <= 1e-12

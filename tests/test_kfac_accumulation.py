@@ -1,4 +1,4 @@
-"""How the ``kfac`` backend accumulates its factors (backends/kfac.py ``_FactorHooks``).
+"""How the ``kfac`` backend accumulates its factors (backends/kfac_factors.py ``FactorHooks``).
 
 The Gram products go in place into float32 window sums, which are added into the float64
 running sums every ``FLUSH_EVERY`` batches; adapters reading the same input tensor share one
@@ -15,6 +15,7 @@ from torch import nn
 
 import lalora
 import lalora.backends.kfac as kfac_backend
+import lalora.backends.kfac_factors as kfac_factors
 from models import lora_mlp, randomize_lora_B
 from test_robustness import _mlp_batches, _poison_grad_loss
 
@@ -80,13 +81,13 @@ def test_shared_input_product_is_computed_once(monkeypatch):
     """With a, b, c sharing their input in every batch, each batch computes two input products (x for
     a, b, c; tanh(x) for e, called twice) and one gradient product per adapter and call."""
     calls = []
-    real = kfac_backend._add_gram
+    real = kfac_factors.add_gram
 
     def counting(acc, z, alpha=1.0, **kw):
         calls.append(z.shape[1])
         return real(acc, z, alpha, **kw)
 
-    monkeypatch.setattr(kfac_backend, "_add_gram", counting)
+    monkeypatch.setattr(kfac_factors, "add_gram", counting)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)) for _ in range(3)]
     _fit(_shared_model(), data, loss="mse", fisher_type="empirical")
