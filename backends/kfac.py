@@ -181,6 +181,11 @@ class KFACBackend(CurvatureBackend):
     def _backward_passes(self, ctx: FitContext, batch, output: Tensor, tensors, gen) -> bool:
         """Run the backward passes of one batch (the G hooks fire); False if the batch is skipped."""
         fisher = self.options["fisher_type"]
+        if fisher == "empirical" and ctx.loss.likelihood == "categorical":
+            # the cross-entropy gradient softmax(z) - onehot(label), fed into the output rows like the MC
+            # one: no log-softmax saved for a backward (one logit-sized tensor less per batch)
+            targets = ctx.loss.row_targets(output, batch)
+            return self._categorical(ctx, batch, output, tensors, lambda p: targets.clamp_min(0), 1)
         if fisher == "empirical":
             losses = ctx.per_example_loss(batch, output)
             if losses is None:
@@ -192,7 +197,8 @@ class KFACBackend(CurvatureBackend):
             raise BackendError(f"fisher_type={fisher!r} needs a loss with a known likelihood (causal_lm, "
                                f"classification, mse); loss {loss.name!r} has none: use fisher_type='empirical'")
         if fisher == "mc" and loss.likelihood == "categorical":
-            return self._mc_categorical(ctx, batch, output, tensors, gen, self.options["mc_samples"])
+            return self._categorical(ctx, batch, output, tensors, lambda p: _sample_categorical(p, gen),
+                                     self.options["mc_samples"])
         rows, _, index = loss.outputs_and_targets(output, batch)
         z = rows.float()
         if not bool(torch.isfinite(z).all()):
@@ -228,10 +234,11 @@ class KFACBackend(CurvatureBackend):
             torch.autograd.grad(lmc, tensors, retain_graph=i < k - 1, allow_unused=True)
         return True
 
-    def _mc_categorical(self, ctx: FitContext, batch, output: Tensor, tensors, gen, k: int) -> bool:
-        """``k`` backward passes of ``softmax(z) - onehot(y)``, ``y ~ softmax(z)``, fed straight into the
-        output rows (zero on unlabelled rows): the gradient of the sampled cross-entropy without a
-        gather of the labelled rows, a scatter back or a second log-softmax (benchmarks/README.md)."""
+    def _categorical(self, ctx: FitContext, batch, output: Tensor, tensors, labels, k: int) -> bool:
+        """``k`` backward passes of ``softmax(z) - onehot(y)``, ``y = labels(p)`` (sampled for MC, the true
+        targets for the empirical Fisher), fed straight into the output rows (zero on unlabelled rows):
+        the gradient of the cross-entropy without a gather of the labelled rows, a scatter back or a
+        second log-softmax (benchmarks/README.md)."""
         rows, keep = ctx.loss.output_rows(output, batch)  # (R, C) view of the outputs, (R,) bool
         p = torch.softmax(rows.detach().float(), -1)
         if not bool((torch.isfinite(p.sum(-1)) | ~keep).all()):  # a non-finite logit makes its row's sum NaN
@@ -239,7 +246,7 @@ class KFACBackend(CurvatureBackend):
             return False
         drop = (~keep).nonzero().squeeze(1)
         for i in range(k):
-            y = _sample_categorical(p, gen)
+            y = labels(p)
             v = p.clone() if i < k - 1 else p  # the last sample reuses p's memory
             v[torch.arange(v.shape[0], device=v.device), y] -= 1
             v[drop] = 0

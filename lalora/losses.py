@@ -6,7 +6,9 @@ tokens; labels ``-100`` and attention-mask padding are excluded. Every loss give
 - ``outputs_and_targets(output, batch)``: the model outputs at labelled positions
   ``(M, C)``, their targets ``(M,)`` (or ``(M, C)`` for MSE) and the example index ``(M,)``;
 - ``per_example(output, batch)``: ``(N,)`` tensor of ``l_n``;
-- ``output_rows(output, batch)``: all output rows ``(R, C)`` as a view and the mask of labelled rows.
+- ``output_rows(output, batch)``: all output rows ``(R, C)`` as a view and the mask of labelled rows;
+- ``row_targets(output, batch)`` (categorical losses): the ``(R,)`` class targets of those rows,
+  ``-100`` where a row has none.
 ``likelihood`` tells MC-Fisher backends how to sample labels ("categorical", "gaussian").
 """
 from __future__ import annotations
@@ -95,6 +97,10 @@ class LossFunction:
         rows, _, _ = self.outputs_and_targets(output, batch)
         return rows, torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
 
+    def row_targets(self, output: Tensor, batch: Batch) -> Tensor:
+        """``(R,)`` class targets of ``output_rows`` (``-100``: no target); categorical losses only."""
+        raise NotImplementedError(f"loss {self.name!r} has no class targets per output row")
+
     def labelled_counts(self, batch: Batch) -> Tensor:
         """``(N,)`` number of labelled positions per example (0 = example has no loss)."""
         return torch.ones(batch.size, dtype=torch.long)
@@ -136,8 +142,11 @@ class CausalLMLoss(LossFunction):
 
     def output_rows(self, output, batch):
         n, t = output.shape[0], output.shape[1]
-        targets = F.pad(self._targets(batch).to(output.device), (0, 1), value=IGNORE_INDEX)
-        return output.reshape(n * t, -1), targets.reshape(-1) != IGNORE_INDEX
+        return output.reshape(n * t, -1), self.row_targets(output, batch) != IGNORE_INDEX
+
+    def row_targets(self, output, batch):
+        # position t predicts token t+1; the last position of each row has no target
+        return F.pad(self._targets(batch).to(output.device), (0, 1), value=IGNORE_INDEX).reshape(-1)
 
     def per_example(self, output, batch):
         # All (N*T, V) rows in place, unlabelled ones ignored (target -100 gives loss 0 and gradient 0):
@@ -166,6 +175,9 @@ class ClassificationLoss(LossFunction):
 
     def output_rows(self, output, batch):
         return output, batch.labels.to(output.device) != IGNORE_INDEX
+
+    def row_targets(self, output, batch):
+        return batch.labels.to(output.device)
 
     def per_example(self, output, batch):
         out, tgt, idx = self.outputs_and_targets(output, batch)
