@@ -41,7 +41,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lalora.backend import CurvatureBackend, FitContext, register_backend

@@ -184,13 +184,13 @@ class FactorHooks:
             acc = None if leader is None else self.acc_X[leader]
             if leader is not None:
                 self.members[leader].discard(name)
-                if self.members[leader]:  # still read by the others (and the caller may all-reduce in place)
-                    acc = acc.clone()
-                else:
+                if not self.members[leader]:
                     del self.acc_X[leader], self.members[leader]
+                    leader = None
         running = self.sums.get(name, {}).get(key)
         if running is None:
-            return acc
+            # a window sum still read by other adapters is copied (the caller may all-reduce it in place)
+            return acc if key == "G" or leader is None else acc.clone()
         if acc is not None:
             for dst, src in zip(panel_views(running), panel_views(acc)):
                 dst.add_(src)
