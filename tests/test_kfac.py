@@ -156,8 +156,9 @@ def _blocks(precision):
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                           "up_proj", "down_proj")], ids=["qv", "all-linear"])
-def test_tiny_llama_empirical_factors_match_per_token_reference(targets, approx):
-    model = tiny_lora_llama(targets=targets, r=2)  # orthogonal init: A, B != 0
+@pytest.mark.parametrize("init", ["orthogonal", True], ids=["B!=0", "B=0"])
+def test_tiny_llama_empirical_factors_match_per_token_reference(targets, approx, init):
+    model = tiny_lora_llama(targets=targets, r=2, init=init)  # orthogonal: A, B != 0; True (peft default): B = 0
     batches = token_batches(n_batches=2, batch_size=3, pad=True, mask_prompt=True)
     precision = _fit(model, batches, fisher_type="empirical", kfac_approx=approx)
     ref = reference_factors(model, batches, _ef_vectors, approx)
