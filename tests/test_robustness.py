@@ -26,6 +26,7 @@ import lalora
 from lalora import fileformat
 from lalora.blocks import DenseBlock, DiagBlock
 from models import lora_mlp, randomize_lora_B, tiny_lora_llama, token_batches
+from numerics import F32, rel_close
 
 settings.register_profile("lalora-ci", max_examples=300, deadline=None, derandomize=True,
                           suppress_health_check=list(HealthCheck))
@@ -351,7 +352,7 @@ def test_skip_nonfinite_equals_fit_without_the_bad_batches():
     assert P.metadata["skipped_nonfinite"] == 2 and P.metadata["skipped_nonfinite_batches"] == [1, 3]
     assert P.metadata["num_examples"] == clean.metadata["num_examples"] == 9
     assert P.metadata["num_batches"] == 5
-    assert torch.equal(P.to_dense(), clean.to_dense())
+    assert rel_close(P.to_dense(), clean.to_dense(), F32)  # separate fits of the same batches: round-off only
     all_bad = [(b[0], b[1] * float("nan")) for b in _mlp_batches(2)]
     with pytest.raises(lalora.DataError, match="nothing is left"):
         lalora.fit_precision(model, all_bad, loss="mse", progress=False, skip_nonfinite=True)
@@ -411,7 +412,7 @@ def test_fully_masked_batch_is_skipped_and_counted():
     Q = lalora.fit_precision(model, [batches[0], batches[2]], progress=False)
     assert P.metadata["skipped_examples"] == 3 and P.metadata["num_batches"] == 3
     assert P.metadata["num_examples"] == Q.metadata["num_examples"] == 6
-    assert torch.equal(P.to_dense(), Q.to_dense())
+    assert rel_close(P.to_dense(), Q.to_dense(), F32)  # separate fits of the same batches: round-off only
 
 
 def test_too_long_sequences_and_foreign_token_ids_raise():
@@ -570,7 +571,8 @@ def test_checkpointed_fit_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = lalora.fit_precision(model, _FlakyData(batches), progress=False, checkpoint_dir=ckpt, checkpoint_every=2)
     assert calls["n"] == 2  # batches 5 and 6 only
     assert resumed.metadata["resumed_from_batch"] == 5
-    assert torch.equal(resumed.to_dense(), reference.to_dense())  # bitwise: float64 sums restored exactly
+    # the float64 sums are restored exactly; the batches after the resume are recomputed (round-off only)
+    assert rel_close(resumed.to_dense(), reference.to_dense(), F32)
     for k in ("num_examples", "num_tokens", "num_batches", "skipped_examples", "data_fingerprint"):
         assert resumed.metadata[k] == reference.metadata[k], k
     assert list(ckpt.iterdir()) == []  # completed fits delete their checkpoint
