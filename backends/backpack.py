@@ -185,8 +185,7 @@ class BackPACKBackend(CurvatureBackend):
             X = (ctx.all_reduce(d["X"]) / T).float()
             G = (ctx.all_reduce(d["G"]) / N).float()
             X, G = 0.5 * (X + X.T), 0.5 * (G + G.T)
-            blocks.append(cls((a.a_name, a.b_name), X, G, a.A.detach().float().cpu().clone(),
-                              a.B.detach().float().cpu().clone(), a.scaling))
+            blocks.append(cls((a.a_name, a.b_name), X, G, a.scaling))  # theta0: the Precision's anchor
         return blocks
 
     # --- first order (any model) --------------------------------------------------------

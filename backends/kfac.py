@@ -45,7 +45,7 @@ from torch import Tensor
 
 from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
-from lalora.blocks.lowrank_kronecker import check_max_rank, compress_block
+from lalora.blocks.factors import check_max_rank
 from lalora.errors import BackendError
 
 from .kfac_factors import FactorHooks, finish_factor
@@ -310,10 +310,9 @@ class KFACBackend(CurvatureBackend):
                 raise BackendError(f"adapter {a.name!r} saw no token of a counted example during the fit "
                                    "(is the adapted layer used in the forward pass?)")
             X, G = finish_factor(X, 1.0 / T), finish_factor(G, 1.0 / (n_examples * S))
-            block = self.block_class((a.a_name, a.b_name), X, G, a.A.detach().float().clone(), a.B.detach().float().clone(),
-                                     a.scaling)
+            block = self.block_class((a.a_name, a.b_name), X, G, a.scaling)  # theta0: the Precision's anchor
             if self.options["max_rank"] is not None:  # on the model's device, before the copy to CPU
-                block = compress_block(block, self.options["max_rank"], seed=int(self.options["seed"]))
+                block = block.compressed(self.options["max_rank"], seed=int(self.options["seed"]))
             blocks.append(block.to("cpu"))
         ctx.metadata.update({"fisher_type": self.options["fisher_type"], "kfac_approx": approx})
         return blocks

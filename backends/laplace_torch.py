@@ -282,7 +282,7 @@ def precision_to_laplace(precision, model: nn.Module, likelihood: str = "classif
 
         factors = {}
         for b in precision.blocks:
-            GA, XA, GB, XB = b._kfac_factors()
+            (GA, XA), (GB, XB) = b.term.matrix_factors()
             factors[b.params[0]], factors[b.params[1]] = [GA * (N * inv), XA], [GB * (N * inv), XB]
         if set(factors) != set(names):
             raise BackendError("the kfac precision does not cover every LoRA weight the Laplace object sees")

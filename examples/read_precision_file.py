@@ -30,7 +30,7 @@ def read(path):
     st_header = json.loads(raw[8:8 + n])
     data = raw[8 + n:]
     header = json.loads(st_header["__metadata__"]["lalora"])
-    if header["format"] != "lalora.precision" or header["format_version"] > 2:
+    if header["format"] != "lalora.precision" or header["format_version"] > 3:
         raise ValueError(f"{path}: not a lalora precision file this reader understands")
     body = {k: v for k, v in header.items() if k != "header_checksum"}
     if "header_checksum" in header:
@@ -52,7 +52,7 @@ def read(path):
 
 
 def factor(t, name):
-    """A Kronecker factor: dense ``name``, or ``U diag(s) U^T + diag(d)`` from ``name_U/_s/_d`` (low-rank kinds).
+    """A Kronecker factor: dense ``name``, or ``U diag(s) U^T + diag(d)`` from ``name_U/_s/_d`` (low-rank).
     Densified here for brevity; a reader for wide layers would keep the low-rank form."""
     if name in t:
         return t[name]
@@ -62,6 +62,7 @@ def factor(t, name):
 
 def quadratic(header, tensors, delta):
     """``d^T F d`` (without the prior term) for ``delta``: parameter name -> array shaped like it."""
+    anchor = {p["name"]: tensors[p["anchor"]] for p in header["params"]}
     total = 0.0
     for block in header["blocks"]:
         t = {role: tensors[key] for role, key in block["tensors"].items()}
@@ -72,8 +73,10 @@ def quadratic(header, tensors, delta):
             v = np.concatenate([delta[p].reshape(-1) for p in names])
             total += float(v @ t["matrix"] @ v) if kind == "dense" else float(((t["factor"] @ v) ** 2).sum())
         elif kind in ("kfac", "tri-kfac", "kfac-lowrank", "tri-kfac-lowrank"):
-            # params = (lora_A, lora_B); factors X, G (dense, or low rank + diagonal); fit point A0, B0
-            X, G, A0, B0, s = factor(t, "X"), factor(t, "G"), t["A0"], t["B0"], cfg["scaling"]
+            # params = (lora_A, lora_B); factors X, G (dense, or low rank + diagonal); the anchor A0, B0
+            # (format 3: the file's parameter table; formats 1-2 also stored a copy in the block)
+            X, G, s = factor(t, "X"), factor(t, "G"), cfg["scaling"]
+            A0, B0 = t.get("A0", anchor[names[0]]), t.get("B0", anchor[names[1]])
             kind = kind.removesuffix("-lowrank")
             dA, dB = delta[names[0]], delta[names[1]]
             if kind == "kfac":  # tr(dA^T G_A dA X) + tr(dB^T G_B dB X_B)
@@ -126,24 +129,25 @@ def _self_check():
     blocks = [lalora.DiagBlock("m.lora_A", torch.rand(r, d_in, generator=g)),
               lalora.DenseBlock(("m.lora_A", "m.lora_B"), dense, shapes),
               FactoredBlock(("m.lora_A", "m.lora_B"), torch.randn(3, n, generator=g), shapes),
-              KFACBlock(("m.lora_A", "m.lora_B"), X, G, anchor["m.lora_A"].clone(), anchor["m.lora_B"].clone(), s),
-              TriKFACBlock(("m.lora_A", "m.lora_B"), X, G, anchor["m.lora_A"].clone(), anchor["m.lora_B"].clone(), s)]
+              KFACBlock(("m.lora_A", "m.lora_B"), X, G, s),
+              TriKFACBlock(("m.lora_A", "m.lora_B"), X, G, s)]
     from lalora.compression import compress
 
     # low-rank factors: max_rank 2 < d_in, d_out, so both factors are stored as U, s, d
     blocks += [compress(lalora.Precision([b], anchor), max_rank=2).blocks[0] for b in blocks[3:5]]
     delta = {k: torch.randn(v.shape, generator=g) for k, v in anchor.items()}
+    labels = ["diag", "dense", "factored", "kfac", "tri-kfac", "kfac (low-rank)", "tri-kfac (low-rank)"]
     errors = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for b in blocks:
+        for label, b in zip(labels, blocks):
             p = lalora.Precision([b], anchor, prior_precision=0.1)
-            path = Path(tmp) / f"{b.kind}.lalora"
+            path = Path(tmp) / f"{label}.lalora"
             p.save(path)
             header, tensors = read(path)
             ours = quadratic(header, tensors, {k: v.double().numpy() for k, v in delta.items()})
             want = float(p.quadratic({k: v.double() for k, v in delta.items()}))
-            errors[b.kind] = abs(ours - want) / abs(want)
-            print(f"{b.kind:>16}: reader {ours:.8g}  lalora {want:.8g}  rel. diff {errors[b.kind]:.1e}")
+            errors[label] = abs(ours - want) / abs(want)
+            print(f"{label:>19}: reader {ours:.8g}  lalora {want:.8g}  rel. diff {errors[label]:.1e}")
     return errors
 
 

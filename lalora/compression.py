@@ -4,12 +4,12 @@
 
 Every ``kfac``/``tri-kfac`` factor wider than ``max_rank`` becomes its top-``max_rank``
 eigenpairs plus a diagonal remainder that keeps the factor's diagonal exactly
-(``lalora.blocks.lowrank_kronecker``); narrower factors and other block kinds are unchanged.
-The same happens inside a fit with the backends' ``max_rank=`` option.
+(``lalora.blocks.factors.lowrank_plus_diag``); narrower factors and other block kinds are
+unchanged (``Block.compressed``). The same happens inside a fit with the backends' ``max_rank=`` option.
 """
 from __future__ import annotations
 
-from .blocks.lowrank_kronecker import check_max_rank, compress_block
+from .blocks.factors import check_max_rank
 from .precision import Precision
 
 
@@ -22,8 +22,9 @@ def compress(precision: Precision, max_rank: int, *, seed: int = 0) -> Precision
     if not isinstance(precision, Precision):
         raise TypeError(f"compress expects a lalora.Precision, got {type(precision).__name__}")
     max_rank = check_max_rank(max_rank)
-    blocks = [compress_block(b, max_rank, seed=seed) for b in precision.blocks]
+    blocks = [b.compressed(max_rank, seed=seed) for b in precision.blocks]
     meta = dict(precision.metadata)
     meta["compression"] = {"max_rank": max_rank, "seed": int(seed), "bytes_before": precision.num_bytes,
                            "bytes_after": sum(b.num_bytes for b in blocks)}
-    return Precision(blocks, precision.anchor, metadata=meta, prior_precision=precision.prior_precision)
+    return Precision(blocks, precision.anchor, metadata=meta, prior_precision=precision.prior_precision,
+                     validate=False)

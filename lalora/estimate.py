@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .adapters import find_lora_adapters
-from .blocks.lowrank_kronecker import check_max_rank
+from .blocks.factors import check_max_rank
 
 _KRONECKER = ("kfac", "tri-kfac")
 
@@ -51,7 +51,7 @@ def stored_bytes(model, backend: str, options: dict | None = None, *, adapter_na
         floats = 0
         for a in adapters:
             d_in, d_out = a.A.shape[1], a.B.shape[0]
-            floats += _factor_floats(d_in, max_rank) + _factor_floats(d_out, max_rank) + a.A.numel() + a.B.numel()
+            floats += _factor_floats(d_in, max_rank) + _factor_floats(d_out, max_rank)  # the anchor is not counted
         return 4 * floats
     return None
 

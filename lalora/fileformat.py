@@ -23,7 +23,10 @@ from .blocks import block_class
 from .errors import PrecisionFileError
 
 FORMAT_NAME = "lalora.precision"
-FORMAT_VERSION = 2  # 2: adds ``header_checksum`` (version 1 files, without it, are still read)
+#: 2: adds ``header_checksum``; 3: the anchor is stored once (Kronecker blocks no longer hold ``A0``/``B0``)
+#: and low-rank factors are a representation of ``kfac``/``tri-kfac`` blocks, not block kinds of their own.
+#: Files of versions 1 and 2 are still read (``_upgrade_block``).
+FORMAT_VERSION = 3
 _HEADER_KEY = "lalora"
 _MAX_HEADER_BYTES = 100 * 2**20
 
@@ -191,6 +194,30 @@ def read_header(path) -> dict:
     return header
 
 
+_LEGACY_KINDS = {"kfac-lowrank": "kfac", "tri-kfac-lowrank": "tri-kfac"}
+
+
+def _upgrade_block(kind: str, names: list, state: dict, anchor: dict, where: str) -> str:
+    """A Kronecker block of a version 1-2 file as version 3 reads it: ``kfac-lowrank``/``tri-kfac-lowrank``
+    become ``kfac``/``tri-kfac`` (low-rank factors are a representation), and the block's own copy of
+    the anchor (``A0``, ``B0``) is dropped: the forms use the precision's anchor. A copy that differs
+    from the anchor (a version-2 precision moved with ``with_anchor``, whose linearized forms used the
+    old point) is reported, since version 3 evaluates every form around the stored anchor."""
+    kind = _LEGACY_KINDS.get(kind, kind)
+    if kind not in ("kfac", "tri-kfac"):
+        return kind
+    for role, name in zip(("A0", "B0"), names):
+        old = state.pop(role, None)
+        if old is not None and name in anchor and (old.shape != anchor[name].shape or not torch.equal(old, anchor[name])):
+            import warnings
+
+            warnings.warn(f"{where}: this format-2 {kind} block was fitted at another point than the file's anchor "
+                          f"(parameter {name!r}, e.g. after with_anchor); lalora now evaluates every form around the "
+                          "anchor (docs/file-format.md#version-3)", UserWarning, stacklevel=4)
+            break
+    return kind
+
+
 def load_precision(path):
     """Read and validate a precision file; any defect raises ``PrecisionFileError``."""
     try:
@@ -207,6 +234,7 @@ def _load_precision(path):
     path = Path(path)
     header = read_header(path)
     where = str(path)
+    version = header["format_version"]
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -248,12 +276,15 @@ def _load_precision(path):
                 raise PrecisionFileError(f"{bw}: unknown parameter {n!r}")
         keys = _field(b, "tensors", dict, bw)
         config = _field(b, "config", dict, bw)
+        state = {r: tensor(k, f"{bw}.{r}") for r, k in keys.items()}
+        if version < 3:
+            kind = _upgrade_block(kind, names, state, anchor, bw)
         try:
             cls = block_class(kind)
         except KeyError as e:
             raise PrecisionFileError(f"{bw}: {e.args[0]}") from None
         try:
-            blocks.append(cls.from_state(tuple(names), {r: tensor(k, f"{bw}.{r}") for r, k in keys.items()}, config))
+            blocks.append(cls.from_state(tuple(names), state, config))
         except PrecisionFileError:
             raise
         except Exception as e:

@@ -1,17 +1,19 @@
 """Closed-form gradients of the Laplace penalty's curvature term (what ``LaLoRARegularizer`` calls).
 
 Autograd through ``Precision.quadratic`` reads every curvature factor twice per training step
-(forward, then backward), and the penalty is memory-bound. Both functions here read each
-factor once, in the forward, and keep only small products for the backward:
+(forward, then backward), and the penalty is memory-bound. Both forms here read each factor
+once, in the forward, and keep only small products for the backward:
 
 - ``linearized_quadratic``: ``q = sum_n <d_n, (P d)_n>``, gradient ``2 (P d)_n`` (``P`` is
-  symmetric PSD for every block kind), ``P d`` from ``Precision.matvec``;
-- ``effective_weight_quadratic``: per Kronecker block ``f = tr(Delta^T G Delta X)``,
-  ``Delta = s (B A - B0 A0) = U V^T`` with ``U = s [B - B0, B0]`` (d_out, 2r),
-  ``V = [A^T, (A - A0)^T]`` (d_in, 2r); with ``GU = G U``, ``XV = X V`` saved,
-  ``df/dA = 2 s (B^T GU) XV^T`` and ``df/dB = 2 s GU (XV^T A^T)`` (no ``d_out x d_in`` matrix).
+  symmetric PSD for every block kind);
+- ``effective_weight``: per Kronecker adapter ``f = tr(Delta^T G Delta X)`` with the gradient of
+  ``KroneckerTerm.effective_grads``.
 
-Both are first-order only (``once_differentiable``): no double backward through the penalty.
+``GroupedPrecision`` stacks equal-shaped Kronecker blocks (e.g. the 30 ``q_proj`` adapters of a
+model) into one ``KroneckerTerm`` with a leading dimension, so a group costs a handful of batched
+products instead of ~20 small operators per adapter (which dominated the penalty on CPU,
+benchmarks/README.md item 3); single blocks and groups go through the same forms
+(``lalora.blocks.kronecker_algebra``). Both functions are first-order only (``once_differentiable``).
 """
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .blocks import Block
+from .blocks.factors import stack_factors, stack_key, unstack_factor
+from .blocks.kronecker import KroneckerBlock
+from .blocks.kronecker_algebra import KroneckerTerm
 from .precision import Precision
 
 
 class _Linearized(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, precision: Precision, names: tuple[str, ...], *deltas: Tensor) -> Tensor:
+    def forward(ctx, precision, names: tuple[str, ...], *deltas: Tensor) -> Tensor:
         d = dict(zip(names, deltas))
         Pd = precision.matvec(d)
         q = torch.stack([(d[n].to(Pd[n].dtype) * Pd[n]).sum() for n in names]).sum()
@@ -49,28 +53,13 @@ def linearized_quadratic(precision: "Precision | GroupedPrecision", delta: Mappi
     return _Linearized.apply(precision, names, *(delta[n] for n in names))
 
 
-def _ew_forward(s: float, A, B, A0, B0, GdB, XdA, GB0, XA0t):
-    """``(f, GU, XV)`` of the effective-weight form from ``G dB`` and ``X dA^T``; every tensor is 2-D
-    (one block) or batched ``(L, ., .)`` (a ``StackedKronecker`` group): ``@`` and ``.mT`` serve both."""
-    GU = s * torch.cat([GdB, GB0], -1)  # G U, U = s [B - B0, B0]
-    XV = torch.cat([XdA + XA0t, XdA], -1)  # X V, V = [A^T, (A - A0)^T]
-    U = s * torch.cat([B - B0, B0], -1)
-    V = torch.cat([A.mT, (A - A0).mT], -1)
-    return ((U.mT @ GU) * (V.mT @ XV)).sum(), GU, XV
-
-
-def _ew_backward(c: Tensor, A, B, GU, XV) -> tuple[Tensor, Tensor]:
-    """``(c (B^T GU) XV^T, c GU (XV^T A^T))``: ``(df/dA, df/dB)`` for ``c = 2 s df``."""
-    return c * (B.mT @ GU) @ XV.mT, c * GU @ (XV.mT @ A.mT)
-
-
 class _EffectiveWeight(torch.autograd.Function):
+    """``KroneckerTerm.effective`` of one adapter (2-D A, B) or a stacked group (``(L, ., .)``)."""
+
     @staticmethod
-    def forward(ctx, block, A: Tensor, B: Tensor) -> Tensor:
-        GB0, XA0t, _, _ = block._anchor_products()
-        f, GU, XV = _ew_forward(block.scaling, A, B, block.A0, block.B0, block._apply_G(B - block.B0),
-                                block._apply_X((A - block.A0).T), GB0, XA0t)
-        ctx.scaling = block.scaling
+    def forward(ctx, term: KroneckerTerm, A: Tensor, B: Tensor) -> Tensor:
+        f, GU, XV = term.effective(A, B)
+        ctx.scaling = term.scaling
         ctx.save_for_backward(A, B, GU, XV)
         return f
 
@@ -78,62 +67,51 @@ class _EffectiveWeight(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_f: Tensor):
         A, B, GU, XV = ctx.saved_tensors
-        return (None, *_ew_backward(2 * ctx.scaling * grad_f, A, B, GU, XV))
+        return (None, *KroneckerTerm.effective_grads(2 * ctx.scaling * grad_f, A, B, GU, XV))
 
 
-def has_closed_form_effective(block: Block) -> bool:
-    """Whether ``block`` exposes ``_apply_G``, ``_apply_X`` and ``_anchor_products`` (the Kronecker kinds)."""
-    return block.supports_effective_weight and all(
-        hasattr(block, m) for m in ("_apply_G", "_apply_X", "_anchor_products"))
+def has_closed_form_effective(block) -> bool:
+    """Whether ``block``'s effective-weight form has the closed-form gradient (the Kronecker kinds)."""
+    return isinstance(block, KroneckerBlock)
 
 
-def effective_weight_quadratic(block: Block, theta: Mapping[str, Tensor]) -> Tensor:
-    """``block.effective_quadratic(theta)`` with the closed-form gradient above (Kronecker blocks);
-    other blocks fall back to their own (autograd) ``effective_quadratic``."""
+def effective_weight_quadratic(block, theta: Mapping[str, Tensor]) -> Tensor:
+    """``block.effective_quadratic(theta)`` with the closed-form gradient (Kronecker blocks); other blocks
+    fall back to their own (autograd) ``effective_quadratic``."""
     if not has_closed_form_effective(block):
         return block.effective_quadratic(theta)
-    a, b = block.params
-    dtype = block.A0.dtype
-    return _EffectiveWeight.apply(block, theta[a].to(dtype), theta[b].to(dtype))
+    return _EffectiveWeight.apply(block.term, *block._dA_dB(theta))
 
 
-class StackedKronecker:
-    """Equal-shaped ``kfac`` or ``tri-kfac`` blocks (e.g. the 30 ``q_proj`` adapters of a model) with
-    their factors stacked into ``(L, d, d)`` tensors: the matvec is a handful of ``bmm`` calls for the
-    whole group instead of ~20 small operators per adapter, which dominated the penalty's cost on
-    CPU (benchmarks/README.md, item 3). ``blocks()`` returns the blocks rebuilt on views of the
-    stacks, so the caller can drop the originals (no second copy of the factors)."""
+class KroneckerGroup:
+    """Equal-shaped Kronecker blocks of one kind as one stacked ``KroneckerTerm`` (leading dim L).
+    ``blocks()`` returns the blocks rebuilt on views of the stacks, so the caller can drop the
+    originals (no second copy of the factors)."""
 
-    def __init__(self, blocks: list):
-        from .blocks.kronecker import TriKFACBlock
-
+    def __init__(self, blocks: list[KroneckerBlock]):
         first = blocks[0]
-        self.tri = isinstance(first, TriKFACBlock)
         self.cls, self.params, self.scaling = type(first), [b.params for b in blocks], first.scaling
-        self.X = torch.stack([b.X for b in blocks])
-        self.G = torch.stack([b.G for b in blocks])
-        self.A0 = torch.stack([b.A0 for b in blocks])  # (L, r, d_in)
-        self.B0 = torch.stack([b.B0 for b in blocks])  # (L, d_out, r)
-        products = [b._anchor_products() for b in blocks]
-        self.GB0, self.XA0t, self.BGB, self.AXA = (torch.stack([p[i] for p in products]) for i in range(4))
+        self.X = stack_factors([b.X for b in blocks])
+        self.G = stack_factors([b.G for b in blocks])
+        A0 = torch.stack([b.term.A0 for b in blocks])  # (L, r, d_in)
+        B0 = torch.stack([b.term.B0 for b in blocks])  # (L, d_out, r)
+        self.term = KroneckerTerm(self.X, self.G, A0, B0, self.scaling, first.coupled)
 
-    def blocks(self) -> list:
-        return [self.cls(p, self.X[i], self.G[i], self.A0[i], self.B0[i], self.scaling) for i, p in enumerate(self.params)]
+    @staticmethod
+    def key(b: KroneckerBlock) -> tuple:
+        return (type(b), stack_key(b.X), stack_key(b.G), tuple(b.A0.shape), b.scaling)
+
+    def blocks(self) -> list[KroneckerBlock]:
+        return [self.cls(p, unstack_factor(self.X, i), unstack_factor(self.G, i), self.scaling)
+                for i, p in enumerate(self.params)]
+
+    def stacked(self, values: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        dtype = self.term.A0.dtype
+        return (torch.stack([values[a] for a, _ in self.params]).to(dtype),
+                torch.stack([values[b] for _, b in self.params]).to(dtype))
 
     def matvec(self, delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        dA = torch.stack([delta[a] for a, _ in self.params]).to(self.X.dtype)  # (L, r, d_in)
-        dB = torch.stack([delta[b] for _, b in self.params]).to(self.X.dtype)  # (L, d_out, r)
-        XdA = torch.bmm(dA, self.X)  # (L, r, d_in) = (X dA^T)^T, X symmetric
-        GdB = torch.bmm(dB.transpose(1, 2), self.G).transpose(1, 2)  # (L, d_out, r) = G dB
-        s2 = self.scaling ** 2
-        if self.tri:  # see kronecker.trikfac_matvec: U = [B0, dB], V = [dA^T, A0^T]
-            GU = torch.cat([self.GB0, GdB], 2)  # (L, d_out, 2r)
-            XVt = torch.cat([XdA, self.XA0t.transpose(1, 2)], 1)  # (L, 2r, d_in) = (X V)^T
-            PA = s2 * torch.bmm(torch.bmm(self.B0.transpose(1, 2), GU), XVt)
-            PB = s2 * torch.bmm(GU, torch.bmm(XVt, self.A0.transpose(1, 2)))
-        else:  # see kronecker.kfac_matvec
-            PA = s2 * torch.bmm(self.BGB, XdA)
-            PB = s2 * torch.bmm(GdB, self.AXA)
+        PA, PB = self.term.matvec(*self.stacked(delta))
         out = {}
         for i, (a, b) in enumerate(self.params):
             out[a], out[b] = PA[i], PB[i]
@@ -141,26 +119,23 @@ class StackedKronecker:
 
 
 class GroupedPrecision:
-    """``matvec`` of a ``Precision`` with its equal-shaped dense Kronecker blocks evaluated as
-    ``StackedKronecker`` groups (``precision`` is the rebuilt precision on views of the stacks);
-    every other block goes through its own ``matvec``. Same results as ``Precision.matvec``."""
+    """``matvec`` of a ``Precision`` with its equal-shaped Kronecker blocks evaluated as ``KroneckerGroup``s
+    (``precision`` is the rebuilt precision on views of the stacks); every other block goes through its
+    own ``matvec``. Same results as ``Precision.matvec``."""
 
     def __init__(self, precision: Precision):
-        from .blocks.kronecker import KFACBlock, TriKFACBlock
-
         groups: dict[tuple, list] = {}
         rest = []
         for b in precision.blocks:
-            if type(b) in (KFACBlock, TriKFACBlock):
-                key = (type(b), tuple(b.X.shape), tuple(b.G.shape), tuple(b.A0.shape), b.scaling, b.X.dtype, b.X.device)
-                groups.setdefault(key, []).append(b)
+            if isinstance(b, KroneckerBlock):
+                groups.setdefault(KroneckerGroup.key(b), []).append(b)
             else:
                 rest.append(b)
-        self.stacks = [StackedKronecker(bs) for bs in groups.values() if len(bs) > 1]
-        self.rest = rest + [bs[0] for bs in groups.values() if len(bs) == 1]
-        blocks = self.rest + [b for st in self.stacks for b in st.blocks()]
-        self.precision = Precision(blocks, precision.anchor, metadata=precision.metadata,
-                                   prior_precision=precision.prior_precision)
+        self.groups = [KroneckerGroup(bs) for bs in groups.values() if len(bs) > 1]
+        rest += [bs[0] for bs in groups.values() if len(bs) == 1]
+        self.precision = Precision(rest + [b for g in self.groups for b in g.blocks()], precision.anchor,
+                                   metadata=precision.metadata, prior_precision=precision.prior_precision, validate=False)
+        self.rest = self.precision.blocks[:len(rest)]  # bound to the anchor; blocks may overlap (P1 + P2)
         self.param_names = precision.param_names
 
     def _check_delta(self, delta) -> None:
@@ -168,8 +143,7 @@ class GroupedPrecision:
 
     def matvec(self, delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        parts = [st.matvec(delta) for st in self.stacks] + [b.matvec(delta) for b in self.rest]
-        for part in parts:
+        for part in [g.matvec(delta) for g in self.groups] + [b.matvec(delta) for b in self.rest]:
             for n, v in part.items():
                 out[n] = out[n] + v if n in out else v
         for n in self.param_names:
@@ -177,36 +151,9 @@ class GroupedPrecision:
                 out[n] = torch.zeros_like(delta[n], dtype=torch.float32)
         return out
 
-
-class _EffectiveWeightStacked(torch.autograd.Function):
-    """``_EffectiveWeight`` for a ``StackedKronecker`` group (batched ``(L, ., .)`` tensors)."""
-
-    @staticmethod
-    def forward(ctx, stack: StackedKronecker, *tensors: Tensor) -> Tensor:
-        L = len(stack.params)
-        A, B = torch.stack(tensors[:L]), torch.stack(tensors[L:])  # (L, r, d_in), (L, d_out, r)
-        GdB = torch.bmm((B - stack.B0).mT, stack.G).mT  # (L, d_out, r) = G dB, G symmetric
-        XdA = torch.bmm(A - stack.A0, stack.X).mT  # (L, d_in, r) = X dA^T
-        f, GU, XV = _ew_forward(stack.scaling, A, B, stack.A0, stack.B0, GdB, XdA, stack.GB0, stack.XA0t)
-        ctx.scaling = stack.scaling
-        ctx.save_for_backward(A, B, GU, XV)
-        return f
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_f: Tensor):
-        A, B, GU, XV = ctx.saved_tensors
-        gA, gB = _ew_backward(2 * ctx.scaling * grad_f, A, B, GU, XV)
-        return (None, *gA.unbind(0), *gB.unbind(0))
-
-
-def grouped_effective_weight(grouped: GroupedPrecision, theta: Mapping[str, Tensor]) -> Tensor:
-    """Sum of the effective-weight forms of every block of ``grouped.precision`` (stacked groups via
-    ``bmm``, the rest block by block), with closed-form gradients."""
-    terms = []
-    for st in grouped.stacks:
-        dtype = st.X.dtype
-        tensors = [theta[a].to(dtype) for a, _ in st.params] + [theta[b].to(dtype) for _, b in st.params]
-        terms.append(_EffectiveWeightStacked.apply(st, *tensors))
-    terms += [effective_weight_quadratic(b, theta) for b in grouped.rest]
-    return torch.stack([t.reshape(()) for t in terms]).sum()
+    def effective_weight(self, theta: Mapping[str, Tensor]) -> Tensor:
+        """Sum of the effective-weight forms of every block (groups batched), with closed-form gradients
+        for the Kronecker kinds; other blocks use their own (autograd) ``effective_quadratic``."""
+        terms = [_EffectiveWeight.apply(g.term, *g.stacked(theta)) for g in self.groups]
+        terms += [effective_weight_quadratic(b, theta) for b in self.rest]
+        return torch.stack([t.reshape(()) for t in terms]).sum()

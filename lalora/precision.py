@@ -17,17 +17,24 @@ from .blocks import Block
 
 
 class Precision:
-    """Sum of ``blocks`` over the LoRA weights named in ``anchor`` (canonical name -> theta0)."""
+    """Sum of ``blocks`` over the LoRA weights named in ``anchor`` (canonical name -> theta0).
+
+    The anchor lives here only: blocks whose forms depend on theta0 (the Kronecker kinds) are
+    bound to it (``Block.bind``), so moving it (``with_anchor``) moves every form with it.
+    ``validate`` checks every block against the anchor's shapes (names, shapes, finite, PSD-looking
+    factors); derived precisions (``with_anchor``, ``+``, ``*``, ``to``) skip the repeated check.
+    """
 
     def __init__(self, blocks: list[Block], anchor: Mapping[str, Tensor], *, metadata: dict | None = None,
-                 prior_precision: float = 0.0):
-        self.blocks = list(blocks)
+                 prior_precision: float = 0.0, validate: bool = True):
         self.anchor = dict(anchor)
+        self.blocks = [b.bind(self.anchor) for b in blocks]
         self.metadata = dict(metadata or {})
         self.prior_precision = float(prior_precision)
-        shapes = self.shapes
-        for b in self.blocks:
-            b.validate(shapes)
+        if validate:
+            shapes = self.shapes
+            for b in self.blocks:
+                b.validate(shapes)
 
     # --- structure ---------------------------------------------------------------
     @property
@@ -102,7 +109,7 @@ class Precision:
                                  "move one with .with_anchor() first")
         meta = {"combined_from": [self.metadata, other.metadata]}
         return Precision(self.blocks + other.blocks, self.anchor, metadata=meta,
-                         prior_precision=self.prior_precision + other.prior_precision)
+                         prior_precision=self.prior_precision + other.prior_precision, validate=False)
 
     def __mul__(self, factor: float) -> "Precision":
         if isinstance(factor, torch.Tensor):
@@ -113,19 +120,24 @@ class Precision:
             raise ValueError(f"a precision can only be scaled by a non-negative factor, got {factor}")
         meta = dict(self.metadata, scale=float(factor) * float(self.metadata.get("scale", 1.0)))
         return Precision([b.scaled(float(factor)) for b in self.blocks], self.anchor, metadata=meta,
-                         prior_precision=self.prior_precision * factor)
+                         prior_precision=self.prior_precision * factor, validate=False)
 
     __rmul__ = __mul__
 
     def with_anchor(self, anchor: Mapping[str, Tensor]) -> "Precision":
-        """The same curvature anchored at another point (continual learning: end of the last task)."""
+        """The same curvature around another point (continual learning: the end of the last task).
+
+        Diagonal, dense and factored blocks keep their matrix; Kronecker blocks keep their layer
+        factors ``X``, ``G`` and are pulled back through the Jacobian at the new anchor, and their
+        effective-weight form is centred at it: every form is 0 at the new anchor."""
         anchor = {n: anchor[n].detach().float().cpu().clone() for n in self.param_names}
-        return Precision(self.blocks, anchor, metadata=copy.deepcopy(self.metadata), prior_precision=self.prior_precision)
+        return Precision(self.blocks, anchor, metadata=copy.deepcopy(self.metadata), prior_precision=self.prior_precision,
+                         validate=False)
 
     def to(self, device=None, dtype=torch.float32) -> "Precision":
         return Precision([b.to(device, dtype) for b in self.blocks],
                          {n: t.to(device=device, dtype=dtype) for n, t in self.anchor.items()},
-                         metadata=self.metadata, prior_precision=self.prior_precision)
+                         metadata=self.metadata, prior_precision=self.prior_precision, validate=False)
 
     def zero_params(self) -> list[str]:
         """Parameters whose whole curvature is zero (their diagonal is 0; F is PSD)."""

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .adapters import find_lora_adapters, lora_parameters
 from .errors import AnchorMismatchError, BackendError
-from .penalty import GroupedPrecision, grouped_effective_weight, linearized_quadratic
+from .penalty import GroupedPrecision, linearized_quadratic
 from .precision import Precision
 from .validation import match_to_model
 
@@ -93,7 +93,7 @@ class LaLoRARegularizer(nn.Module):
         curvature factor per step); ``delta`` (from ``self.delta()``) saves recomputing it."""
         if self.form == "effective-weight":
             theta = {n: p.float() for n, p in self._params.items()}
-            return grouped_effective_weight(self._grouped, theta)
+            return self._grouped.effective_weight(theta)
         return linearized_quadratic(self._grouped, self.delta() if delta is None else delta)
 
     def forward(self) -> Tensor:

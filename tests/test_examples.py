@@ -109,7 +109,7 @@ def test_compare_structures(example):
 def test_read_precision_file_without_lalora(example):
     """The independent numpy reader of docs/file-format.md agrees with lalora on every block kind."""
     errors = example("read_precision_file").main(["--quick"])
-    assert set(errors) == {"diag", "dense", "factored", "kfac", "tri-kfac", "kfac-lowrank", "tri-kfac-lowrank"}
+    assert set(errors) == {"diag", "dense", "factored", "kfac", "tri-kfac", "kfac (low-rank)", "tri-kfac (low-rank)"}
     assert max(errors.values()) < 1e-6  # float32 tensors; the reader computes in float64
 
 

@@ -166,8 +166,8 @@ def test_tiny_llama_empirical_factors_match_per_token_reference(targets, approx,
     blocks = _blocks(precision)
     assert set(blocks) == set(ref)
     for name, (X, G) in ref.items():
-        assert rel(blocks[name].X, X) <= TOL, name
-        assert rel(blocks[name].G, G) <= TOL, name
+        assert rel(blocks[name].X.dense(), X) <= TOL, name
+        assert rel(blocks[name].G.dense(), G) <= TOL, name
     assert precision.metadata["num_examples"] == 6
 
 
@@ -182,8 +182,8 @@ def test_wide_layers_panel_products_match_per_token_reference():
     ref = reference_factors(model, batches, _ef_vectors)
     blocks = _blocks(precision)
     for name, (X, G) in ref.items():
-        assert rel(blocks[name].X, X) <= TOL, name
-        assert rel(blocks[name].G, G) <= TOL, name
+        assert rel(blocks[name].X.dense(), X) <= TOL, name
+        assert rel(blocks[name].G.dense(), G) <= TOL, name
         assert max(X.shape[0], G.shape[0]) == 400
 
 
@@ -196,8 +196,8 @@ def test_mc_converges_to_per_token_type2_reference():
     precision = _fit(model, batch, fisher_type="mc", mc_samples=1500)
     for name, b in _blocks(precision).items():
         X, G = ref[name]
-        assert rel(b.X, X) <= TOL
-        err = rel(b.G, G)
+        assert rel(b.X.dense(), X) <= TOL
+        err = rel(b.G.dense(), G)
         # MC noise: the worst of the 4 factors measured 0.081 at 1500 samples (a bias, e.g. the
         # cross-position terms of batched type-2 or a wrong 1/S, is far larger); bound at ~2x that
         assert err <= 0.15, (name, err)
@@ -230,12 +230,12 @@ def test_mc_error_shrinks_like_one_over_sqrt_samples_to_the_type2_reference():
     small = [_blocks(_fit(model, batch, fisher_type="mc", mc_samples=S0, seed=k)) for k in range(K)]
     large = _blocks(_fit(model, batch, fisher_type="mc", mc_samples=S1, seed=K))
     for name, (X, G) in ref.items():
-        assert rel(large[name].X, X) <= TOL
-        Gs = torch.stack([f[name].G.double() for f in small])
+        assert rel(large[name].X.dense(), X) <= TOL
+        Gs = torch.stack([f[name].G.dense().double() for f in small])
         var0 = float(((Gs - Gs.mean(0)) ** 2).sum()) / (K - 1)
         bound = 3 * (var0 * S0 / S1) ** 0.5 / float(G.norm())
-        err0 = sum(rel(f[name].G, G) for f in small) / K
-        err1 = rel(large[name].G, G)
+        err0 = sum(rel(f[name].G.dense(), G) for f in small) / K
+        err1 = rel(large[name].G.dense(), G)
         assert err1 < err0, (name, err1, err0)
         assert err1 <= bound, (name, err1, bound)
         assert err1 < 0.5 * rel(ef[name][1], G), (name, err1, rel(ef[name][1], G))  # the GGN, not the EF
@@ -269,7 +269,7 @@ def test_padded_equals_packed(approx):
     b = _fit(model, singles, "tri-kfac", fisher_type="empirical", kfac_approx=approx)
     assert rel(a.to_dense(), b.to_dense()) <= TOL
     for ba, bb in zip(a.blocks, b.blocks):
-        assert rel(ba.X, bb.X) <= TOL and rel(ba.G, bb.G) <= TOL
+        assert rel(ba.X.dense(), bb.X.dense()) <= TOL and rel(ba.G.dense(), bb.G.dense()) <= TOL
 
 
 def test_bf16_model_gives_float32_factors_close_to_float32_fit():
@@ -278,7 +278,7 @@ def test_bf16_model_gives_float32_factors_close_to_float32_fit():
     p16 = _fit(tiny_lora_llama(r=2, dtype=torch.bfloat16), batches, fisher_type="empirical")
     for b32, b16 in zip(p32.blocks, p16.blocks):
         assert b16.X.dtype == torch.float32 and b16.G.dtype == torch.float32
-        assert rel(b16.X, b32.X) <= 0.05 and rel(b16.G, b32.G) <= 0.1
+        assert rel(b16.X.dense(), b32.X.dense()) <= 0.05 and rel(b16.G.dense(), b32.G.dense()) <= 0.1
 
 
 # --- block algebra ------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def _random_block(cls, d_in=5, d_out=4, r=2, seed=0, b_zero=False):
     mx, mg = torch.randn(d_in, d_in + 2, generator=g), torch.randn(d_out, d_out + 1, generator=g)
     A0 = torch.randn(r, d_in, generator=g)
     B0 = torch.zeros(d_out, r) if b_zero else torch.randn(d_out, r, generator=g)
-    return cls(("l.lora_A", "l.lora_B"), mx @ mx.T / d_in, mg @ mg.T / d_out, A0, B0, 1.5)
+    return cls(("l.lora_A", "l.lora_B"), mx @ mx.T / d_in, mg @ mg.T / d_out, 1.5, A0=A0, B0=B0)
 
 
 def _random_delta(block, seed=1, requires_grad=False):
@@ -322,7 +322,7 @@ def test_tri_kfac_definition_psd_and_kfac_diagonal_blocks():
     nA = tri.A0.numel()
     assert rel(T[:nA, :nA], K[:nA, :nA]) <= TOL and rel(T[nA:, nA:], K[nA:, nA:]) <= TOL
     # cross block s^2 (B0^T G) (x) (X A0^T)
-    cross = tri.scaling ** 2 * torch.kron(tri.B0.T @ tri.G, tri.X @ tri.A0.T).double()
+    cross = tri.scaling ** 2 * torch.kron(tri.B0.T @ tri.G.dense(), tri.X.dense() @ tri.A0.T).double()
     assert rel(T[:nA, nA:], cross) <= TOL
     ev = torch.linalg.eigvalsh(T)
     assert ev.min() >= -1e-6 * ev.max()
@@ -398,7 +398,7 @@ def test_precision_file_round_trip_and_regularizer(tmp_path, backend):
 
 def test_validate_names_the_bad_tensor():
     block = _random_block(KFACBlock)
-    bad = KFACBlock(block.params, block.X[:3, :3], block.G, block.A0, block.B0, 1.0)
+    bad = KFACBlock(block.params, block.X.dense()[:3, :3], block.G, 1.0, A0=block.A0, B0=block.B0)
     with pytest.raises(ValueError, match="'X'"):
         bad.validate(block.shapes)
 
@@ -420,10 +420,10 @@ def test_validate_refuses_asymmetric_factors_in_any_tile(d):
     for i, j in {(0, d - 1), (d // 2, d // 2 + 1), (d - 2, d - 1)}:
         noisy = X.clone()
         noisy[j, i] += 1e-7 * scale
-        KFACBlock(("l.lora_A", "l.lora_B"), noisy, G, A0, B0, 1.0).validate(shapes)
+        KFACBlock(("l.lora_A", "l.lora_B"), noisy, G, 1.0, A0=A0, B0=B0).validate(shapes)
         noisy[j, i] += 1e-3 * scale
         with pytest.raises(ValueError, match="factor 'X' is not symmetric"):
-            KFACBlock(("l.lora_A", "l.lora_B"), noisy, G, A0, B0, 1.0).validate(shapes)
+            KFACBlock(("l.lora_A", "l.lora_B"), noisy, G, 1.0, A0=A0, B0=B0).validate(shapes)
 
 # --- non-contiguous factors / anchors (torch.kron raised "view size is not compatible") ----------
 def _noncontiguous_block(cls, d_in, d_out, r, seed=0):
@@ -435,7 +435,7 @@ def _noncontiguous_block(cls, d_in, d_out, r, seed=0):
     A0 = torch.randn(d_in, r, generator=g, dtype=torch.float64).t()
     B0 = torch.randn(r, d_out, generator=g, dtype=torch.float64).t()
     assert not any(t.is_contiguous() for t in (X, G, A0, B0))
-    return cls(("l.lora_A", "l.lora_B"), X, G, A0, B0, 1.5)
+    return cls(("l.lora_A", "l.lora_B"), X, G, 1.5, A0=A0, B0=B0)
 
 
 @pytest.mark.parametrize("cls", [KFACBlock, TriKFACBlock])
@@ -451,7 +451,8 @@ def test_to_dense_with_noncontiguous_tensors_matches_quadratic_and_matvec(cls, d
     assert rel(block.quadratic(delta), v @ dense @ v) <= 1e-10
     assert rel(_flat(block.matvec(delta), block.params), dense @ v) <= 1e-10
     assert rel(_flat(block.diagonal(), block.params), torch.diagonal(dense)) <= 1e-10
-    contiguous = cls(block.params, *(t.contiguous() for t in (block.X, block.G, block.A0, block.B0)), block.scaling)
+    contiguous = cls(block.params, block.X.dense().contiguous(), block.G.dense().contiguous(), block.scaling,
+                     A0=block.A0.contiguous(), B0=block.B0.contiguous())
     # the same float64 products on contiguous copies: BLAS picks other kernels for other strides, so the
     # two agree to float64 round-off, not bitwise (tests/numerics.py)
     assert rel_close(dense, contiguous.to_dense(), F64)
@@ -537,6 +538,6 @@ def test_float32_running_sums_match_float64():
     a = _blocks(_fit(model, batches, fisher_type="empirical"))
     b = _blocks(_fit(model, batches, fisher_type="empirical", sum_dtype="float32"))
     for name in a:
-        assert rel(b[name].X, a[name].X) <= 1e-6 and rel(b[name].G, a[name].G) <= 1e-6
+        assert rel(b[name].X.dense(), a[name].X.dense()) <= 1e-6 and rel(b[name].G.dense(), a[name].G.dense()) <= 1e-6
     with pytest.raises(BackendError, match="sum_dtype"):
         _fit(model, batches, sum_dtype="float16")

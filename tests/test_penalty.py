@@ -17,7 +17,6 @@ from lalora.adapters import find_lora_adapters
 from lalora.blocks import DenseBlock, DiagBlock
 from lalora.blocks.factored import FactoredBlock
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
-from lalora.blocks.lowrank_kronecker import compress_block
 from lalora.penalty import effective_weight_quadratic, has_closed_form_effective, linearized_quadratic
 from models import randomize_lora_B, tiny_llama, tiny_lora_llama
 
@@ -52,8 +51,8 @@ def _block(kind, a, b, A0, B0, scaling, g):
     if kind == "factored":
         return [FactoredBlock((a, b), torch.randn(7, n, generator=g), shapes)]
     cls = TriKFACBlock if kind.startswith("tri") else KFACBlock
-    blk = cls((a, b), _psd(d_in, g), _psd(d_out, g), A0, B0, scaling)
-    return [compress_block(blk, MAX_RANK, seed=1) if kind.endswith("lowrank") else blk]
+    blk = cls((a, b), _psd(d_in, g), _psd(d_out, g), scaling)  # theta0: the Precision's anchor
+    return [blk.compressed(MAX_RANK, seed=1) if kind.endswith("lowrank") else blk]
 
 
 def _adapter_shapes(model):
@@ -124,7 +123,7 @@ def test_effective_weight_value_and_gradient_match_autograd(kind, b_zero):
             assert rel(x, y) <= TOL
         # float64 dense reference: vec(Delta)^T kron(G, X) vec(Delta), gradient by autograd
         t64 = {n: t.double().requires_grad_(True) for n, t in base.items()}
-        K = (blk.uncompressed() if kind.endswith("lowrank") else blk).effective_dense().double()
+        K = torch.kron(blk.G.dense(), blk.X.dense()).double()
         Delta = blk.scaling * (t64[b] @ t64[a] - blk.B0.double() @ blk.A0.double())
         ref = Delta.reshape(-1) @ K @ Delta.reshape(-1)
         g_ref = torch.autograd.grad(ref, [t64[a], t64[b]])
@@ -154,6 +153,7 @@ def test_cached_anchor_products_follow_in_place_changes(kind):
         (blk.B0 if kind == "kfac" else blk.A0).mul_(2.0)
     after = blk.matvec(delta)
     fresh = type(blk).from_state(blk.params, {k: v.clone() for k, v in blk.tensors().items()}, blk.config())
+    fresh = fresh.bind({n: t.clone() for n, t in zip(blk.params, (blk.A0, blk.B0))})
     want = fresh.matvec(delta)
     for n in blk.params:
         assert rel(after[n], want[n]) <= TOL
@@ -251,7 +251,7 @@ def test_grouped_precision_matvec_equals_precision_matvec(kind, b_zero):
     extra = lalora.Precision([DiagBlock("x.w", torch.rand(3, 4, generator=g))], {"x.w": torch.zeros(3, 4)})
     P = lalora.Precision(P.blocks + extra.blocks, {**P.anchor, **extra.anchor})
     grouped = GroupedPrecision(P)
-    assert [len(st.params) for st in grouped.stacks] == [3]  # the three equal (16, 12, r=2, s=1.5) adapters
+    assert [len(st.params) for st in grouped.groups] == [3]  # the three equal (16, 12, r=2, s=1.5) adapters
     d = {n: torch.randn(t.shape, generator=g) for n, t in P.anchor.items()}
     ref, got = P.matvec(d), grouped.matvec(d)
     assert set(got) == set(ref)
@@ -265,7 +265,7 @@ def test_grouped_precision_matvec_equals_precision_matvec(kind, b_zero):
 def test_grouped_effective_weight_matches_per_block_autograd(kind, b_zero):
     """Stacked effective-weight form (bmm, closed-form gradient) equals the per-block autograd form,
     value and gradients, rel. err 1e-5, away from the anchor; groups of 3 plus a lone block."""
-    from lalora.penalty import GroupedPrecision, grouped_effective_weight
+    from lalora.penalty import GroupedPrecision
 
     g = torch.Generator().manual_seed(11)
     adapters = []
@@ -275,9 +275,9 @@ def test_grouped_effective_weight_matches_per_block_autograd(kind, b_zero):
         adapters.append((f"l{i}.lora_A", f"l{i}.lora_B", A0, B0, 1.5))
     P = _precision(kind, adapters)
     grouped = GroupedPrecision(P)
-    assert len(grouped.stacks) == 1
+    assert len(grouped.groups) == 1
     theta = {n: (t + 0.2 * torch.randn(t.shape, generator=g)).requires_grad_() for n, t in P.anchor.items()}
-    got = grouped_effective_weight(grouped, theta)
+    got = grouped.effective_weight(theta)
     ref = torch.stack([b.effective_quadratic(theta) for b in P.blocks]).sum()
     assert rel(got.detach(), ref.detach()) <= 1e-5
     names = list(theta)

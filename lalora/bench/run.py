@@ -105,11 +105,11 @@ def identity_precision(model):
 
 
 def as_tri_kfac(precision):
-    """The B-Tri-KFAC precision with the factors of a ``kfac`` precision (both store X, G, A0, B0 per adapter)."""
+    """The B-Tri-KFAC precision with the factors of a ``kfac`` precision (both store X, G per adapter)."""
     from .. import Precision
     from ..blocks.kronecker import KFACBlock, TriKFACBlock
 
-    blocks = [TriKFACBlock(b.params, b.X, b.G, b.A0, b.B0, b.scaling) if isinstance(b, KFACBlock) else b
+    blocks = [TriKFACBlock(b.params, b.X, b.G, b.scaling) if isinstance(b, KFACBlock) else b
               for b in precision.blocks]
     meta = dict(precision.metadata, backend="tri-kfac")
     return Precision(blocks, precision.anchor, metadata=meta, prior_precision=precision.prior_precision)
@@ -195,7 +195,7 @@ def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) 
     if "l2" in cfg.methods:
         precisions["identity"], fit_seconds["identity"] = identity_precision(model), 0.0
     for backend in dict.fromkeys(METHOD_BACKEND[m] for m in cfg.methods if m in METHOD_BACKEND):
-        if backend == "tri-kfac" and "kfac" in precisions:  # same factors X, G, A0, B0: no second fit
+        if backend == "tri-kfac" and "kfac" in precisions:  # same factors X, G: no second fit
             precisions[backend] = as_tri_kfac(precisions["kfac"])
             fit_seconds[backend] = fit_seconds["kfac"]
             log("tri-kfac: built from the kfac factors (same X, G; no second fit)", cfg.progress)

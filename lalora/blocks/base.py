@@ -84,8 +84,8 @@ class Block:
         """The diagonal of ``F`` as name -> tensor shaped like the param."""
         raise NotImplementedError
 
-    #: blocks that can evaluate the effective-weight form set this and implement
-    #: ``effective_quadratic`` (Kronecker blocks: ``tr(Delta^T G Delta X)``, ``Delta = s(BA - B0A0)``).
+    #: blocks that can evaluate the effective-weight form set this and implement ``effective_quadratic``
+    #: (Kronecker blocks: ``tr(Delta^T G Delta X)``, ``Delta = s(BA - B0A0)`` around the bound anchor).
     supports_effective_weight: ClassVar[bool] = False
 
     def effective_quadratic(self, theta: Mapping[str, Tensor]) -> Tensor:
@@ -95,6 +95,16 @@ class Block:
     def scaled(self, factor: float) -> "Block":
         """``factor * F`` as a new block."""
         raise NotImplementedError
+
+    def bind(self, anchor: Mapping[str, Tensor]) -> "Block":
+        """This block around ``anchor`` (name -> theta0), called by ``Precision`` with its own anchor.
+        Blocks whose forms depend on theta0 (the Kronecker kinds) return a bound copy; the rest, self."""
+        return self
+
+    def compressed(self, max_rank: int, *, seed: int = 0) -> "Block":
+        """This block with its factors stored in at most ``max_rank`` eigenpairs (``lalora.compress``);
+        blocks without such factors return self."""
+        return self
 
     # --- storage -----------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
