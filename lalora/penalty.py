@@ -104,18 +104,33 @@ class StackedKronecker:
     CPU (benchmarks/README.md, item 3). ``blocks()`` returns the blocks rebuilt on views of the
     stacks, so the caller can drop the originals (no second copy of the factors)."""
 
+    ROLES = ("X", "G", "A0", "B0")  # the stacked tensors; everything else derives from them
+
     def __init__(self, blocks: list):
+        first = blocks[0]
+        self._setup(type(first), [b.params for b in blocks], first.scaling,
+                    *(torch.stack([getattr(b, role) for b in blocks]) for role in self.ROLES))
+
+    @classmethod
+    def from_stacks(cls, block_cls, params: list, scaling: float, X: Tensor, G: Tensor, A0: Tensor, B0: Tensor):
+        """The group rebuilt from its stacked tensors (e.g. after ``LaLoRARegularizer.to``): no new stack."""
+        self = cls.__new__(cls)
+        self._setup(block_cls, params, scaling, X, G, A0, B0)
+        return self
+
+    def _setup(self, block_cls, params, scaling, X, G, A0, B0) -> None:
         from .blocks.kronecker import TriKFACBlock
 
-        first = blocks[0]
-        self.tri = isinstance(first, TriKFACBlock)
-        self.cls, self.params, self.scaling = type(first), [b.params for b in blocks], first.scaling
-        self.X = torch.stack([b.X for b in blocks])
-        self.G = torch.stack([b.G for b in blocks])
-        self.A0 = torch.stack([b.A0 for b in blocks])  # (L, r, d_in)
-        self.B0 = torch.stack([b.B0 for b in blocks])  # (L, d_out, r)
-        products = [b._anchor_products() for b in blocks]
+        self.tri = issubclass(block_cls, TriKFACBlock)
+        self.cls, self.params, self.scaling = block_cls, list(params), float(scaling)
+        self.X, self.G = X, G  # (L, d_in, d_in), (L, d_out, d_out)
+        self.A0, self.B0 = A0, B0  # (L, r, d_in), (L, d_out, r)
+        products = [b._anchor_products() for b in self.blocks()]
         self.GB0, self.XA0t, self.BGB, self.AXA = (torch.stack([p[i] for p in products]) for i in range(4))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Role -> stacked tensor (``ROLES``)."""
+        return {role: getattr(self, role) for role in self.ROLES}
 
     def blocks(self) -> list:
         return [self.cls(p, self.X[i], self.G[i], self.A0[i], self.B0[i], self.scaling) for i, p in enumerate(self.params)]
@@ -134,16 +149,21 @@ class StackedKronecker:
         else:  # see kronecker.kfac_matvec
             PA = s2 * torch.bmm(self.BGB, XdA)
             PB = s2 * torch.bmm(GdB, self.AXA)
-        out = {}
-        for i, (a, b) in enumerate(self.params):
-            out[a], out[b] = PA[i], PB[i]
+        out: dict[str, Tensor] = {}
+        for i, (a, b) in enumerate(self.params):  # blocks may overlap (P + Q, consolidate): sum, never overwrite
+            out[a] = out[a] + PA[i] if a in out else PA[i]
+            out[b] = out[b] + PB[i] if b in out else PB[i]
         return out
 
 
 class GroupedPrecision:
     """``matvec`` of a ``Precision`` with its equal-shaped dense Kronecker blocks evaluated as
     ``StackedKronecker`` groups (``precision`` is the rebuilt precision on views of the stacks);
-    every other block goes through its own ``matvec``. Same results as ``Precision.matvec``."""
+    every other block goes through its own ``matvec``. Same results as ``Precision.matvec``.
+
+    ``tensors()`` names every tensor it holds (stacks, other blocks' tensors, the anchor) with
+    names that are valid buffer names; ``rebuilt(tensors)`` is the same layout on other tensors
+    of the same shapes (moved, cast or loaded): how ``LaLoRARegularizer`` keeps them as buffers."""
 
     def __init__(self, precision: Precision):
         from .blocks.kronecker import KFACBlock, TriKFACBlock
@@ -156,12 +176,43 @@ class GroupedPrecision:
                 groups.setdefault(key, []).append(b)
             else:
                 rest.append(b)
-        self.stacks = [StackedKronecker(bs) for bs in groups.values() if len(bs) > 1]
-        self.rest = rest + [bs[0] for bs in groups.values() if len(bs) == 1]
-        blocks = self.rest + [b for st in self.stacks for b in st.blocks()]
-        self.precision = Precision(blocks, precision.anchor, metadata=precision.metadata,
+        stacks = [StackedKronecker(bs) for bs in groups.values() if len(bs) > 1]
+        rest = rest + [bs[0] for bs in groups.values() if len(bs) == 1]
+        self._assemble(stacks, rest, precision)
+
+    def _assemble(self, stacks: list, rest: list, precision: Precision) -> None:
+        self.stacks, self.rest = stacks, rest
+        views = [b for st in self.stacks for b in st.blocks()]
+        self.precision = Precision(self.rest + views, precision.anchor, metadata=precision.metadata,
                                    prior_precision=precision.prior_precision)
-        self.param_names = precision.param_names
+        if any(b is not v for b, v in zip(self.precision.blocks[len(rest):], views)):
+            # Precision re-centred a block on the anchor: its stacked A0/B0 would be stale
+            raise ValueError("stacked Kronecker blocks are not centred at the precision's anchor (A0/B0 differ)")
+        self.param_names = self.precision.param_names
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the grouped precision: ``stack{i}_{role}``, ``block{j}_{role}`` (the other
+        blocks, in ``self.rest`` order) and ``anchor{k}`` (``param_names`` order)."""
+        out = {}
+        for i, st in enumerate(self.stacks):
+            out.update({f"stack{i}_{role}": t for role, t in st.tensors().items()})
+        for j, b in enumerate(self.rest):
+            out.update({f"block{j}_{role}": t for role, t in b.tensors().items()})
+        out.update({f"anchor{k}": self.precision.anchor[n] for k, n in enumerate(self.param_names)})
+        return out
+
+    def rebuilt(self, tensors: Mapping[str, Tensor]) -> "GroupedPrecision":
+        """The same groups and blocks on ``tensors`` (names as in ``tensors()``, same shapes)."""
+        new = GroupedPrecision.__new__(GroupedPrecision)
+        stacks = [StackedKronecker.from_stacks(st.cls, st.params, st.scaling,
+                                               *(tensors[f"stack{i}_{role}"] for role in StackedKronecker.ROLES))
+                  for i, st in enumerate(self.stacks)]
+        rest = [type(b).from_state(b.params, {role: tensors[f"block{j}_{role}"] for role in b.tensors()}, b.config())
+                for j, b in enumerate(self.rest)]
+        anchor = {n: tensors[f"anchor{k}"] for k, n in enumerate(self.param_names)}
+        p = self.precision
+        new._assemble(stacks, rest, Precision([], anchor, metadata=p.metadata, prior_precision=p.prior_precision))
+        return new
 
     def _check_delta(self, delta) -> None:
         self.precision._check_delta(delta)

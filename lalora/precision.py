@@ -14,20 +14,33 @@ import torch
 from torch import Tensor
 
 from .blocks import Block
+from .blocks.base import all_finite
 
 
 class Precision:
-    """Sum of ``blocks`` over the LoRA weights named in ``anchor`` (canonical name -> theta0)."""
+    """Sum of ``blocks`` over the LoRA weights named in ``anchor`` (canonical name -> theta0).
+
+    Every block is centred at ``anchor``: a Kronecker block (``kfac``, ``tri-kfac`` and their
+    ``-lowrank`` variants) whose stored fit point ``A0, B0`` differs from the anchor is rebuilt with
+    the anchor's values (``Block.with_anchor``), so its linearized form is ``J^T kron(G, X) J`` with
+    the Jacobian ``J`` at the anchor and its effective-weight form uses ``Delta = s (B A - B0 A0)``
+    with ``B0, A0`` from the anchor. Blocks that do not depend on the fit point are kept as they are.
+    """
 
     def __init__(self, blocks: list[Block], anchor: Mapping[str, Tensor], *, metadata: dict | None = None,
                  prior_precision: float = 0.0):
-        self.blocks = list(blocks)
         self.anchor = dict(anchor)
         self.metadata = dict(metadata or {})
         self.prior_precision = float(prior_precision)
         shapes = self.shapes
-        for b in self.blocks:
+        for b in blocks:
             b.validate(shapes)
+        self.blocks = [b.with_anchor(self.anchor) for b in blocks]
+        for b, old in zip(self.blocks, blocks):
+            if b is not old:  # the new A0/B0 come from the anchor, which validate() has not seen
+                for p in b.params:
+                    if not all_finite(self.anchor[p]):
+                        raise ValueError(f"anchor of {p!r} has NaN or Inf entries")
 
     # --- structure ---------------------------------------------------------------
     @property
@@ -97,7 +110,7 @@ class Precision:
             missing = sorted(set(self.param_names) ^ set(other.param_names))
             raise ValueError(f"cannot add precisions over different parameters (first difference: {missing[:1] or 'order'})")
         for n in self.param_names:
-            if not torch.equal(self.anchor[n].cpu(), other.anchor[n].cpu()):
+            if not torch.equal(self.anchor[n].cpu().double(), other.anchor[n].cpu().double()):  # any dtypes
                 raise ValueError(f"cannot add precisions with different anchors (parameter {n!r} differs); "
                                  "move one with .with_anchor() first")
         meta = {"combined_from": [self.metadata, other.metadata]}
@@ -118,13 +131,33 @@ class Precision:
     __rmul__ = __mul__
 
     def with_anchor(self, anchor: Mapping[str, Tensor]) -> "Precision":
-        """The same curvature anchored at another point (continual learning: end of the last task)."""
-        anchor = {n: anchor[n].detach().float().cpu().clone() for n in self.param_names}
-        return Precision(self.blocks, anchor, metadata=copy.deepcopy(self.metadata), prior_precision=self.prior_precision)
+        """The same curvature factors anchored at another point ``theta1`` (continual learning: the end
+        of the last task); ``anchor`` maps every name in ``param_names`` to a tensor (extra names are
+        ignored). Each anchor tensor keeps the device and dtype of the one it replaces.
 
-    def to(self, device=None, dtype=torch.float32) -> "Precision":
+        Blocks whose curvature does not depend on the fit point (diag, dense, factored) are reused
+        as they are. Kronecker blocks (``kfac``, ``tri-kfac``, ``-lowrank``) keep their factors
+        ``G``, ``X`` and are rebuilt around ``theta1``: the linearized forms are the pull-back
+        ``J1^T kron(G, X) J1`` through the Jacobian at ``theta1`` (``kfac``: its diagonal blocks), the
+        effective-weight form uses ``Delta = s (B A - B1 A1)``; every form is 0 at ``theta1``.
+        """
+        missing = [n for n in self.param_names if n not in anchor]
+        if missing:
+            raise KeyError(f"with_anchor: the new anchor has no entry for parameter {missing[0]!r}")
+        new = {}
+        for n, old in self.anchor.items():
+            t = anchor[n].detach()
+            if tuple(t.shape) != tuple(old.shape):
+                raise ValueError(f"with_anchor: parameter {n!r} has shape {tuple(t.shape)}, the precision's anchor "
+                                 f"{tuple(old.shape)}")
+            new[n] = t.to(device=old.device, dtype=old.dtype).clone()
+        return Precision(self.blocks, new, metadata=copy.deepcopy(self.metadata), prior_precision=self.prior_precision)
+
+    def to(self, device=None, dtype=None) -> "Precision":
+        """A copy on ``device`` (default: where it is); floating tensors are cast only when ``dtype`` is given."""
         return Precision([b.to(device, dtype) for b in self.blocks],
-                         {n: t.to(device=device, dtype=dtype) for n, t in self.anchor.items()},
+                         {n: t.to(device=device, dtype=dtype if torch.is_floating_point(t) else None)
+                          for n, t in self.anchor.items()},
                          metadata=self.metadata, prior_precision=self.prior_precision)
 
     def zero_params(self) -> list[str]:

@@ -96,6 +96,14 @@ class Block:
         """``factor * F`` as a new block."""
         raise NotImplementedError
 
+    def with_anchor(self, anchor: Mapping[str, Tensor]) -> "Block":
+        """This block centred at ``anchor`` (canonical name -> tensor, a superset of ``params``).
+
+        Blocks whose curvature does not depend on the fit point (diag, dense, factored) return
+        themselves. Kronecker blocks store the LoRA weights ``A0, B0`` they linearize at and
+        rebuild themselves with the anchor's values (see ``lalora.blocks.kronecker``)."""
+        return self
+
     # --- storage -----------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
         """Role -> tensor: everything needed to rebuild the block (saved to safetensors)."""

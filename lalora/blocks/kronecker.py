@@ -18,7 +18,10 @@ With ``J: (dA, dB) -> vec(s (B0 dA + dB A0))`` the forms are
 
 Every form is evaluated through rank-2r factors (``D = U V^T``: ``tr((U^T G U)(V^T X V))``),
 never as a Kronecker product or a dense ``d_out x d_in`` matrix. ``params`` = ``(A, B)``.
-The effective-weight form uses the block's own ``A0, B0`` (the fit point).
+The forms are centred at the block's own ``A0, B0``. A ``Precision`` keeps them equal to its
+anchor: moving the anchor (``Precision.with_anchor``) rebuilds the block at the new point
+(``with_anchor`` below), so the linearized forms become the pull-back of ``kron(G, X)`` through
+the Jacobian at the new anchor and the effective-weight form is centred there.
 """
 from __future__ import annotations
 
@@ -84,6 +87,19 @@ def trikfac_matvec(block, dA: Tensor, dB: Tensor) -> dict[str, Tensor]:
     XV = torch.cat([block._apply_X(dA.T), XA0t], 1)  # (d_in, 2r)
     a, b = block.params
     return {a: s2 * (block.B0.T @ GU) @ XV.T, b: s2 * GU @ (XV.T @ block.A0.T)}
+
+
+def anchor_pair(block, anchor: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(A0, B0)`` of a Kronecker block taken from ``anchor`` (on the block's device and dtype); the
+    block's own tensors when they already hold these values."""
+    out = []
+    for name, own in zip(block.params, (block.A0, block.B0)):
+        t = anchor[name].detach().to(device=own.device, dtype=own.dtype)
+        if tuple(t.shape) != tuple(own.shape):
+            raise ValueError(f"{block.kind} block: anchor of {name!r} has shape {tuple(t.shape)}, the block's "
+                             f"{'A0' if own is block.A0 else 'B0'} has {tuple(own.shape)}")
+        out.append(own if torch.equal(t, own) else t)
+    return out[0], out[1]
 
 
 class _KroneckerAdapterBlock(Block):
@@ -167,6 +183,12 @@ class _KroneckerAdapterBlock(Block):
 
     def scaled(self, factor):
         return type(self)(self.params, self.X, self.G * factor, self.A0, self.B0, self.scaling)
+
+    def with_anchor(self, anchor):
+        A0, B0 = anchor_pair(self, anchor)
+        if A0 is self.A0 and B0 is self.B0:
+            return self
+        return type(self)(self.params, self.X, self.G, A0, B0, self.scaling)
 
     def diagonal(self):
         # the diagonal blocks of tri-kfac are the kfac blocks, so both kinds share the diagonal

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .base import Block, register_block
-from .kronecker import KFACBlock, TriKFACBlock, _KroneckerAdapterBlock, cached_anchor_products, kfac_matvec, trikfac_matvec
+from .kronecker import (KFACBlock, TriKFACBlock, _KroneckerAdapterBlock, anchor_pair, cached_anchor_products, kfac_matvec,
+                        trikfac_matvec)
 
 OVERSAMPLE = 10  # extra random columns of the subspace iteration
 POWER_ITERS = 4  # subspace (power) iterations
@@ -193,6 +194,13 @@ class _LowRankKroneckerBlock(Block):
     def scaled(self, factor):
         G = self.G.scaled(factor) if isinstance(self.G, LowRankDiag) else self.G * factor
         return type(self)(self.params, self.X, G, self.A0, self.B0, self.scaling, max_rank=self.max_rank, seed=self.seed)
+
+    def with_anchor(self, anchor):
+        """Rebuilt at ``anchor`` (same factors): see ``lalora.blocks.kronecker``."""
+        A0, B0 = anchor_pair(self, anchor)
+        if A0 is self.A0 and B0 is self.B0:
+            return self
+        return type(self)(self.params, self.X, self.G, A0, B0, self.scaling, max_rank=self.max_rank, seed=self.seed)
 
     # --- storage -------------------------------------------------------------------
     def tensors(self):
