@@ -30,25 +30,33 @@ class ZeroCurvatureWarning(UserWarning):
 @contextmanager
 def fitting_mode(model: nn.Module, adapters):
     """Eval mode (dropout off), no gradient checkpointing, only LoRA weights require grad;
-    everything is restored on exit."""
+    everything is restored on exit.
+
+    Gradient checkpointing is switched off through the per-module ``gradient_checkpointing``
+    flags that transformers' checkpointing API sets (and its layers read), not through
+    ``gradient_checkpointing_disable/enable``: those are deprecated aliases in transformers 5
+    (FutureWarning) and re-enabling would lose what the user chose (the checkpoint function
+    with its ``gradient_checkpointing_kwargs`` such as ``use_reentrant``, ``every_n_layers``,
+    offloading, the input-grad hooks). Flipping the flags and putting them back leaves all
+    of that untouched."""
     was_training = model.training
     lora = {id(p) for p in lora_parameters(adapters).values()}
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    base = base_model_of(model)
-    flag_name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    checkpointing = bool(getattr(base, flag_name, False))
+    # vars(): the instance attribute itself (peft wrappers forward unknown attributes to the model)
+    checkpointing = [(m, m.gradient_checkpointing) for m in base_model_of(model).modules()
+                     if isinstance(vars(m).get("gradient_checkpointing"), bool)]
     try:
         model.eval()
-        if checkpointing:
-            base.gradient_checkpointing_disable()
+        for m, _ in checkpointing:
+            m.gradient_checkpointing = False
         for p, _ in saved_flags:
             p.requires_grad_(id(p) in lora)
         yield
     finally:
         for p, flag in saved_flags:
             p.requires_grad_(flag)
-        if checkpointing:
-            base.gradient_checkpointing_enable()
+        for m, flag in checkpointing:
+            m.gradient_checkpointing = flag
         model.train(was_training)
 
 
