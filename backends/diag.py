@@ -42,13 +42,15 @@ class DiagEFBackend(CurvatureBackend):
         self._loaded = dict(state)
 
     def _initial_sums(self, params) -> dict[str, torch.Tensor]:
+        """Zeros, or the sums of a state loaded for this fit (consumed: a later fit starts from zero)."""
         sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()}
-        if self._loaded is not None:
-            if set(self._loaded) != {f"sum.{n}" for n in params}:
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            if set(loaded) != {f"sum.{n}" for n in params}:
                 raise BackendError("diag backend state covers other LoRA matrices than the model's: "
-                                   f"{sorted(set(self._loaded) ^ {f'sum.{n}' for n in params})[:3]}")
+                                   f"{sorted(set(loaded) ^ {f'sum.{n}' for n in params})[:3]}")
             for n, t in sums.items():
-                saved = self._loaded[f"sum.{n}"]
+                saved = loaded[f"sum.{n}"]
                 if saved.shape != t.shape:
                     raise BackendError(f"diag backend state for {n!r} has shape {tuple(saved.shape)}, "
                                        f"the model's is {tuple(t.shape)}")

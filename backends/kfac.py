@@ -156,11 +156,13 @@ class KFACBackend(CurvatureBackend):
         self._loaded = dict(state)
 
     def _restore(self, adapters, sums: dict, gen: torch.Generator, device) -> None:
-        """Start ``sums`` and ``gen`` from a loaded checkpoint state (checked against the adapters)."""
-        if self._loaded is None:
+        """Start ``sums`` and ``gen`` from a state loaded for this fit (checked against the adapters); the state
+        is consumed, so a later fit of this instance starts from zero."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is None:
             return
         shapes = {a.name: {"X": (a.A.shape[1],) * 2, "G": (a.B.shape[0],) * 2, "T": ()} for a in adapters}
-        for k, t in self._loaded.items():
+        for k, t in loaded.items():
             if k == "rng":
                 continue
             name, key = k[len("sum."):].rsplit(".", 1)
@@ -170,8 +172,7 @@ class KFACBackend(CurvatureBackend):
                 raise BackendError(f"{self.name} backend state {k!r} has shape {tuple(t.shape)}, expected "
                                    f"{shapes[name][key]}")
             sums[name][key] = t.to(device)
-        gen.set_state(self._loaded["rng"])
-        self._loaded = None
+        gen.set_state(loaded["rng"])
 
     def curvature_kind(self) -> str:
         return {"mc": "mc_fisher", "empirical": "empirical_fisher", "type-2": "ggn"}[self.options["fisher_type"]]

@@ -11,7 +11,7 @@ from .backend import CurvatureBackend, FitContext, get_backend, list_backends, r
 from .blocks import Block, DenseBlock, DiagBlock, register_block
 from .compression import compress
 from .errors import (AnchorMismatchError, BackendError, DataError, LaloraError, ModelMismatchError,
-                     PrecisionFileError)
+                     PrecisionFileError, UncoveredParameterError, UncoveredParameterWarning)
 from .fit import ZeroCurvatureWarning, fit_precision
 from .integrations.torch_loop import regularized
 from .precision import Precision
@@ -20,7 +20,7 @@ from .regularizer import LaLoRARegularizer
 __all__ = [
     "AnchorMismatchError", "BackendError", "Block", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
     "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
-    "PrecisionFileError", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
+    "PrecisionFileError", "UncoveredParameterError", "UncoveredParameterWarning", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
     "list_backends", "register_backend", "register_block", "__version__", "compress", "LaLoRATrainer", "regularized", "compare", "compare_precisions",
 ]
 

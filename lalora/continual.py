@@ -9,7 +9,10 @@ Training task t+1 then uses ``LaLoRARegularizer(model, P_t, strength)``, which p
 the end of task t with the curvature of everything learnt so far (``P_0`` = the source
 precision). ``decay`` in [0, 1] forgets old tasks geometrically (1 = keep all, 0 = only the
 last task). The old curvature is reused at the new anchor: an approximation, exact only
-while the weights move little. See docs/training.md#continual-learning.
+while the weights move little. Kronecker blocks keep their factors ``G``, ``X`` and are
+rebuilt around theta_t (``Precision.with_anchor``): their linearized forms use the Jacobian at
+theta_t and the effective-weight form ``Delta = s (B A - B_t A_t)``, so every form is 0 at the
+new anchor. See docs/training.md#continual-learning.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from .precision import Precision
 
 
 def consolidate(old: Precision | None, task: Precision, *, decay: float = 1.0) -> Precision:
-    """``decay * old + task``, anchored at ``task``'s anchor (the end of the last task).
+    """``decay * old + task``, anchored at ``task``'s anchor (the end of the last task); ``old``'s
+    Kronecker blocks are re-centred there (``Precision.with_anchor``).
 
     ``old`` may be None (first task). Both must cover the same LoRA weights, in the same order.
     """

@@ -23,3 +23,20 @@ class DataError(LaloraError, ValueError):
 
 class AnchorMismatchError(LaloraError, ValueError):
     """The model's LoRA weights are not at the precision's anchor theta0."""
+
+
+class UncoveredParameterError(LaloraError, ValueError):
+    """Some trainable tensors are not covered by the precision (``uncovered="error"``)."""
+
+
+class UncoveredParameterWarning(UserWarning):
+    """Some trainable tensors are not covered by the precision and train without the penalty
+    (``uncovered="warn"``, the default; see docs/concepts.md#coverage)."""
+
+
+def caller_option(caller: str, name: str, value) -> str:
+    """How the caller spells option ``name=value``: ``--name value`` for a CLI command (``caller``
+    starting with ``"lalora "``), else ``Caller(..., name=value)``."""
+    if caller.startswith("lalora "):
+        return f"{caller} --{name.replace('_', '-')} {value}"
+    return f"{caller}(..., {name}={value!r})"

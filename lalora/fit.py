@@ -13,6 +13,7 @@ from torch import nn
 
 from .adapters import base_model_of, find_lora_adapters, lora_config_summary, lora_parameters, lora_state
 from .backend import CurvatureBackend, FitContext, _distributed, get_backend
+from .coverage import check_coverage, check_uncovered_mode
 from .data import BatchStream, _hash_update, _is_single_batch
 from .errors import BackendError, DataError
 from .losses import resolve_loss
@@ -29,25 +30,33 @@ class ZeroCurvatureWarning(UserWarning):
 @contextmanager
 def fitting_mode(model: nn.Module, adapters):
     """Eval mode (dropout off), no gradient checkpointing, only LoRA weights require grad;
-    everything is restored on exit."""
+    everything is restored on exit.
+
+    Gradient checkpointing is switched off through the per-module ``gradient_checkpointing``
+    flags that transformers' checkpointing API sets (and its layers read), not through
+    ``gradient_checkpointing_disable/enable``: those are deprecated aliases in transformers 5
+    (FutureWarning) and re-enabling would lose what the user chose (the checkpoint function
+    with its ``gradient_checkpointing_kwargs`` such as ``use_reentrant``, ``every_n_layers``,
+    offloading, the input-grad hooks). Flipping the flags and putting them back leaves all
+    of that untouched."""
     was_training = model.training
     lora = {id(p) for p in lora_parameters(adapters).values()}
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    base = base_model_of(model)
-    flag_name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    checkpointing = bool(getattr(base, flag_name, False))
+    # vars(): the instance attribute itself (peft wrappers forward unknown attributes to the model)
+    checkpointing = [(m, m.gradient_checkpointing) for m in base_model_of(model).modules()
+                     if isinstance(vars(m).get("gradient_checkpointing"), bool)]
     try:
         model.eval()
-        if checkpointing:
-            base.gradient_checkpointing_disable()
+        for m, _ in checkpointing:
+            m.gradient_checkpointing = False
         for p, _ in saved_flags:
             p.requires_grad_(id(p) in lora)
         yield
     finally:
         for p, flag in saved_flags:
             p.requires_grad_(flag)
-        if checkpointing:
-            base.gradient_checkpointing_enable()
+        for m, flag in checkpointing:
+            m.gradient_checkpointing = flag
         model.train(was_training)
 
 
@@ -153,7 +162,8 @@ def _tokenizer_info(tokenizer, vocab_size: int | None) -> dict | None:
 def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "diag", *, loss="auto", progress: bool = True,
                   adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
                   shard: str | bool = "auto", skip_nonfinite: bool = False, checkpoint_dir=None,
-                  checkpoint_every: int = 100, tokenizer=None, **backend_options) -> Precision:
+                  checkpoint_every: int = 100, tokenizer=None, uncovered: str = "warn", _caller: str = "fit_precision",
+                  **backend_options) -> Precision:
     """Estimate the source-loss curvature w.r.t. the LoRA weights at their current values (theta0).
 
     ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``).
@@ -176,6 +186,13 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     deleted when the fit completes. ``tokenizer``: its name and size are stored in the metadata
     and checked against the model's vocabulary. Sequences longer than the model's
     ``max_position_embeddings`` and token ids outside its vocabulary raise ``DataError``.
+
+    Coverage (docs/concepts.md#coverage): the precision covers the linear LoRA weights of the
+    selected adapters. Every other parameter that requires grad when ``fit_precision`` is called
+    (LoRA on embeddings, ``modules_to_save`` copies, other adapters, unfrozen base weights) would
+    train without the penalty: ``uncovered="warn"`` (default) warns with an
+    ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
+    ``"ignore"`` says nothing.
     """
     if isinstance(backend, CurvatureBackend):
         if backend_options:
@@ -185,10 +202,13 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         instance = get_backend(backend)(**backend_options)
     if prior_precision < 0:
         raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
+    check_uncovered_mode(uncovered, _caller)
     if skip_nonfinite and not instance.supports_skip_nonfinite:
         raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
                            "(it does not handle skipped batches); drop the option")
     adapters = find_lora_adapters(model, adapter_name)
+    # what the user trains, before fitting_mode() sets requires_grad on the LoRA weights only
+    check_coverage(model, lora_parameters(adapters).values(), uncovered, caller=_caller)
     device = adapters[0].A.device
     base = base_model_of(model)
     vocab_size, max_positions = _model_limits(base)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .blocks.factors import stack_factors, stack_key, unstack_factor
+from .blocks.factors import factor_from_tensors, stack_factors, stack_key, unstack_factor
 from .blocks.kronecker import KroneckerBlock
 from .blocks.kronecker_algebra import KroneckerTerm
 from .precision import Precision
@@ -88,14 +88,27 @@ class KroneckerGroup:
     ``blocks()`` returns the blocks rebuilt on views of the stacks, so the caller can drop the
     originals (no second copy of the factors)."""
 
-    def __init__(self, blocks: list[KroneckerBlock]):
+    def __init__(self, blocks: list[KroneckerBlock], anchor: Mapping[str, Tensor]):
         first = blocks[0]
-        self.cls, self.params, self.scaling = type(first), [b.params for b in blocks], first.scaling
-        self.X = stack_factors([b.X for b in blocks])
-        self.G = stack_factors([b.G for b in blocks])
-        A0 = torch.stack([b.term.A0 for b in blocks])  # (L, r, d_in)
-        B0 = torch.stack([b.term.B0 for b in blocks])  # (L, d_out, r)
-        self.term = KroneckerTerm(self.X, self.G, A0, B0, self.scaling, first.coupled)
+        self._setup(type(first), [b.params for b in blocks], first.scaling, stack_factors([b.X for b in blocks]),
+                    stack_factors([b.G for b in blocks]), anchor)
+
+    def _setup(self, cls, params, scaling, X, G, anchor) -> None:
+        self.cls, self.params, self.scaling, self.X, self.G = cls, list(params), float(scaling), X, G
+        A0 = torch.stack([anchor[a] for a, _ in self.params]).to(X.dtype)  # (L, r, d_in)
+        B0 = torch.stack([anchor[b] for _, b in self.params]).to(X.dtype)  # (L, d_out, r)
+        self.term = KroneckerTerm(X, G, A0, B0, self.scaling, cls.coupled)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Role -> stacked factor tensor (``X``/``G``, or their low-rank parts); the anchor is not a role."""
+        return {**self.X.tensors("X"), **self.G.tensors("G")}
+
+    def rebuilt(self, tensors: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> "KroneckerGroup":
+        """The same group on other stacked tensors (moved, cast or loaded) and anchor."""
+        new = KroneckerGroup.__new__(KroneckerGroup)
+        new._setup(self.cls, self.params, self.scaling, factor_from_tensors("X", tensors),
+                   factor_from_tensors("G", tensors), anchor)
+        return new
 
     @staticmethod
     def key(b: KroneckerBlock) -> tuple:
@@ -112,16 +125,21 @@ class KroneckerGroup:
 
     def matvec(self, delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
         PA, PB = self.term.matvec(*self.stacked(delta))
-        out = {}
-        for i, (a, b) in enumerate(self.params):
-            out[a], out[b] = PA[i], PB[i]
+        out: dict[str, Tensor] = {}
+        for i, (a, b) in enumerate(self.params):  # blocks may overlap (P + Q, consolidate): sum, never overwrite
+            out[a] = out[a] + PA[i] if a in out else PA[i]
+            out[b] = out[b] + PB[i] if b in out else PB[i]
         return out
 
 
 class GroupedPrecision:
     """``matvec`` of a ``Precision`` with its equal-shaped Kronecker blocks evaluated as ``KroneckerGroup``s
     (``precision`` is the rebuilt precision on views of the stacks); every other block goes through its
-    own ``matvec``. Same results as ``Precision.matvec``."""
+    own ``matvec``. Same results as ``Precision.matvec``.
+
+    ``tensors()`` names every tensor it holds (stacked factors, other blocks' tensors, the anchor) with
+    names that are valid buffer names; ``rebuilt(tensors)`` is the same layout on other tensors of the
+    same shapes (moved, cast or loaded): how ``LaLoRARegularizer`` keeps them as buffers."""
 
     def __init__(self, precision: Precision):
         groups: dict[tuple, list] = {}
@@ -131,12 +149,37 @@ class GroupedPrecision:
                 groups.setdefault(KroneckerGroup.key(b), []).append(b)
             else:
                 rest.append(b)
-        self.groups = [KroneckerGroup(bs) for bs in groups.values() if len(bs) > 1]
         rest += [bs[0] for bs in groups.values() if len(bs) == 1]
-        self.precision = Precision(rest + [b for g in self.groups for b in g.blocks()], precision.anchor,
-                                   metadata=precision.metadata, prior_precision=precision.prior_precision, validate=False)
+        self._assemble([KroneckerGroup(bs, precision.anchor) for bs in groups.values() if len(bs) > 1], rest,
+                       precision.anchor, precision)
+
+    def _assemble(self, groups: list[KroneckerGroup], rest: list, anchor: Mapping[str, Tensor], like: Precision) -> None:
+        self.groups = groups
+        self.precision = Precision(rest + [b for g in groups for b in g.blocks()], anchor, metadata=like.metadata,
+                                   prior_precision=like.prior_precision, validate=False)
         self.rest = self.precision.blocks[:len(rest)]  # bound to the anchor; blocks may overlap (P1 + P2)
-        self.param_names = precision.param_names
+        self.param_names = self.precision.param_names
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor: ``group{i}_{role}``, ``block{j}_{role}`` (``self.rest`` order), ``anchor{k}``."""
+        out = {}
+        for i, g in enumerate(self.groups):
+            out.update({f"group{i}_{role}": t for role, t in g.tensors().items()})
+        for j, b in enumerate(self.rest):
+            out.update({f"block{j}_{role}": t for role, t in b.tensors().items()})
+        out.update({f"anchor{k}": self.precision.anchor[n] for k, n in enumerate(self.param_names)})
+        return out
+
+    def rebuilt(self, tensors: Mapping[str, Tensor]) -> "GroupedPrecision":
+        """The same groups and blocks on ``tensors`` (names as in ``tensors()``, same shapes)."""
+        anchor = {n: tensors[f"anchor{k}"] for k, n in enumerate(self.param_names)}
+        groups = [g.rebuilt({role: tensors[f"group{i}_{role}"] for role in g.tensors()}, anchor)
+                  for i, g in enumerate(self.groups)]
+        rest = [type(b).from_state(b.params, {role: tensors[f"block{j}_{role}"] for role in b.tensors()}, b.config())
+                for j, b in enumerate(self.rest)]
+        new = GroupedPrecision.__new__(GroupedPrecision)
+        new._assemble(groups, rest, anchor, self.precision)
+        return new
 
     def _check_delta(self, delta) -> None:
         self.precision._check_delta(delta)

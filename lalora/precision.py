@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .blocks import Block
+from .blocks.base import all_finite
 
 
 class Precision:
@@ -33,6 +34,9 @@ class Precision:
         self.prior_precision = float(prior_precision)
         if validate:
             shapes = self.shapes
+            for n, t in self.anchor.items():
+                if torch.is_floating_point(t) and not all_finite(t):
+                    raise ValueError(f"anchor of {n!r} has NaN or Inf entries")
             for b in self.blocks:
                 b.validate(shapes)
 
@@ -104,7 +108,7 @@ class Precision:
             missing = sorted(set(self.param_names) ^ set(other.param_names))
             raise ValueError(f"cannot add precisions over different parameters (first difference: {missing[:1] or 'order'})")
         for n in self.param_names:
-            if not torch.equal(self.anchor[n].cpu(), other.anchor[n].cpu()):
+            if not torch.equal(self.anchor[n].cpu().double(), other.anchor[n].cpu().double()):  # any dtypes
                 raise ValueError(f"cannot add precisions with different anchors (parameter {n!r} differs); "
                                  "move one with .with_anchor() first")
         meta = {"combined_from": [self.metadata, other.metadata]}
@@ -125,18 +129,34 @@ class Precision:
     __rmul__ = __mul__
 
     def with_anchor(self, anchor: Mapping[str, Tensor]) -> "Precision":
-        """The same curvature around another point (continual learning: the end of the last task).
+        """The same curvature around another point ``theta1`` (continual learning: the end of the last
+        task); ``anchor`` maps every name in ``param_names`` to a tensor (extra names are ignored). Each
+        anchor tensor keeps the device and dtype of the one it replaces.
 
-        Diagonal, dense and factored blocks keep their matrix; Kronecker blocks keep their layer
-        factors ``X``, ``G`` and are pulled back through the Jacobian at the new anchor, and their
-        effective-weight form is centred at it: every form is 0 at the new anchor."""
-        anchor = {n: anchor[n].detach().float().cpu().clone() for n in self.param_names}
-        return Precision(self.blocks, anchor, metadata=copy.deepcopy(self.metadata), prior_precision=self.prior_precision,
+        Blocks whose curvature does not depend on the fit point (diag, dense, factored) are reused
+        as they are. Kronecker blocks (``kfac``, ``tri-kfac``, dense or low-rank factors) keep their
+        factors ``G``, ``X`` and are bound to ``theta1``: the linearized forms are the pull-back
+        ``J1^T kron(G, X) J1`` through the Jacobian at ``theta1`` (``kfac``: its diagonal blocks), the
+        effective-weight form uses ``Delta = s (B A - B1 A1)``; every form is 0 at ``theta1``.
+        """
+        missing = [n for n in self.param_names if n not in anchor]
+        if missing:
+            raise KeyError(f"with_anchor: the new anchor has no entry for parameter {missing[0]!r}")
+        new = {}
+        for n, old in self.anchor.items():
+            t = anchor[n].detach()
+            if tuple(t.shape) != tuple(old.shape):
+                raise ValueError(f"with_anchor: parameter {n!r} has shape {tuple(t.shape)}, the precision's anchor "
+                                 f"{tuple(old.shape)}")
+            new[n] = t.to(device=old.device, dtype=old.dtype).clone()
+        return Precision(self.blocks, new, metadata=copy.deepcopy(self.metadata), prior_precision=self.prior_precision,
                          validate=False)
 
-    def to(self, device=None, dtype=torch.float32) -> "Precision":
+    def to(self, device=None, dtype=None) -> "Precision":
+        """A copy on ``device`` (default: where it is); floating tensors are cast only when ``dtype`` is given."""
         return Precision([b.to(device, dtype) for b in self.blocks],
-                         {n: t.to(device=device, dtype=dtype) for n, t in self.anchor.items()},
+                         {n: t.to(device=device, dtype=dtype if torch.is_floating_point(t) else None)
+                          for n, t in self.anchor.items()},
                          metadata=self.metadata, prior_precision=self.prior_precision, validate=False)
 
     def zero_params(self) -> list[str]:

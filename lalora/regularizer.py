@@ -4,6 +4,12 @@ It consumes a ``Precision`` and never calls a backend. Evaluation goes through e
 block's own matrix-vector product (no Kronecker product or dense matrix is formed that the
 structure avoids) in float32, whatever the LoRA weights' dtype; the gradient is computed in
 closed form (``lalora.penalty``), so each curvature factor is read once per step.
+
+State: the curvature tensors (stacked Kronecker groups, the other blocks' tensors, the anchor)
+are the module's buffers, so ``reg.to(device / dtype)`` moves or casts them (the grouped
+precision is rebuilt on the moved tensors) and ``reg.state_dict()`` holds them; loading a
+state dict rebuilds it too. The regularizer has no parameters of its own: it acts on the
+model's LoRA parameters, which it references, never copies.
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import find_lora_adapters, lora_parameters
+from .anchor_check import anchor_mismatch_message, fitted_adapters
+from .coverage import check_coverage, check_trainable, check_uncovered_mode
 from .errors import AnchorMismatchError, BackendError
 from .penalty import GroupedPrecision, linearized_quadratic
 from .precision import Precision
@@ -19,8 +27,13 @@ from .validation import match_to_model
 FORMS = ("linearized", "effective-weight")
 
 
+def _rebuild_after_load(module: "LaLoRARegularizer", incompatible_keys) -> None:
+    module._set_grouped(module._grouped.rebuilt(module._buffers))
+
+
 class LaLoRARegularizer(nn.Module):
-    """Penalty module: ``reg()`` returns a differentiable 0-dim float32 tensor.
+    """Penalty module: ``reg()`` returns a differentiable 0-dim float32 tensor (the dtype of its
+    buffers after ``reg.to(dtype)``).
 
     ``strength`` is lambda; ``prior_precision`` (delta) overrides the one stored in the
     precision. ``form="linearized"`` uses ``d = theta - theta0``; ``form="effective-weight"``
@@ -28,10 +41,20 @@ class LaLoRARegularizer(nn.Module):
     must be at the precision's anchor when the regularizer is built (``check_anchor``), since
     a precision is only meaningful around the point it was fitted at; ``reset_to_anchor()``
     moves them there.
+
+    Coverage (docs/concepts.md#coverage): the LoRA weights the precision covers must be trainable
+    (all frozen: ``ModelMismatchError``; some frozen: a warning naming them), and every other
+    parameter that requires grad is reported by ``uncovered=`` (``"warn"``: an
+    ``UncoveredParameterWarning`` naming them; ``"error"``: ``UncoveredParameterError``;
+    ``"ignore"``).
+
+    Devices: the curvature is moved to the LoRA weights' device when the regularizer is built;
+    after ``model.to(device)``, call ``reg.to(device)`` too (it is not a submodule of the model).
     """
 
     def __init__(self, model: nn.Module, precision: Precision, strength: float, *, prior_precision: float | None = None,
-                 form: str = "linearized", adapter_name=None, check_anchor: bool = True):
+                 form: str = "linearized", adapter_name=None, check_anchor: bool = True, uncovered: str = "warn",
+                 _caller: str = "LaLoRARegularizer"):
         super().__init__()
         if not isinstance(precision, Precision):
             raise TypeError(f"precision must be a lalora.Precision, got {type(precision).__name__}")
@@ -40,15 +63,22 @@ class LaLoRARegularizer(nn.Module):
         strength = float(strength)
         if not strength >= 0 or strength == float("inf"):
             raise ValueError(f"strength must be a finite number >= 0, got {strength}")
+        check_uncovered_mode(uncovered, _caller)
+        self._caller = _caller
         precision = match_to_model(precision, model, strict=True, adapter_name=adapter_name)
-        params = lora_parameters(find_lora_adapters(model, adapter_name))
+        adapters = find_lora_adapters(model, adapter_name)
+        params = lora_parameters(adapters)
         self._params = {n: params[n] for n in precision.param_names}
+        self._adapters_in_use = sorted({a.adapter_name for a in adapters})
+        self._active_adapters = _active_adapters(model)
+        check_trainable(self._params, _caller)
+        check_coverage(model, self._params.values(), uncovered, caller=_caller, selected=params.values())
         device = next(iter(self._params.values())).device
         # equal-shaped Kronecker blocks are stacked for batched products (lalora.penalty.GroupedPrecision);
         # self.precision holds the blocks on views of the stacks. While the caller keeps the original
         # float32 precision on this device, its factors exist twice (the stacks are copies).
-        self._grouped = GroupedPrecision(precision.to(device, torch.float32))
-        self.precision = self._grouped.precision
+        self._set_grouped(GroupedPrecision(precision.to(device, torch.float32)))
+        self.register_load_state_dict_post_hook(_rebuild_after_load)
         self.strength = strength
         self.prior_precision = float(precision.prior_precision if prior_precision is None else prior_precision)
         if self.prior_precision < 0:
@@ -65,17 +95,30 @@ class LaLoRARegularizer(nn.Module):
         if check_anchor:
             self.check_anchor()
 
+    # --- state: the curvature tensors are buffers -------------------------------------
+    def _set_grouped(self, grouped: GroupedPrecision) -> None:
+        self._grouped, self.precision = grouped, grouped.precision
+        for name, t in grouped.tensors().items():
+            self.register_buffer(name, t)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to / .cuda / .double / ... replace the buffers: rebuild the grouped precision on them
+        super()._apply(fn, recurse)
+        self._set_grouped(self._grouped.rebuilt(self._buffers))
+        return self
+
+    # --- anchor ------------------------------------------------------------------------
     @torch.no_grad()
     def check_anchor(self) -> None:
-        """Raise ``AnchorMismatchError`` naming the first LoRA weight not at theta0."""
-        for n, p in self._params.items():
-            a = self.precision.anchor[n]
-            if not torch.equal(p.detach().float(), a):
-                diff = (p.detach().float() - a).abs().max().item()
-                raise AnchorMismatchError(
-                    f"LoRA weight {n!r} differs from the precision's anchor theta0 (max abs diff {diff:.3g}): the "
-                    "precision was fitted at another starting point. Call reg.reset_to_anchor() to start from theta0, "
-                    "or pass check_anchor=False if you know what you are doing")
+        """Raise ``AnchorMismatchError`` naming the first LoRA weight not at theta0, the adapters
+        involved, and what to do (in the caller's vocabulary: regularizer or Trainer arguments)."""
+        anchor = self.precision.anchor
+        current = {n: p.detach().to(anchor[n]) for n, p in self._params.items()}
+        if all(torch.equal(current[n], anchor[n]) for n in current):
+            return
+        raise AnchorMismatchError(anchor_mismatch_message(
+            current, anchor, caller=self._caller, fitted=fitted_adapters(self.precision.metadata),
+            in_use=self._adapters_in_use, active=self._active_adapters))
 
     @torch.no_grad()
     def reset_to_anchor(self) -> None:
@@ -83,8 +126,23 @@ class LaLoRARegularizer(nn.Module):
         for n, p in self._params.items():
             p.copy_(self.precision.anchor[n].to(p.dtype))
 
+    # --- penalty -----------------------------------------------------------------------
+    def _check_device(self) -> None:
+        name, p = next(iter(self._params.items()))
+        here = self.precision.anchor[name].device
+        if p.device != here:
+            raise RuntimeError(f"the model's LoRA weights are on {p.device}, the regularizer's curvature on {here}: "
+                               f"call reg.to({str(p.device)!r}) after moving the model (the regularizer is not a "
+                               "submodule of the model, so model.to() does not move it)")
+
+    def _theta(self) -> dict[str, Tensor]:
+        """The LoRA weights in the curvature's dtype (float32 unless ``reg.to(dtype)`` changed it)."""
+        anchor = self.precision.anchor
+        return {n: p.to(anchor[n].dtype) for n, p in self._params.items()}
+
     def delta(self) -> dict[str, Tensor]:
-        return {n: p.float() - self.precision.anchor[n] for n, p in self._params.items()}
+        anchor = self.precision.anchor
+        return {n: t - anchor[n] for n, t in self._theta().items()}
 
     def curvature_term(self, delta: dict[str, Tensor] | None = None) -> Tensor:
         """``d^T P d`` (linearized) or the effective-weight form, without prior and strength.
@@ -92,11 +150,11 @@ class LaLoRARegularizer(nn.Module):
         The gradient is computed in closed form (``lalora.penalty``: ``2 P d``, one read of each
         curvature factor per step); ``delta`` (from ``self.delta()``) saves recomputing it."""
         if self.form == "effective-weight":
-            theta = {n: p.float() for n, p in self._params.items()}
-            return self._grouped.effective_weight(theta)
+            return self._grouped.effective_weight(self._theta())
         return linearized_quadratic(self._grouped, self.delta() if delta is None else delta)
 
     def forward(self) -> Tensor:
+        self._check_device()
         delta = self.delta()
         q = self.curvature_term(delta)
         if self.prior_precision:
@@ -105,3 +163,13 @@ class LaLoRARegularizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"strength={self.strength:g}, form={self.form!r}, prior_precision={self.prior_precision:g}, {self.precision!r}"
+
+
+def _active_adapters(model: nn.Module) -> list[str] | None:
+    try:
+        active = getattr(model, "active_adapters", None)
+    except (AttributeError, ValueError):  # peft raises for some wrappers without an active adapter
+        return None
+    if active is None or callable(active):
+        return None
+    return [active] if isinstance(active, str) else sorted(active)

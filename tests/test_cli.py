@@ -4,39 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import lalora
+from cli_fixtures import data_files, model_dir, run  # noqa: F401 (fixtures)
 from lalora.cli import build_parser, main
-from models import byte_tokenizer, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_model")
-    m = tiny_llama(vocab_size=257, max_position_embeddings=128)
-    m.save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    src = d / "source.jsonl"
-    src.write_text("\n".join(json.dumps({"text": t}) for t in
-                             ["The cat sat on the mat.", "A stitch in time saves nine.", "Fortune favours the bold.",
-                              "All that glitters is not gold.", "Out of sight, out of mind."]) + "\n")
-    task = d / "task.jsonl"
-    task.write_text("\n".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)})
-                              for a, b in [(1, 2), (3, 4), (5, 6), (2, 2)]) + "\n")
-    return src, task
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_help_has_examples(capsys):

@@ -141,7 +141,7 @@ def test_anchor_mismatch_and_reset(tmp_path, precision):
         next(iter(lora_parameters(find_lora_adapters(model)).values())).add_(0.1)
     kw = dict(args=args(tmp_path, 4, 1, 1), train_dataset=examples(), data_collator=default_data_collator,
               precision=precision, strength=STRENGTH)
-    with pytest.raises(AnchorMismatchError, match="reset_to_anchor"):
+    with pytest.raises(AnchorMismatchError, match=r"LaLoRATrainer\(\.\.\., anchor='reset'\)"):
         LaLoRATrainer(model=model, **kw)
     LaLoRATrainer(model=model, anchor="reset", **kw)
     assert max_diff(lora_weights(model), precision.anchor) == 0.0

