@@ -8,13 +8,23 @@ N examples of the curvature of each example's summed loss:
   real tokens (attention mask 1) of the N counted examples and ``S`` the number of backward
   passes per batch that make one curvature estimate (``mc_samples`` for MC). Then
   ``kron(G, X) = (1/N) T E_t[g g^T] (x) E_t[x x^T]``, the K-FAC approximation of
-  ``(1/N) sum_{n,t} (g g^T) (x) (x x^T)``; for one token per example it is exact.
+  ``(1/N) sum_{n,t} (g g^T) (x) (x x^T)``. It is exact only for a single example (or identical
+  ones) with one token: for distinct examples ``E[g g^T (x) x x^T] != E[g g^T] (x) E[x x^T]``,
+  also with one token each (DESIGN.md section 6).
+- Which tokens count: ``x`` and ``T`` run over *every real token* (attention mask 1) of each counted
+  example (one with at least one target, ``CausalLMLoss``), labelled or not: its prompt, first and
+  last token too, i.e. exactly the tokens of the example run alone without padding (``g`` at an
+  unlabelled position is in general not zero: attention passes the loss of later tokens back to
+  it). Pad positions get ``x`` weight 0 and have ``g = 0``.
 - ``kfac_approx="reduce"``: per example ``xbar_n`` = mean of ``x`` over its real tokens and
   ``gsum_n`` = sum of ``g`` over its tokens; ``X = (1/N) sum_n xbar xbar^T``,
   ``G = (1/(N S)) sum_n gsum gsum^T``.
 
 ``x`` is the input of ``lora_A``; ``g`` the gradient of the adapted layer's output (the
-gradient at ``lora_B``'s output divided by the scaling s). ``fisher_type``:
+gradient at ``lora_B``'s output divided by the scaling s). Each adapter is its own block, also
+when several adapters are active on one layer: they share that layer's ``x`` and ``g``, but each
+has its own A, B, s and sums (keyed by ``LoraAdapter.key``); the input products of adapters reading
+one tensor are computed once (``FactorHooks``). ``fisher_type``:
 
 - ``"mc"`` (default): labels sampled from the model at every labelled position, ``mc_samples``
   backward passes per batch (unbiased for the per-position type-2 GGN);
@@ -133,7 +143,8 @@ class KFACBackend(CurvatureBackend):
 
     # --- checkpoint protocol (lalora.checkpoint, docs/robustness.md) ---------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """The running sums so far (``sum_dtype``), ``sum.<adapter>.<X|G|T>`` (X, G: upper panels, see
+        """The running sums so far (``sum_dtype``), ``sum.<adapter key>.<X|G|T>`` (``LoraAdapter.key``: unique per
+        adapter, also for several adapters on one layer; X, G: upper panels, see
         ``kfac_factors.add_gram``), and the MC generator state ``rng``. During a fit the window sums are flushed
         first (the flush points are then the same in an uninterrupted and a resumed fit)."""
         if self._hooks is not None:
@@ -161,7 +172,7 @@ class KFACBackend(CurvatureBackend):
         loaded, self._loaded = self._loaded, None
         if loaded is None:
             return
-        shapes = {a.name: {"X": (a.A.shape[1],) * 2, "G": (a.B.shape[0],) * 2, "T": ()} for a in adapters}
+        shapes = {a.key: {"X": (a.A.shape[1],) * 2, "G": (a.B.shape[0],) * 2, "T": ()} for a in adapters}
         for k, t in loaded.items():
             if k == "rng":
                 continue
@@ -281,10 +292,10 @@ class KFACBackend(CurvatureBackend):
         adapters = ctx.adapters
         for a in adapters:
             if a.scaling == 0:
-                raise BackendError(f"adapter {a.name!r} has LoRA scaling 0: its output gradient cannot be recovered")
+                raise BackendError(f"adapter {a.key!r} has LoRA scaling 0: its output gradient cannot be recovered")
         tensors = list(ctx.params().values())
         approx = self.options["kfac_approx"]
-        sums = {a.name: {} for a in adapters}
+        sums = {a.key: {} for a in adapters}  # per adapter (several adapters on one layer: one entry each)
         sum_dtype = SUM_DTYPES[self.options["sum_dtype"]]
         gen = torch.Generator().manual_seed(int(self.options["seed"]))
         self._restore(adapters, sums, gen, ctx.device)
@@ -302,13 +313,13 @@ class KFACBackend(CurvatureBackend):
         blocks = []
         for a in adapters:
             d_in, d_out = a.A.shape[1], a.B.shape[0]
-            X, G = hooks.take(a.name, "X"), hooks.take(a.name, "G")
+            X, G = hooks.take(a.key, "X"), hooks.take(a.key, "G")
             X = ctx.all_reduce(torch.zeros(d_in, d_in, device=ctx.device) if X is None else X)
             G = ctx.all_reduce(torch.zeros(d_out, d_out, device=ctx.device) if G is None else G)
-            T = sums.pop(a.name, {}).get("T")  # free each adapter's running sums once its factors are built
+            T = sums.pop(a.key, {}).get("T")  # free each adapter's running sums once its factors are built
             T = float(ctx.all_reduce(torch.zeros((), dtype=sum_dtype, device=ctx.device) if T is None else T).reshape(1))
             if T == 0:
-                raise BackendError(f"adapter {a.name!r} saw no token of a counted example during the fit "
+                raise BackendError(f"adapter {a.key!r} saw no token of a counted example during the fit "
                                    "(is the adapted layer used in the forward pass?)")
             X, G = finish_factor(X, 1.0 / T), finish_factor(G, 1.0 / (n_examples * S))
             block = self.block_class((a.a_name, a.b_name), X, G, a.scaling)  # theta0: the Precision's anchor

@@ -199,7 +199,7 @@ class FactorHooks:
     # --- hooks ------------------------------------------------------------------------------
     def _a_hook(self, adapter):
         def hook(module, inputs, output):
-            self._inputs.append((adapter.name, inputs[0], inputs[0]._version))
+            self._inputs.append((adapter.key, inputs[0], inputs[0]._version))
         return hook
 
     def _b_hook(self, adapter):
@@ -214,9 +214,9 @@ class FactorHooks:
                 g = grad.detach().float()
                 g = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, M, d_out)
                 gm = g.reshape(-1, g.shape[-1]) if self.approx == "expand" else g.sum(1)
-                if adapter.name not in self.acc_G:
-                    self.acc_G[adapter.name] = self._zeros(gm.shape[1])
-                add_gram(self.acc_G[adapter.name], gm, alpha=alpha)
+                if adapter.key not in self.acc_G:
+                    self.acc_G[adapter.key] = self._zeros(gm.shape[1])
+                add_gram(self.acc_G[adapter.key], gm, alpha=alpha)
 
             output.register_hook(grad_hook)
         return hook

@@ -36,7 +36,8 @@ class LoraAdapter:
     ``A``: (r, d_in), ``B``: (d_out, r). ``a_name``/``b_name`` are the canonical names.
     """
 
-    name: str  # canonical path of the adapted layer, e.g. "model.layers.0.self_attn.q_proj"
+    name: str  # canonical path of the adapted layer, e.g. "model.layers.0.self_attn.q_proj" (shared by
+    # several adapters on one layer; ``key`` is unique per adapter)
     adapter_name: str  # peft adapter name, e.g. "default"
     module_path: str  # path of the peft layer in the base model
     layer: nn.Module
@@ -45,6 +46,14 @@ class LoraAdapter:
     scaling: float
     a_name: str
     b_name: str
+
+    @property
+    def key(self) -> str:
+        """Unique key of this adapter: the layer's canonical path, plus ``.<adapter>`` when several adapters
+        are selected (``a_name`` without ``.lora_A``). Several adapters on one layer share ``name`` (the
+        layer) but never ``key``: per-adapter state (factor sums, checkpoints) is keyed by it."""
+        head, _, tail = self.a_name.rpartition(".lora_A")
+        return head + tail
 
     @property
     def A(self) -> nn.Parameter:

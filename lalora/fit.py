@@ -262,7 +262,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         "base_model": getattr(getattr(base, "config", None), "_name_or_path", None) or type(base).__name__,
         "config_hash": config_hash(model),
         "lora_config": lora_config_summary(model, adapters),
-        "adapters": {a.name + ("" if a.a_name.endswith("lora_A") else f".{a.adapter_name}"):
+        "adapters": {a.key:
                      {"adapter_name": a.adapter_name, "scaling": a.scaling, "rank": a.rank} for a in adapters},
         "dtype": str(adapters[0].A.dtype).replace("torch.", ""),
         "lalora_version": __version__,

@@ -1,7 +1,8 @@
 """Losses in the form backends need: per-example summed losses and the labelled outputs.
 
 Convention (DESIGN.md section 2): example n's loss ``l_n`` is the *sum* over its labelled
-tokens; labels ``-100`` and attention-mask padding are excluded. Every loss gives
+tokens; labels ``-100`` and attention-mask padding are excluded (causal LMs: a target also needs a
+real input position before it, ``CausalLMLoss``). Every loss gives
 - ``prepare(raw)``: split a user batch into model inputs and labels (a ``Batch``);
 - ``outputs_and_targets(output, batch)``: the model outputs at labelled positions
   ``(M, C)``, their targets ``(M,)`` (or ``(M, C)`` for MSE) and the example index ``(M,)``;
@@ -107,7 +108,16 @@ class LossFunction:
 
 
 class CausalLMLoss(LossFunction):
-    """Next-token cross-entropy: logits ``(N, T, V)``, targets ``labels[:, 1:]``."""
+    """Next-token cross-entropy: logits ``(N, T, V)``, position t predicts ``labels[:, t + 1]``.
+
+    Targets (the one place they are made; every backend reads them through this class): the token at
+    position t + 1 is a target only when its label is not ``-100``, it is a real token (attention mask 1)
+    *and the input position t is a real token*. So with left padding the last pad position does not
+    "predict" the first real token from pad-only context: an example's first real token is never a
+    target, wherever the padding is, exactly as when the example is run alone without padding
+    (DESIGN.md section 6). ``prepare`` writes this into ``Batch.labels`` (``-100`` where a position is
+    not a target), so ``labels[:, 1:]`` are the targets of positions ``0 .. T-2``.
+    """
 
     likelihood = "categorical"
     name = "causal_lm"
@@ -124,7 +134,9 @@ class CausalLMLoss(LossFunction):
         if mask is not None:
             if mask.shape != labels.shape:
                 raise DataError(f"attention_mask shape {tuple(mask.shape)} != labels shape {tuple(labels.shape)}")
-            labels[mask == 0] = IGNORE_INDEX
+            real = mask.to(labels.device) != 0
+            labels[~real] = IGNORE_INDEX  # a pad token is never a target
+            labels[:, 1:][~real[:, :-1]] = IGNORE_INDEX  # nor a token predicted from a pad position
         return Batch(inputs, labels, raw, int(labels.shape[0]))
 
     def _targets(self, batch):

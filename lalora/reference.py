@@ -1,7 +1,7 @@
 """Exact dense references over the LoRA weights, for small models only (tests, checks).
 
-Brute force on purpose: every example is run alone (batch of one) and differentiated
-with plain autograd, with no hooks, vmap or batching tricks, so these functions check
+Brute force on purpose: every example is run alone (batch of one, its padding removed)
+and differentiated with plain autograd, with no hooks, vmap or batching tricks, so these functions check
 the backends rather than share their code. Conventions (DESIGN.md section 2): ``l_n``
 is example n's loss summed over its labelled tokens, examples without a labelled
 token are skipped, results are means over the N remaining examples, in float64, with
@@ -19,30 +19,47 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import find_lora_adapters, lora_parameters
-from .losses import Batch, LossFunction, call_model, infer_loss, resolve_loss
+from .losses import LossFunction, call_model, infer_loss, resolve_loss
 
 
 def _examples(batches, loss):
-    """Yield (loss_fn, batch-of-one) for every example with at least one labelled position."""
+    """Yield (loss_fn, batch-of-one) for every example with at least one labelled position.
+
+    Each example is cut out of its batch *unpadded*: the positions with attention mask 0 are removed
+    physically (from every ``(N, T)`` input, the labels included), so the reference never depends on
+    how a batch was padded (left, right) nor on the padding rules of the loss under test."""
     if not isinstance(batches, list):  # one batch: dict, tensor or (x, y) tuple
         batches = [batches]
     loss_fn = resolve_loss(loss)
     for raw in batches:
         fn = loss_fn or infer_loss(raw)
-        batch = fn.prepare(raw)
-        counts = fn.labelled_counts(batch)
-        for n in range(batch.size):
-            if int(counts[n]) == 0:
+        size = fn.prepare(raw).size
+        for n in range(size):
+            one = fn.prepare(_unpadded_row(raw, n, size))
+            if int(fn.labelled_counts(one)[0]) == 0:
                 continue
-            yield fn, _slice(batch, n)
+            yield fn, one
 
 
-def _slice(batch: Batch, n: int) -> Batch:
+def _unpadded_row(raw, n: int, size: int):
+    """Example ``n`` of a raw batch as a batch of one, its padding (attention mask 0) removed."""
+    is_dict = isinstance(raw, dict) or hasattr(raw, "keys")
+    mask = dict(raw).get("attention_mask") if is_dict else None
+    keep = None if mask is None else mask[n] != 0
+
     def cut(t):
-        return t[n:n + 1] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size else t
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            return t
+        if keep is not None and t.dim() >= 2 and t.shape[0] in (1, size) and t.shape[1] == keep.shape[0]:
+            row = t[n if t.shape[0] == size else 0]  # (T, ...); a shared (1, T) row (position_ids) too
+            return row[keep.to(t.device)][None]
+        return t[n:n + 1] if t.shape[0] == size else t
 
-    inputs = {k: cut(v) for k, v in batch.inputs.items()} if isinstance(batch.inputs, dict) else tuple(cut(v) for v in batch.inputs)
-    return Batch(inputs, cut(batch.labels), None, 1)
+    if is_dict:
+        return {k: cut(v) for k, v in dict(raw).items()}
+    if isinstance(raw, (tuple, list)):
+        return type(raw)(cut(v) for v in raw)
+    return cut(raw)
 
 
 def _lora(model: nn.Module, adapter_name=None):
