@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from models import randomize_lora_B, tiny_lora_llama, token_batches  # noqa: E402
 
 import lalora  # noqa: E402
-from lalora.blocks.lowrank_kronecker import _LOWRANK_OF  # noqa: E402
 from lalora.compare import dense_reference  # noqa: E402
 
 RANKS = (4, 8, 16, 32, 64)
@@ -45,9 +44,6 @@ def main():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             P = lalora.fit_precision(model, data, backend=kind, fisher_type="empirical", progress=False)
-        # the same blocks in the low-rank block class with dense factors: its to_dense() is blockwise (cheap)
-        P = lalora.Precision([_LOWRANK_OF[kind](b.params, b.X, b.G, b.A0, b.B0, b.scaling) for b in P.blocks], P.anchor,
-                             metadata=P.metadata)
         variants = [P] + [lalora.compress(P, k) for k in RANKS]
         labels = ["dense"] + [f"k={k}" for k in RANKS]
         own = lalora.compare_precisions(variants, reference=P, directions=16, labels=labels)

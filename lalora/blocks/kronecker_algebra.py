@@ -37,6 +37,7 @@ class KroneckerTerm:
         with torch.no_grad():
             self.GB0 = G.mm(B0)  # (.., d_out, r)
             self.XA0t = X.mm(A0.mT)  # (.., d_in, r)
+            self.A0X = self.XA0t.mT.contiguous()  # (.., r, d_in): the layout the coupled matvec concatenates in
             self.BGB = B0.mT @ self.GB0  # (.., r, r)
             self.AXA = A0 @ self.XA0t  # (.., r, r)
 
@@ -51,7 +52,7 @@ class KroneckerTerm:
             return s2 * self.BGB @ XdA.mT, s2 * GdB @ self.AXA
         # D = B0 dA + dB A0 = U V^T, U = [B0, dB], V = [dA^T, A0^T]: G D X = (G U)(X V)^T
         GU = torch.cat([self.GB0, GdB], -1)  # (.., d_out, 2r)
-        XVt = torch.cat([XdA, self.XA0t], -1).mT  # (.., 2r, d_in)
+        XVt = torch.cat([XdA.mT, self.A0X], -2)  # (.., 2r, d_in); XdA.mT is the contiguous dA X for dense X
         return s2 * (self.B0.mT @ GU) @ XVt, s2 * GU @ (XVt @ self.A0.mT)
 
     def quadratic(self, dA: Tensor, dB: Tensor) -> Tensor:
