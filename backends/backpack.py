@@ -25,12 +25,16 @@ Routes:
   merge_module=SumModule())`` sharing the same Parameters, and put back afterwards.
 - **first order** (``SumGradSquared``, ``curvature="mc_fisher"`` only): any model, e.g.
   transformers. Only the ``lora_A``/``lora_B`` ``nn.Linear`` modules are extended; for every
-  MC sample, labels are drawn from the model at every labelled position, and BackPACK returns
-  ``sum_n ghat_n^2`` with ``ghat_n`` the gradient of example n's summed loss (per-sequence:
+  MC sample, labels are drawn from the model at every labelled position (``lalora.sampling``: the
+  ``kfac`` backend's draws for the same seed), their loss comes from ``lalora.losses``, and BackPACK
+  returns ``sum_n ghat_n^2`` with ``ghat_n`` the gradient of example n's summed loss (per-sequence:
   BackPACK's sample axis is the batch axis). ``curvature="ggn"``, ``"kflr"`` or ``"kfac"`` on such
   models raises ``BackendError`` naming the module BackPACK cannot traverse.
-Afterwards BackPACK's hooks are removed (``CTX.remove_hooks()``) and the ``_backpack_extend``
-flags and stored tensors deleted, so other backends keep working in the same process.
+The second-order route needs BackPACK's own extended ``CrossEntropyLoss``/``MSELoss`` (summed), and
+BackPACK draws the MC labels of ``DiagGGNMC``/``KFAC`` itself from torch's global generator, seeded with
+``seed`` for the fit (``lalora.sampling.library_rng``). Afterwards BackPACK's hooks are removed
+(``CTX.remove_hooks()``) and the ``_backpack_extend`` flags and stored tensors deleted, so other
+backends keep working in the same process.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks import DiagBlock
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
 from lalora.errors import BackendError
+from lalora.sampling import library_rng, mc_generator, sample_row_targets
 
 CURVATURES = ("ggn", "mc_fisher", "kflr", "kfac")
 KRONECKER = {"kflr": "kflr", "kfac": "kfac"}  # curvature -> BackPACK savefield
@@ -133,8 +138,9 @@ class BackPACKBackend(CurvatureBackend):
                     for a in ctx.adapters}
         else:
             sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
-        with torch.random.fork_rng(devices=[]), _rebuilt_lora(ctx, base), _backpack_cleanup(base, params.values()):
-            torch.manual_seed(self.options["seed"])  # BackPACK samples from the global RNG; fork_rng restores it
+        # BackPACK's DiagGGNMC/KFAC draw their MC labels from torch's global generators (lalora.sampling)
+        rng = library_rng(self.options["seed"], ctx.device)
+        with rng, _rebuilt_lora(ctx, base), _backpack_cleanup(base, params.values()):
             extend(base)
             for batch in ctx.stream:
                 loss = ctx.loss
@@ -197,7 +203,7 @@ class BackPACKBackend(CurvatureBackend):
         modules = [m for a in ctx.adapters for m in (a.lora_A, a.lora_B)]
         sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
         S = self.options["mc_samples"]
-        gen = torch.Generator(device=ctx.device).manual_seed(self.options["seed"])
+        gen = mc_generator(self.options["seed"])  # the fit's MC labels (lalora.sampling)
         with _backpack_cleanup(modules, params.values()):
             for m in modules:
                 extend(m)
@@ -206,16 +212,11 @@ class BackPACKBackend(CurvatureBackend):
                 if loss.likelihood not in ("categorical", "gaussian"):
                     raise BackendError(f"backpack backend: curvature='mc_fisher' needs a categorical or gaussian likelihood; "
                                        f"loss {loss.name!r} has none")
-                for _ in range(S):
-                    z, _, idx = loss.outputs_and_targets(ctx.forward(batch), batch)
-                    z = z.float()
-                    with torch.no_grad():
-                        if loss.likelihood == "categorical":
-                            y = torch.multinomial(torch.softmax(z, -1), 1, generator=gen).squeeze(1)
-                        else:  # l = |f - y|^2  <=>  y ~ N(f, I/2)
-                            y = z + torch.randn(z.shape, generator=gen, device=z.device) / 2 ** 0.5
-                    value = (torch.nn.functional.cross_entropy(z, y, reduction="sum") if loss.likelihood == "categorical"
-                             else (z - y).square().sum())
+                for _ in range(S):  # labels sampled at every output row, the loss of the sampled labels
+                    output = ctx.forward(batch)
+                    rows, _ = loss.output_rows(output, batch)
+                    sampled = loss.with_row_targets(batch, sample_row_targets(loss.likelihood, rows, gen))
+                    value = loss.per_example(output, sampled).sum()
                     with backpack(SumGradSquared()), _quiet():
                         value.backward()
                     for n, p in params.items():

@@ -13,6 +13,12 @@ Options:
   scaled by ``1/sqrt(N)``, a ``FactoredBlock`` of rank <= N, never densified).
 - ``memory_budget_mb``: budget per block for the dense matrix (default 256).
 The chosen form is in ``metadata["block_forms"]`` and in ``Precision.summary()``.
+
+Relation to ``lalora.reference`` (the one exact reference): the same quantities, computed for real use
+(whole batches, hooks, ``torch.func``), so this backend does not call the reference's slow batch-of-one
+loops; it shares the conventions and the loss path instead (``lalora.losses``: per-example losses, the
+labelled output rows, the output Hessian contraction ``hessian_sandwich``), and its tests compare it
+with the reference, which computes all of these its own way.
 """
 from __future__ import annotations
 
@@ -130,6 +136,8 @@ class BlockBackend(CurvatureBackend):
     def _ggn_sums(self, ctx, params, groups):
         from torch.func import functional_call, jacrev
 
+        from lalora.losses import model_outputs
+
         full_name = {id(p): n for n, p in ctx.model.named_parameters()}
         canon = list(params)
         keys = [full_name[id(params[c])] for c in canon]
@@ -145,8 +153,6 @@ class BlockBackend(CurvatureBackend):
                     out = functional_call(ctx.model, p, (), dict(batch.inputs))
                 else:
                     out = functional_call(ctx.model, p, tuple(batch.inputs))
-                from lalora.losses import model_outputs
-
                 z, _, _ = loss.outputs_and_targets(model_outputs(out), batch)
                 return z.float(), z.float()
 
@@ -161,16 +167,8 @@ class BlockBackend(CurvatureBackend):
                 continue
             M, C = z.shape
             J = {c: j.reshape(M, C, -1).double() for c, j in zip(canon, jac)}
-            if loss.likelihood == "categorical":
-                prob = torch.softmax(z.double(), -1)
-            for i, g in enumerate(groups):
-                Jg = torch.cat([J[p] for p in g], 2)  # (M, C, n)
-                if loss.likelihood == "categorical":
-                    Jp = torch.einsum("mcn,mc->mn", Jg, prob)
-                    s = torch.einsum("mcn,mc,mck->nk", Jg, prob, Jg) - Jp.T @ Jp
-                else:
-                    s = 2.0 * torch.einsum("mcn,mck->nk", Jg, Jg)
-                sums[i] += s.cpu()
+            for i, g in enumerate(groups):  # J^T H J of the loss's likelihood (lalora.losses), H never formed
+                sums[i] += loss.hessian_sandwich(torch.cat([J[p] for p in g], 2), z).cpu()
             ctx.batch_done(self)
         return sums
 

@@ -27,9 +27,10 @@ has its own A, B, s and sums (keyed by ``LoraAdapter.key``); the input products 
 one tensor are computed once (``FactorHooks``). ``fisher_type``:
 
 - ``"mc"`` (default): labels sampled from the model at every labelled position, ``mc_samples``
-  backward passes per batch (unbiased for the per-position type-2 GGN);
+  backward passes per batch (unbiased for the per-position type-2 GGN); the draws: ``lalora.sampling``
+  (one CPU generator per fit seeded with ``seed``, the same labels as the ``backpack`` backend's);
 - ``"empirical"``: the true labels, gradient of ``sum_n l_n``;
-- ``"type-2"``: exact, one backward per output class through ``sqrt(H)``. Only where each
+- ``"type-2"``: exact, one backward per output class through ``sqrt(H)`` (``LossFunction.hessian_sqrt_column``). Only where each
   example has a single output row (classification, MSE): on causal LMs backpropagating all
   positions together brings in cross-position terms (the curvlinops error, DESIGN.md
   section 5), so it is refused there with a message pointing to ``mc``.
@@ -48,8 +49,6 @@ tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfi
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -57,6 +56,7 @@ from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
 from lalora.blocks.factors import check_max_rank
 from lalora.errors import BackendError
+from lalora.sampling import mc_generator, sample_categorical, sample_row_targets
 
 from .kfac_factors import FactorHooks, finish_factor
 
@@ -66,34 +66,6 @@ SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # batches per float32 window sum (FactorHooks): at most ~16 eps = 2e-6 relative rounding before each
 # addition into the running sums
 FLUSH_EVERY = 16
-
-
-def _sample_categorical(p: Tensor, gen: torch.Generator, block: int = 256) -> Tensor:
-    """One draw per row of ``p`` (R, C) (non-negative, unnormalised) by inverse CDF, in two levels: the
-    block of ``block`` classes from the CDF of the block masses, then the class from the CDF inside
-    that block. One uniform per row from the CPU generator ``gen`` (the same draws on every device).
-    ``torch.multinomial`` draws C exponentials per row and a full-width cumsum writes an (R, C) CDF;
-    this reads ``p`` once (the block sums) and works on (R, C / block) and (R, block) tensors.
-    Classes of zero mass are never drawn: each level searches a value strictly below its total."""
-    R, C = p.shape
-    u = torch.rand(R, generator=gen, dtype=torch.float64).to(p.device)
-    full = C // block
-    masses = [p[:, :full * block].reshape(R, full, block).sum(-1)] if full else []
-    if full * block < C:
-        masses.append(p[:, full * block:].sum(-1, keepdim=True))
-    coarse = torch.cat(masses, 1).double().cumsum(-1)  # (R, ceil(C / block))
-    v = _strictly_below(u * coarse[:, -1], coarse[:, -1])
-    blk = torch.searchsorted(coarse, v.unsqueeze(1), right=True).squeeze(1)
-    v = v - torch.where(blk > 0, coarse.gather(1, (blk - 1).clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
-    cols = blk.unsqueeze(1) * block + torch.arange(block, device=p.device)  # (R, block)
-    fine = (p.gather(1, cols.clamp_max(C - 1)) * (cols < C)).double().cumsum(-1)
-    v = _strictly_below(v, fine[:, -1])
-    return blk * block + torch.searchsorted(fine, v.unsqueeze(1), right=True).squeeze(1)
-
-
-def _strictly_below(v: Tensor, total: Tensor) -> Tensor:
-    """``v`` clamped to the largest float below ``total`` (u * total can round up to total)."""
-    return torch.minimum(v, torch.nextafter(total, torch.zeros_like(total)))
 
 
 @register_backend("kfac")
@@ -196,7 +168,7 @@ class KFACBackend(CurvatureBackend):
             # the cross-entropy gradient softmax(z) - onehot(label), fed into the output rows like the MC
             # one: no log-softmax saved for a backward (one logit-sized tensor less per batch)
             targets = ctx.loss.row_targets(output, batch)
-            return self._categorical(ctx, batch, output, tensors, lambda p: targets.clamp_min(0), 1)
+            return self._categorical(ctx, batch, output, tensors, lambda p: targets, 1)
         if fisher == "empirical":
             losses = ctx.per_example_loss(batch, output)
             if losses is None:
@@ -208,7 +180,7 @@ class KFACBackend(CurvatureBackend):
             raise BackendError(f"fisher_type={fisher!r} needs a loss with a known likelihood (causal_lm, "
                                f"classification, mse); loss {loss.name!r} has none: use fisher_type='empirical'")
         if fisher == "mc" and loss.likelihood == "categorical":
-            return self._categorical(ctx, batch, output, tensors, lambda p: _sample_categorical(p, gen),
+            return self._categorical(ctx, batch, output, tensors, lambda p: sample_categorical(p, gen),
                                      self.options["mc_samples"])
         rows, _, index = loss.outputs_and_targets(output, batch)
         z = rows.float()
@@ -225,42 +197,30 @@ class KFACBackend(CurvatureBackend):
                     "exact per-position version costs vocab x positions backward passes. Use fisher_type='mc' "
                     "(unbiased for the per-position GGN; raise mc_samples to reduce noise)")
             C = z.shape[1]
-            if loss.likelihood == "categorical":
-                p = torch.softmax(z.detach(), -1)
-                for c in range(C):
-                    e = torch.zeros_like(p)
-                    e[:, c] = 1
-                    v = p[:, c:c + 1].sqrt() * (e - p)
-                    torch.autograd.grad(z, tensors, grad_outputs=v, retain_graph=c < C - 1, allow_unused=True)
-            else:
-                for c in range(C):
-                    v = torch.zeros_like(z)
-                    v[:, c] = math.sqrt(2.0)
-                    torch.autograd.grad(z, tensors, grad_outputs=v, retain_graph=c < C - 1, allow_unused=True)
+            p = torch.softmax(z.detach(), -1) if loss.likelihood == "categorical" else None
+            for c in range(C):  # the columns of sqrt(H): sum_c J^T s_c s_c^T J = J^T H J
+                torch.autograd.grad(z, tensors, grad_outputs=loss.hessian_sqrt_column(z, c, probs=p),
+                                    retain_graph=c < C - 1, allow_unused=True)
             return True
         k = self.options["mc_samples"]
-        for i in range(k):  # l = |f - y|^2 is the NLL of N(f, I/2) up to constants
-            eps = torch.randn(z.shape, generator=gen).to(z.device) * math.sqrt(0.5)
-            lmc = (z - (z.detach() + eps)).square().sum()
+        for i in range(k):  # Gaussian MC targets (lalora.sampling), the loss of the sampled targets
+            lmc = loss.per_example(output, loss.with_row_targets(batch, sample_row_targets("gaussian", z, gen))).sum()
             torch.autograd.grad(lmc, tensors, retain_graph=i < k - 1, allow_unused=True)
         return True
 
     def _categorical(self, ctx: FitContext, batch, output: Tensor, tensors, labels, k: int) -> bool:
-        """``k`` backward passes of ``softmax(z) - onehot(y)``, ``y = labels(p)`` (sampled for MC, the true
-        targets for the empirical Fisher), fed straight into the output rows (zero on unlabelled rows):
-        the gradient of the cross-entropy without a gather of the labelled rows, a scatter back or a
-        second log-softmax (benchmarks/README.md)."""
-        rows, keep = ctx.loss.output_rows(output, batch)  # (R, C) view of the outputs, (R,) bool
+        """``k`` backward passes of the cross-entropy gradient ``LossFunction.row_gradient`` (``softmax(z) -
+        onehot(y)``, zero on unlabelled rows) for ``y = labels(p)`` (sampled for MC, the true targets for
+        the empirical Fisher), fed straight into the output rows: without a gather of the labelled rows, a
+        scatter back or a second log-softmax (benchmarks/README.md)."""
+        loss = ctx.loss
+        rows, keep = loss.output_rows(output, batch)  # (R, C) view of the outputs, (R,) bool
         p = torch.softmax(rows.detach().float(), -1)
         if not bool((torch.isfinite(p.sum(-1)) | ~keep).all()):  # a non-finite logit makes its row's sum NaN
             ctx.nonfinite(batch, "loss", "non-finite outputs")
             return False
-        drop = (~keep).nonzero().squeeze(1)
         for i in range(k):
-            y = labels(p)
-            v = p.clone() if i < k - 1 else p  # the last sample reuses p's memory
-            v[torch.arange(v.shape[0], device=v.device), y] -= 1
-            v[drop] = 0
+            v = loss.row_gradient(p, labels(p), keep, overwrite=i == k - 1)  # the last sample reuses p's memory
             torch.autograd.grad(rows, tensors, grad_outputs=v.to(rows.dtype), retain_graph=i < k - 1,
                                 allow_unused=True)
         return True
@@ -297,7 +257,7 @@ class KFACBackend(CurvatureBackend):
         approx = self.options["kfac_approx"]
         sums = {a.key: {} for a in adapters}  # per adapter (several adapters on one layer: one entry each)
         sum_dtype = SUM_DTYPES[self.options["sum_dtype"]]
-        gen = torch.Generator().manual_seed(int(self.options["seed"]))
+        gen = mc_generator(self.options["seed"])  # the fit's MC labels (lalora.sampling)
         self._restore(adapters, sums, gen, ctx.device)
         self._sums, self._gen = sums, gen  # read by state_dict() at each checkpoint
         window = 1 if ctx.skip_nonfinite else FLUSH_EVERY

@@ -35,6 +35,7 @@ from lalora.adapters import base_model_of, find_lora_adapters, lora_parameters, 
 from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks import DenseBlock, DiagBlock
 from lalora.errors import BackendError
+from lalora.sampling import library_rng
 
 MAX_DENSE_NUMEL = 4096  # a kron block of a matrix with more weights is refused (its dense form is numel^2 floats)
 
@@ -78,8 +79,7 @@ class LaplaceBackend(CurvatureBackend):
         backend = CurvlinopsEF if o["curvature"] == "empirical_fisher" else CurvlinopsGGN
         kwargs = {"stochastic": True} if o["curvature"] == "mc_fisher" else {}
         _check_only_lora_trainable(model, ctx.params())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(o["seed"]))  # laplace-torch samples MC labels from the global RNG
+        with library_rng(o["seed"], ctx.device):  # laplace-torch draws MC labels from the global RNG (lalora.sampling)
             la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=o["hessian_structure"],
                          backend=backend, backend_kwargs=kwargs or None)
             la.fit(loader)
@@ -142,8 +142,7 @@ def _lm_batches(first, stream, loss):
     for batch in (first, *stream):
         if not isinstance(batch.inputs, dict):
             raise BackendError("laplace backend: causal LM batches must be dicts (input_ids, attention_mask, labels)")
-        targets = loss._targets(batch)
-        targets = targets[targets != -100]
+        _, targets, _ = loss.labelled_targets(batch)
         if targets.numel():
             out.append({**batch.inputs, "lalora_labels": batch.labels, "labels": targets})
     return out

@@ -64,23 +64,27 @@ def _assert_same_accuracy(a: dict, b: dict, tol=1e-12):
 
 
 # --- the references ------------------------------------------------------------------------------
-def test_ef_reference_matches_per_example_loop_both_implementations():
+def test_ef_reference_is_the_one_reference_with_the_streams_counts():
+    """``dense_reference`` wraps ``lalora.reference`` (checked against finite differences in test_reference.py)
+    with fit_precision's counts; the deprecated implementation='builtin' warns and gives the same matrix."""
     model, batches = _llama()
-    want = dense_empirical_fisher(model, batches)  # tests/reference.py: batch-of-one autograd
-    for impl in ("builtin", "auto"):
-        got = dense_reference(model, batches, "ef", implementation=impl)
-        assert rel_err(got.to_dense(), want) <= 1e-6, impl
-        assert got.metadata["num_examples"] == 6
+    want = dense_empirical_fisher(model, batches)  # lalora.reference via tests/reference.py
+    got = dense_reference(model, batches, "ef")
+    assert rel_err(got.to_dense(), want) <= 1e-6  # symmetrised: round-off only
+    assert got.metadata["num_examples"] == 6 and got.metadata["implementation"] == "lalora.reference"
+    with pytest.warns(DeprecationWarning, match="builtin"):
+        old = dense_reference(model, batches, "ef", implementation="builtin")
+    assert rel_err(old.to_dense(), want) <= 1e-6
 
 
-def test_ggn_reference_matches_finite_differences_and_lalora_reference():
+def test_ggn_reference_matches_finite_differences():
     """d^T G d = (1/N) sum_n (J d)^T H (J d) with J d from central differences (float64 MLP)."""
     model = lora_mlp().double()
     randomize_lora_B(model)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 5, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 2, 1, 1, 0])
-    ref = dense_reference(model, [(x, y)], "ggn", implementation="builtin")
+    ref = dense_reference(model, [(x, y)], "ggn")
     G = ref.to_dense()
     params = list(lalora.find_lora_adapters(model)[0].params().values()) + list(lalora.find_lora_adapters(model)[1].params().values())
     d = torch.randn(G.shape[0], generator=g, dtype=torch.float64)
@@ -100,9 +104,6 @@ def test_ggn_reference_matches_finite_differences_and_lalora_reference():
     p = torch.softmax(f0, -1)
     want = float(((p * jd ** 2).sum(-1) - (p * jd).sum(-1) ** 2).mean())
     assert abs(float(d @ G @ d) - want) <= 1e-7 * want
-    from lalora.reference import dense_ggn
-
-    assert rel_err(G, dense_ggn(model, [(x, y)])) <= 1e-6  # lalora.reference computes logits in float32
 
 
 # --- exactness --------------------------------------------------------------------------------------
