@@ -34,7 +34,9 @@ def did_you_mean(name: str, candidates) -> str:
 
 
 # --- types: readable names, text parsing, checks ----------------------------------------------
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               tuple: "a tuple", dict: "a dict"}
+_CONTAINERS = (list, tuple, dict)
 
 
 def split_optional(hint) -> tuple[object, bool]:
@@ -91,7 +93,8 @@ def coerce(value, hint, spec: OptionSpec, name: str):
             raise ValueError(f"option {name}={show(value)} is unknown{did_you_mean(plain(value), map(plain, choices))}"
                              f"; use one of {shown}")
         return same[0]
-    expected = base if isinstance(base, type) else None
+    origin = typing.get_origin(base)  # list[int] -> list (the items are not checked)
+    expected = base if isinstance(base, type) else origin if isinstance(origin, type) else None
     ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str)}.get(expected, lambda v: expected is None or isinstance(v, expected))
@@ -110,7 +113,7 @@ def coerce(value, hint, spec: OptionSpec, name: str):
 
 def _type_phrase(hint, spec) -> str:
     base, optional = split_optional(hint)
-    words = _TYPE_WORDS.get(base, getattr(base, "__name__", str(base)))
+    words = _TYPE_WORDS.get(typing.get_origin(base) or base, getattr(base, "__name__", str(base)))
     bounds = [f"{op} {v:g}" for op, v in ((">=", spec.ge), (">", spec.gt), ("<=", spec.le)) if v is not None]
     text = " ".join([words, " and ".join(bounds)]) if bounds else words
     return text + ((", or None" if bounds else " or None") if optional else "")
@@ -141,6 +144,13 @@ def _from_text(text: str, base, optional: bool, spec: OptionSpec, name: str):
             return float(t)
         except ValueError:
             raise ValueError(f"option {name} must be {_type_phrase(base, spec)}, got {text!r}") from None
+    container = next((c for c in _CONTAINERS if base is c or typing.get_origin(base) is c), None)
+    if container is not None:  # a list, tuple or dict: JSON text
+        try:
+            value = json.loads(t)
+        except json.JSONDecodeError:
+            raise ValueError(f"option {name} must be {_type_phrase(base, spec)} in JSON, got {text!r}") from None
+        return tuple(value) if container is tuple and isinstance(value, list) else value
     choices = choices_of(base, spec)
     if choices:  # the choice whose text is this (numbers and enums too)
         return next((c for c in choices if str(plain(c)) == t), t)

@@ -1,8 +1,9 @@
-"""Typed backend options and the one curvature vocabulary: declarations, validation, "did you mean",
-text parsing, and the deprecated lalora 0.1 names (they warn and give the same fit)."""
+"""Typed backend options: declarations, validation, "did you mean", text from the command line read by
+the declared type, plugins declaring options, options as keyword arguments (deprecated: they warn and
+give the same fit), and the explicit collectives of ``FitContext``. The curvature vocabulary and the
+other renamed options: tests/test_vocabulary.py."""
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -12,12 +13,10 @@ import torch
 
 import lalora
 from lalora import Curvature, LaloraDeprecationWarning
-from lalora.backends.backpack import BackPACKOptions
 from lalora.backends.block import BlockOptions
 from lalora.backends.kfac import KFACOptions
 from lalora.options import OptionText, parse_option_items
 from models import randomize_lora_B, tiny_lora_llama, token_batches
-from test_backpack import class_batches, seq_lora_mlp
 
 # the same computation run twice in one process: only a reordered reduction could differ, by round-off
 SAME = 1e-6
@@ -79,17 +78,6 @@ def test_did_you_mean():
         lalora.fit_precision(model, data, "kfac", progress=False, options={}, mc_samples=2)
 
 
-def test_every_backend_declares_its_curvature():
-    for name in lalora.list_backends():
-        cls = lalora.get_backend(name)
-        assert cls.curvature in tuple(Curvature) and cls.curvatures(), name
-        assert str(cls.curvature) in cls.curvatures() and set(cls.curvatures()) <= {"ggn", "mc", "ef"}, name
-        assert set(cls.default_options) == set(cls.Options._names()), name
-    assert lalora.get_backend("diag").curvatures() == ("ef",)
-    assert lalora.get_backend("kfac").curvatures() == ("mc", "ef", "ggn")
-    assert lalora.get_backend("kfac")(curvature="ggn").curvature_kind() is Curvature.GGN
-
-
 # --- the command line: typed parsing, listing ---------------------------------------------------------
 def test_option_text_is_read_by_the_declared_type():
     parsed = parse_option_items(["curvature=ef", "mc_samples=2", "max_rank=none", "seed= 7", "sum_dtype=float32"])
@@ -118,6 +106,17 @@ def test_option_text_is_read_by_the_declared_type():
     with pytest.raises(lalora.BackendError, match="ratio must be a number >= 0 and <= 1, or None, got 2.0"):
         TextOptions(ratio=2)
 
+    @dataclass(frozen=True)
+    class ListOptions(lalora.BackendOptions):
+        layers: list[int] = lalora.option([0, 1], "which layers")
+
+    assert ListOptions(**parse_option_items(["layers=[2, 3]"])).layers == [2, 3]  # a container: JSON text
+    assert ListOptions(layers=[4]).layers == [4] and ListOptions().layers == [0, 1]
+    with pytest.raises(lalora.BackendError, match="layers must be a list, got 3"):
+        ListOptions(layers=3)
+    with pytest.raises(lalora.BackendError, match=r"layers must be a list in JSON, got '\[2,'"):
+        ListOptions(**parse_option_items(["layers=[2,"]))
+
 
 def test_cli_options_typed_and_refused_in_cli_words(capsys, tmp_path):
     from cli_fixtures import run
@@ -130,31 +129,6 @@ def test_cli_options_typed_and_refused_in_cli_words(capsys, tmp_path):
     for extra, want in cases:  # refused by the checks before any file is read
         code, _, err = run(capsys, *fit, *extra)
         assert code == 2 and want in err, err
-
-
-def test_lalora_backends_lists_curvature_and_typed_options(capsys):
-    from cli_fixtures import run
-
-    code, out, _ = run(capsys, "backends", "--json")
-    rows = {r["name"]: r for r in json.loads(out)}
-    assert code == 0 and set(rows) == set(lalora.list_backends())
-    for name, r in rows.items():
-        assert r["curvature"] in ("ggn", "mc", "ef") and r["curvature"] in r["curvatures"], name
-        assert [d["name"] for d in r["option_details"]] == list(lalora.get_backend(name).Options._names())
-    kfac = {d["name"]: d for d in rows["kfac"]["option_details"]}
-    assert kfac["curvature"]["type"] == "mc | ef | ggn" and kfac["curvature"]["renamed_from"] == ["fisher_type"]
-    assert kfac["mc_samples"]["type"] == "int >= 1" and kfac["mc_samples"]["default"] == 1
-    assert kfac["max_rank"]["type"] == "int >= 1 or None" and kfac["max_rank"]["doc"]
-    code, out, _ = run(capsys, "backends")
-    assert code == 0 and "unknown" not in out and "undeclared" not in out
-    for name, r in rows.items():
-        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
-        assert f"curvature={r['curvature']}" in line, line
-    code, out, _ = run(capsys, "backends", "block")
-    assert code == 0 and out.startswith("block ") and "storage: auto | dense | factored = 'auto'" in out
-    assert "[lalora 0.1: form]" in out and "kfac_approx" not in out
-    code, _, err = run(capsys, "backends", "nosuch")
-    assert code == 2 and "unknown backend 'nosuch'" in err
 
 
 # --- deprecated names: a warning, the same fit --------------------------------------------------------
@@ -172,49 +146,6 @@ def test_fit_precision_keyword_options_deprecated_same_result(llama):
     for old_value, new_value in (("mc", "mc"), ("type-2", "ggn")):
         with pytest.warns(LaloraDeprecationWarning):
             assert KFACOptions(**{"fisher_type": old_value}).curvature == new_value
-
-
-def test_block_and_backpack_old_names_same_result(llama):
-    data = token_batches(1, pad=True, mask_prompt=True)
-    with pytest.warns(LaloraDeprecationWarning) as caught:
-        old = _fit(llama, data, "block", options={"curvature": "empirical_fisher", "form": "factored"})
-    assert any("option form is deprecated, use storage" in str(w.message) for w in caught)
-    _same(old, _fit(llama, data, "block", options={"curvature": "ef", "storage": "factored"}))
-    assert old.metadata["block_forms"] and set(old.metadata["block_forms"].values()) == {"factored"}
-
-    model = seq_lora_mlp(init="orthogonal")
-    randomize_lora_B(model)
-    cdata = class_batches()
-    pairs = [({"curvature": "kflr"}, {"structure": "kfac"}),
-             ({"curvature": "kfac", "kron_block": "tri-kfac", "mc_samples": 3}, {"curvature": "mc", "structure": "tri-kfac",
-                                                                                   "mc_samples": 3}),
-             ({"curvature": "mc_fisher"}, {"curvature": "mc"}),
-             ({"curvature": "ggn", "kron_block": "kfac"}, {"curvature": "ggn"})]  # 0.1: kron_block ignored for a diagonal
-    for old_opts, new_opts in pairs:
-        with pytest.warns(LaloraDeprecationWarning):
-            old = _fit(model, cdata, "backpack", loss="classification", options=old_opts)
-        _same(old, _fit(model, cdata, "backpack", loss="classification", options=new_opts))
-    assert BackPACKOptions(curvature="mc").to_dict() == {"curvature": "mc", "structure": "diag", "mc_samples": 1, "seed": 0}
-    with pytest.raises(lalora.BackendError, match="kron_block"):
-        lalora.get_backend("backpack")(curvature="ggn", kron_block="tri-kfac")
-
-
-def test_laplace_old_curvature_names():
-    laplace = lalora.get_backend("laplace")
-    for old, new in (("mc_fisher", Curvature.MC), ("empirical_fisher", Curvature.EF)):
-        with pytest.warns(LaloraDeprecationWarning, match=f"curvature='{old}' is deprecated, use curvature='{new}'"):
-            assert laplace(curvature=old).options == laplace(curvature=new.value).options
-
-
-def test_old_files_read_with_the_new_curvature_names():
-    import struct
-
-    path = "tests/fixtures/format2/diag.lalora"
-    with open(path, "rb") as f:  # the file as written by lalora 0.1: an 8-byte header length, the JSON header
-        st_header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    (lalora_header,) = st_header["__metadata__"].values()
-    assert json.loads(lalora_header)["metadata"]["curvature"] == "empirical_fisher"
-    assert lalora.Precision.load(path).metadata["curvature"] == "ef"
 
 
 def test_plugin_declaring_options_and_old_style_plugin(llama):
@@ -278,15 +209,3 @@ def test_num_examples_is_an_explicit_collective(monkeypatch):
     monkeypatch.setattr(core, "_distributed", lambda: True)  # the property never hides a collective
     with pytest.raises(lalora.BackendError, match=r"call ctx.global_num_examples\(\) on every rank"):
         ctx.num_examples
-
-
-def test_cli_deprecated_option_warns_in_cli_words(capsys, tmp_path):
-    from cli_fixtures import run
-    from lalora.cli_vocab import Vocabulary
-
-    fit = ["fit", "--model", tmp_path / "none", "--data", tmp_path / "none.jsonl", "--out", tmp_path / "p.lalora"]
-    with pytest.warns(LaloraDeprecationWarning) as caught:
-        code, _, err = run(capsys, *fit, "--backend", "kfac", "--option", "fisher_type=empirical")
-    assert code == 2 and "none.jsonl" in err  # the option was accepted; the missing data file stops the command
-    words = Vocabulary("fit", {}, backends=["kfac"]).translate(str(caught[0].message))
-    assert "--option fisher_type=empirical is deprecated, use --option curvature=ef" in words, words
