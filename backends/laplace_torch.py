@@ -8,16 +8,17 @@ lalora stores the mean over examples, so every conversion divides by ``n_data`` 
 
 Backend options:
 - ``hessian_structure``: ``"diag"`` or ``"kron"`` (``subset_of_weights="all"`` on the LoRA-only model);
-- ``curvature``: ``"ggn"`` (``CurvlinopsGGN``; exact type-2 GGN), ``"mc_fisher"`` (``CurvlinopsGGN``
-  with ``stochastic=True``) or ``"empirical_fisher"`` (``CurvlinopsEF``, kron only is per-sample exact).
+- ``curvature``: ``"ggn"`` (``CurvlinopsGGN``; exact type-2 GGN), ``"mc"`` (``CurvlinopsGGN``
+  with ``stochastic=True``) or ``"ef"`` (``CurvlinopsEF``, kron only is per-sample exact); lalora 0.1's
+  ``"mc_fisher"`` and ``"empirical_fisher"`` still work for one release.
 Supported: models taking one tensor with ``classification`` losses on ``(x, y)`` batches (one output
 row per example, so laplace-torch's "data point" is lalora's example), and causal LMs with
-``hessian_structure="diag"`` and ``curvature`` ``"ggn"``/``"mc_fisher"``: the LM is wrapped
+``hessian_structure="diag"`` and ``curvature`` ``"ggn"``/``"mc"``: the LM is wrapped
 (``_LabelledRows``) to return one logits row per labelled token, laplace-torch's per-row GGN
 ``sum_rows J^T H J`` is then lalora's per-position GGN summed over examples, and the loader reports
 N examples (tiny models: the Jacobian is M x V x P per batch). Refused on causal LMs: ``kron``
 (curvlinops' KFAC inside laplace-torch puts padding into ``X``, normalises per token, laplace
-rescales by labelled tokens / examples, and its type-2 mixes positions) and ``empirical_fisher``
+rescales by labelled tokens / examples, and its type-2 mixes positions) and ``ef``
 (per-token gradients); docs/block-backpack-laplace.md has the details.
 
 Kron results become per-matrix ``DenseBlock``s of ``kron(Q, H)`` (laplace-torch's factors
@@ -27,6 +28,8 @@ small LoRA factors of small models; ``max_dense_numel`` guards against large one
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -35,29 +38,32 @@ from lalora.adapters import base_model_of, find_lora_adapters, lora_parameters, 
 from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks import DenseBlock, DiagBlock
 from lalora.errors import BackendError
+from lalora.options import BackendOptions, Curvature, option
 from lalora.sampling import library_rng
 
 MAX_DENSE_NUMEL = 4096  # a kron block of a matrix with more weights is refused (its dense form is numel^2 floats)
 
 
+@dataclass(frozen=True)
+class LaplaceOptions(BackendOptions):
+    """Options of the ``laplace`` backend (laplace-torch)."""
+
+    hessian_structure: Literal["diag", "kron"] = option("diag", "diag or kron (kron: classification models only)")
+    curvature: Curvature = option(Curvature.GGN, "ggn, mc or ef (causal LMs: ggn or mc)",
+                                  choices=(Curvature.GGN, Curvature.MC, Curvature.EF))
+    seed: int = option(0, "seed of laplace-torch's MC label sampling (curvature='mc')")
+
+
 @register_backend("laplace")
 class LaplaceBackend(CurvatureBackend):
     requires = ("laplace",)
-    default_options = {"hessian_structure": "diag", "curvature": "ggn", "seed": 0}
-    option_help = {"hessian_structure": "'diag' or 'kron' (kron: classification models only)",
-                   "curvature": "'ggn', 'mc_fisher' or 'empirical_fisher' (causal LMs: 'ggn' or 'mc_fisher')",
-                   "seed": "seed of laplace-torch's MC label sampling (curvature='mc_fisher')"}
+    Options = LaplaceOptions  # the curvature: its curvature option (default ggn)
 
-    def check_options(self):
-        o = self.options
-        if o["hessian_structure"] not in ("diag", "kron"):
-            raise BackendError(f"laplace backend: option hessian_structure={o['hessian_structure']!r} is unknown; use 'diag' or 'kron'")
-        if o["curvature"] not in ("ggn", "mc_fisher", "empirical_fisher"):
-            raise BackendError(f"laplace backend: option curvature={o['curvature']!r} is unknown; "
-                               "use 'ggn', 'mc_fisher' or 'empirical_fisher'")
-
-    def curvature_kind(self):
-        return self.options["curvature"]
+    @classmethod
+    def stored_bytes(cls, adapters, options) -> int:
+        """diag: one float32 per LoRA weight; kron: a dense ``kron(Q, H)`` per LoRA matrix (``numel^2`` floats)."""
+        sizes = [p.numel() for a in adapters for p in (a.A, a.B)]
+        return 4 * sum(sizes if options["hessian_structure"] == "diag" else (n * n for n in sizes))
 
     def fit(self, ctx: FitContext):
         from laplace import Laplace
@@ -74,10 +80,10 @@ class LaplaceBackend(CurvatureBackend):
             model, batches = _LabelledRows(ctx.model, ctx.loss), _lm_batches(first, stream, ctx.loss)
         else:
             model, batches = base_model_of(ctx.model), _xy_batches(first, stream, ctx.loss)
-        N = ctx.num_examples
+        N = ctx.global_num_examples()
         loader = _Loader(batches, N)
-        backend = CurvlinopsEF if o["curvature"] == "empirical_fisher" else CurvlinopsGGN
-        kwargs = {"stochastic": True} if o["curvature"] == "mc_fisher" else {}
+        backend = CurvlinopsEF if o["curvature"] == Curvature.EF else CurvlinopsGGN
+        kwargs = {"stochastic": True} if o["curvature"] == Curvature.MC else {}
         _check_only_lora_trainable(model, ctx.params())
         with library_rng(o["seed"], ctx.device):  # laplace-torch draws MC labels from the global RNG (lalora.sampling)
             la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=o["hessian_structure"],
@@ -110,11 +116,11 @@ def _check_lm_options(o):
             "tokens as data points (curvlinops KFAC puts padding and every position into X with a per-token "
             "normalisation, laplace rescales X by labelled tokens / examples per batch, and its exact type-2 mixes "
             "positions of a sequence); see docs/block-backpack-laplace.md. Use lalora's 'kfac' backend "
-            "(fisher_type='mc') and Precision.to_laplace, or hessian_structure='diag' here")
-    if o["curvature"] == "empirical_fisher":
+            "(curvature='mc') and Precision.to_laplace, or hessian_structure='diag' here")
+    if o["curvature"] == Curvature.EF:
         raise BackendError(
-            "laplace backend: curvature='empirical_fisher' is refused for causal LMs: laplace-torch's EF squares "
-            "per-token gradients, lalora's EF per-sequence ones. Use curvature='ggn' or 'mc_fisher', or lalora's "
+            "laplace backend: curvature='ef' is refused for causal LMs: laplace-torch's EF squares "
+            "per-token gradients, lalora's EF per-sequence ones. Use curvature='ggn' or 'mc', or lalora's "
             "'diag' backend for the per-sequence EF")
 
 

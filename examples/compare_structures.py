@@ -71,8 +71,8 @@ def main(argv=None):
     model = make_model()
     source = batches(2 if a.quick else 4, seed=0)
     theta_T = displacement(model, 3 if a.quick else 30)
-    backends = ["diag", ("kfac-ef", "kfac", {"fisher_type": "empirical"}),
-                ("tri-kfac-ef", "tri-kfac", {"fisher_type": "empirical"}), "block"]
+    backends = ["diag", ("kfac-ef", "kfac", {"curvature": "ef"}),
+                ("tri-kfac-ef", "tri-kfac", {"curvature": "ef"}), "block"]
     if not a.quick:
         backends += [("kfac-mc", "kfac", {"mc_samples": 4}), ("block-ggn", "block", {"curvature": "ggn"})]
     result = lalora.compare(model, source, backends=backends, reference=a.reference,

@@ -10,15 +10,16 @@ from .adapters import LoraAdapter, find_lora_adapters
 from .backend import CurvatureBackend, FitContext, get_backend, list_backends, register_backend
 from .blocks import Block, DenseBlock, DiagBlock, register_block
 from .compression import compress
-from .errors import (AnchorMismatchError, BackendError, DataError, LaloraError, ModelMismatchError,
-                     PrecisionFileError, UncoveredParameterError, UncoveredParameterWarning)
+from .errors import (AnchorMismatchError, BackendError, DataError, LaloraDeprecationWarning, LaloraError,
+                     ModelMismatchError, PrecisionFileError, UncoveredParameterError, UncoveredParameterWarning)
+from .options import BackendOptions, Curvature, option
 from .fit import ZeroCurvatureWarning, fit_precision
 from .integrations.torch_loop import regularized
 from .precision import Precision
 from .regularizer import LaLoRARegularizer
 
 __all__ = [
-    "AnchorMismatchError", "BackendError", "Block", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
+    "AnchorMismatchError", "BackendError", "BackendOptions", "Block", "Curvature", "LaloraDeprecationWarning", "option", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
     "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
     "PrecisionFileError", "UncoveredParameterError", "UncoveredParameterWarning", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
     "list_backends", "register_backend", "register_block", "__version__", "compress", "LaLoRATrainer", "regularized", "compare", "compare_precisions",

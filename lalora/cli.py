@@ -29,29 +29,14 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
 
 
 def cmd_backends(args) -> int:
-    from .backend import get_backend, list_backends
+    from .backend_info import describe_backends, format_backends
     from .errors import BackendError
 
-    rows = []
-    for name in list_backends():
-        try:
-            cls = get_backend(name)
-        except BackendError as e:
-            rows.append({"name": name, "available": False, "status": str(e), "curvature": None, "options": {}})
-            continue
-        ok, status = cls.available()
-        rows.append({"name": name, "available": ok, "status": status, "curvature": cls.curvature,
-                     "options": dict(cls.default_options), "option_help": dict(getattr(cls, "option_help", {}))})
-    if args.json:
-        print(json.dumps(rows, indent=1, default=str))
-        return EXIT_OK
-    for r in rows:
-        mark = "yes" if r["available"] else "no "
-        print(f"{r['name']:<10} available={mark} curvature={r['curvature'] or '-'}"
-              + ("" if r["available"] else f"  ({r['status']})"))
-        for k, v in r["options"].items():
-            h = r.get("option_help", {}).get(k, "")
-            print(f"    {k}={v!r}" + (f"  {h}" if h else ""))
+    try:
+        rows = describe_backends(args.names)
+    except BackendError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(rows, indent=1, default=str) if args.json else format_backends(rows))
     return EXIT_OK
 
 
@@ -93,7 +78,7 @@ def cmd_fit(args) -> int:
         total = len(batches) if args.max_batches is None else min(len(batches), args.max_batches)
         try:
             est = estimate_fit(model, batches, args.backend, num_batches=min(args.dry_run, total), total_batches=total,
-                               **options)
+                               options=options)
         except lalora.BackendError as e:
             raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
         print(est.format())
@@ -101,7 +86,7 @@ def cmd_fit(args) -> int:
     try:
         precision = lalora.fit_precision(model, batches, backend=args.backend, progress=not args.quiet,
                                          max_batches=args.max_batches, prior_precision=args.prior_precision,
-                                         skip_nonfinite=args.skip_nonfinite, **options)
+                                         skip_nonfinite=args.skip_nonfinite, options=options)
     except lalora.BackendError as e:
         raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
     precision.save(out)
@@ -201,14 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"lalora {__import__('lalora').__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = add_command(sub, "backends", cmd_backends, fmt, "lalora backends\nlalora backends --json",
-                    help="list curvature backends, their options and availability")
+    p = add_command(sub, "backends", cmd_backends, fmt, "lalora backends\nlalora backends kfac\nlalora backends --json",
+                    help="list curvature backends, their curvature, options (type, default, doc) and availability")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these backends (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add_command(sub, "fit", cmd_fit, fmt, """
                         lalora fit --model ./base --data source.jsonl --backend diag --out p.lalora
                         lalora fit --model ./base --data source.jsonl --backend kfac --rank 16 --targets q_proj,v_proj --out p.lalora
-                        lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --backend kfac --option fisher_type=empirical
+                        lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --backend kfac --option curvature=ef
                         lalora fit --model ./base --data source.jsonl --backend kfac --option max_rank=256 --out p.lalora --dry-run
                     """, help="fit a precision on source data", check=check_fit_args,
                     description="Fit the curvature of the source loss w.r.t. the LoRA weights at their init "
@@ -218,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
     p.add_argument("--data", required=True, help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets)")
     p.add_argument("--backend", default="diag", help="curvature backend (see `lalora backends`; default diag)")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="backend option (repeatable)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="backend option, value read by its declared type (repeatable; `lalora backends NAME` lists them)")
     p.add_argument("--out", required=True, help="output precision file (e.g. precision.lalora)")
     p.add_argument("--max-batches", type=int, help="use at most this many batches")
     p.add_argument("--prior-precision", type=float, default=0.0, help="delta added to the precision (default 0)")

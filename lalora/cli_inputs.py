@@ -154,17 +154,13 @@ def check_precision_model(precision, model, precision_flag: str, model_path) -> 
 
 
 def parse_options(items) -> dict:
-    """``--option key=value`` pairs; values are parsed as JSON when possible (numbers, true, null)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UsageError(f"--option {item!r}: use key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    """``--option key=value`` pairs; each value is read by the option's declared type (``lalora.options``)."""
+    from .options import parse_option_items
+
+    try:
+        return parse_option_items(items)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_out(path, what="--out") -> Path:

@@ -115,7 +115,7 @@ def _backend_options(name: str) -> list[str]:
     from .errors import BackendError
 
     try:
-        return list(get_backend(name).default_options)
+        return list(get_backend(name).Options.accepted_names())  # deprecated names too: their warnings are CLI words
     except BackendError:
         return []
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .blocks import block_class
 from .errors import PrecisionFileError
+from .options import curvature_name
 
 FORMAT_NAME = "lalora.precision"
 #: 2: adds ``header_checksum``; 3: the anchor is stored once (Kronecker blocks no longer hold ``A0``/``B0``)
@@ -295,6 +296,8 @@ def _load_precision(path):
     metadata = header.get("metadata", {})
     if not isinstance(metadata, dict):
         raise PrecisionFileError(f"{where}: field 'metadata' must be an object")
+    if isinstance(metadata.get("curvature"), str):  # lalora 0.1 wrote empirical_fisher / mc_fisher
+        metadata = {**metadata, "curvature": curvature_name(metadata["curvature"])}
     try:
         return Precision(blocks, anchor, metadata=metadata, prior_precision=float(prior))
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:

@@ -19,7 +19,7 @@ from lalora.validation import match_to_model
 from models import byte_tokenizer, tiny_llama
 
 # Python arguments of the library that must never reach a CLI user as such
-PYTHON_ARGS = re.compile(r"(?<![\w:-])(?<!--option )\b(strict|skip_nonfinite|prior_precision|check_anchor|fisher_type|mc_samples|max_rank|"
+PYTHON_ARGS = re.compile(r"(?<![\w:-])(?<!--option )\b(strict|skip_nonfinite|prior_precision|check_anchor|fisher_type|curvature|mc_samples|max_rank|"
                          r"init_lora_weights|max_batches|adapter_name|form|reference|max_reference_params)=|"
                          r"reset_to_anchor\(|LoraConfig\(|\bprior_precision\b|\bskip_nonfinite\b")
 
@@ -47,8 +47,8 @@ def test_library_messages_in_cli_words(capsys, tmp_path, model_dir, data_files, 
         ([*tune, "--precision", precision_file, "--targets", "q_proj"], 2, "pass --non-strict to keep what matches"),
         # LaLoRARegularizer: form='effective-weight' needs Kronecker blocks
         ([*tune, "--precision", precision_file, "--form", "effective-weight"], 2, "--form effective-weight needs"),
-        # kfac: "Use fisher_type='mc' ... raise mc_samples"
-        ([*fit, "--backend", "kfac", "--option", "fisher_type=type-2"], 2, "Use --option fisher_type=mc"),
+        # kfac: "Use curvature='mc' ... raise mc_samples"
+        ([*fit, "--backend", "kfac", "--option", "curvature=ggn"], 2, "Use --option curvature=mc"),
         ([*fit, "--backend", "kfac", "--option", "max_rank=0"], 2, "--option max_rank must be"),
     ]
     for argv, code, want in cases:
@@ -58,11 +58,11 @@ def test_library_messages_in_cli_words(capsys, tmp_path, model_dir, data_files, 
         assert not PYTHON_ARGS.search(err), err
     # compare: a backend's failure is a row of the table (and of --out), with BACKEND:KEY=VALUE options
     code, out, err = run(capsys, "compare", "--model", model_dir, "--data", src, "--backends", "diag", "kfac",
-                         "--option", "kfac:fisher_type=type-2", "--reference", "none", "--out", tmp_path / "c.json", *LORA, "-q")
+                         "--option", "kfac:curvature=ggn", "--reference", "none", "--out", tmp_path / "c.json", *LORA, "-q")
     assert code == 0, err
-    assert "Use --option kfac:fisher_type=mc" in out and "raise --option kfac:mc_samples" in out
+    assert "Use --option kfac:curvature=mc" in out and "raise --option kfac:mc_samples" in out
     row = next(r for r in json.loads((tmp_path / "c.json").read_text())["rows"] if r["name"] == "kfac")
-    assert "--option kfac:fisher_type=mc" in row["error"] and not PYTHON_ARGS.search(out + row["error"])
+    assert "--option kfac:curvature=mc" in row["error"] and not PYTHON_ARGS.search(out + row["error"])
     # warnings (how they look on a terminal: tests/test_cli_output.py): zero curvature at peft's default init (B = 0)
     with pytest.warns(lalora.ZeroCurvatureWarning) as caught:
         assert run(capsys, *fit, "--init", "gaussian")[0] == 0

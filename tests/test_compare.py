@@ -140,11 +140,11 @@ def test_kfac_exact_on_single_linear_layer_mse_one_example(name):
     whole adapter including A-B cross terms (tri-kfac)."""
     cls = _backend_or_skip(name)
     options = {}
-    if "fisher_type" in cls.default_options:  # exact only with the type-2 / empirical factors, not MC
-        options["fisher_type"] = "empirical"
+    if "ef" in cls.curvatures():  # exact only with the type-2 / empirical factors, not MC
+        options["curvature"] = "ef"
     model, data = _single_linear_mse()
     kind = cls(**options).curvature_kind()
-    res = compare(model, data, backends=[(name, name, options)], reference="ef" if kind == "empirical_fisher" else "ggn",
+    res = compare(model, data, backends=[(name, name, options)], reference="ef" if kind == "ef" else "ggn",
                   loss="mse", directions=8)
     row = res.row(name)
     assert row["status"] == "ok", row.get("error")

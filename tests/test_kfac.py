@@ -390,7 +390,7 @@ def test_precision_file_round_trip_and_regularizer(tmp_path, backend):
             assert torch.equal(t, b2.tensors()[k]), k
         assert b1.scaling == b2.scaling
     assert rel_close(precision.to_dense(), loaded.to_dense(), F32)  # the stored tensors are equal bitwise (above)
-    assert loaded.metadata["fisher_type"] == "mc"
+    assert loaded.metadata["curvature"] == "mc" and loaded.metadata["backend_options"]["curvature"] == "mc"
     for form in ("linearized", "effective-weight"):
         reg = lalora.LaLoRARegularizer(model, loaded, strength=2.0, form=form)
         assert float(reg().detach()) == 0.0  # at the anchor

@@ -14,15 +14,15 @@ from models import lora_mlp, randomize_lora_B
 F32 = 1e-5  # float32 fits of the same quantity in two codes: round-off only
 
 
-def _fit(model, data, backend, **kw):
+def _fit(model, data, backend, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lalora.ZeroCurvatureWarning)
-        return lalora.fit_precision(model, data, backend=backend, loss="classification", progress=False, **kw)
+        return lalora.fit_precision(model, data, backend=backend, options=options, loss="classification", progress=False)
 
 
 def test_kfac_and_backpack_draw_the_same_mc_labels():
     """One example with one output row: K-FAC is exact there (``kron(mean_s g_s g_s^T, x x^T)`` is the MC Fisher of
-    those samples), so ``kfac(fisher_type="mc")`` and BackPACK's MC route (SumGradSquared) give the same diagonal
+    those samples), so ``kfac(curvature="mc")`` and BackPACK's MC route (SumGradSquared) give the same diagonal
     exactly when they draw the same labels, and different ones for another seed."""
     pytest.importorskip("backpack")
     model = lora_mlp()
@@ -30,11 +30,11 @@ def test_kfac_and_backpack_draw_the_same_mc_labels():
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(1, 5, generator=g), torch.tensor([1]))]
     kw = {"mc_samples": 7, "seed": 3}
-    kfac = _fit(model, data, "kfac", fisher_type="mc", **kw).to_dense().diagonal()
-    bp = _fit(model, data, "backpack", curvature="mc_fisher", **kw)
+    kfac = _fit(model, data, "kfac", curvature="mc", **kw).to_dense().diagonal()
+    bp = _fit(model, data, "backpack", curvature="mc", **kw)
     assert bp.metadata["backpack_route"] == "SumGradSquared"
     assert rel_err(bp.to_dense().diagonal(), kfac) <= F32
-    other = _fit(model, data, "backpack", curvature="mc_fisher", mc_samples=7, seed=4).to_dense().diagonal()
+    other = _fit(model, data, "backpack", curvature="mc", mc_samples=7, seed=4).to_dense().diagonal()
     assert rel_err(other, kfac) > 1e-2  # measured 0.24: another seed, other labels
 
 

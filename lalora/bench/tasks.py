@@ -204,7 +204,9 @@ def target_exact_match(model, tokenizer, problems: list[tuple[str, str, int]], b
             chunk = problems[i:i + batch_size]
             enc = tokenizer([p for p, _, _ in chunk], return_tensors="pt", padding=True)
             stop = _AnswerStated(tokenizer, enc["input_ids"].shape[1])
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=[stop],
+            # only ids and mask: tokenizers may add token_type_ids, which transformers 4.x generate() refuses
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=[stop],
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             hits += sum(parse_answer(t) == ans for t, (_, _, ans) in zip(texts, chunk))

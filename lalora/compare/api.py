@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..errors import BackendError
+from ..options import curvature_name
 from .displacement import displacement_vector
 from .exact import dense_reference
 from .memory import MemoryMeter
@@ -87,13 +88,13 @@ def compare(model, data, backends: Sequence = ("diag",), reference: str | None =
     kinds = {}
     for label, name, opts in specs:
         try:
-            kinds[label] = get_backend(name)(**opts).curvature_kind()
+            kinds[label] = curvature_name(get_backend(name)(opts).curvature_kind())
         except Exception:  # reported in the backend's row below
             kinds[label] = None
     kind = reference
     if reference == "auto":
         known = [k for k in kinds.values() if k]
-        kind = "ef" if all(k == "empirical_fisher" for k in known) else "ggn"  # none known: the cheap EF
+        kind = "ef" if all(k == "ef" for k in known) else "ggn"  # none known: the cheap EF
     note = None
     if reference is None:
         note = "reference=None"
@@ -136,7 +137,7 @@ def compare(model, data, backends: Sequence = ("diag",), reference: str | None =
                     t0 = time.perf_counter()
                     with _quiet_zero_warning(row):
                         prec = fit_precision(model, data, backend=name, loss=loss, progress=progress,
-                                             adapter_name=adapter_name, max_batches=max_batches, **options)
+                                             adapter_name=adapter_name, max_batches=max_batches, options=options)
                     secs = time.perf_counter() - t0
             except Exception as e:  # one failing backend must not sink the comparison
                 logger.warning("lalora compare: backend %r failed: %s", name, e)

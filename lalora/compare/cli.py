@@ -18,7 +18,7 @@ EXAMPLES = """
     lalora compare diag.lalora kfac.lalora --reference reference-ef.lalora --out res.json --plot res.png
     lalora compare --model ./base --data source.jsonl --backends diag,kfac,tri-kfac,block \\
                    --rank 2 --targets q_proj,v_proj --reference ef --save-dir runs/cmp --out res.md
-    lalora compare --model ./base --data source.jsonl --backends diag kfac --option kfac:fisher_type=empirical \\
+    lalora compare --model ./base --data source.jsonl --backends diag kfac --option kfac:curvature=ef \\
                    --rank 2 --targets q_proj --displacement ./adapter-after-finetuning
 """
 
@@ -67,7 +67,7 @@ def parse_backend_options(items, names) -> dict[str, dict]:
     for item in items:
         backend, sep, kv = item.partition(":")
         if not sep or "=" not in kv:
-            raise lcli.UsageError(f"--option {item!r}: use BACKEND:KEY=VALUE, e.g. kfac:fisher_type=empirical")
+            raise lcli.UsageError(f"--option {item!r}: use BACKEND:KEY=VALUE, e.g. kfac:curvature=ef")
         if backend not in names:
             raise lcli.UsageError(f"--option {item!r}: backend {backend!r} is not in --backends ({', '.join(names)})")
         out.setdefault(backend, {}).update(lcli.parse_options([kv]))

@@ -58,7 +58,7 @@ def dense_reference(model, data, kind: str = "ggn", *, loss="auto", adapter_name
     except ValueError as e:
         raise BackendError(f"reference={kind!r}: {e}" + ("; use reference='ef'" if kind == "ggn" else "")) from None
     matrix = 0.5 * (matrix + matrix.T).double().cpu()
-    meta = {"backend": f"reference-{kind}", "curvature": "ggn" if kind == "ggn" else "empirical_fisher",
+    meta = {"backend": f"reference-{kind}", "curvature": kind,
             "implementation": "lalora.reference", "num_examples": stream.num_examples, "num_tokens": stream.num_tokens,
             "data_fingerprint": stream.fingerprint, "fit_seconds": round(time.perf_counter() - started, 3)}
     return Precision([DenseBlock(tuple(params), matrix, {n: tuple(p.shape) for n, p in params.items()})],
