@@ -89,7 +89,7 @@ def library_rng(seed: int, device=None):
     is touched)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
         torch.default_generator.manual_seed(int(seed))
         for index in cuda:
             torch.cuda.default_generators[index].manual_seed(int(seed))

@@ -57,3 +57,23 @@ def test_library_rng_seeds_and_restores_the_global_generator():
     assert torch.equal(torch.get_rng_state(), before)
     with library_rng(7):
         assert torch.equal(torch.rand(4), first)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_equal_cpu_draws_and_library_rng_restores_the_cuda_generator():
+    """The draws are made on the CPU: the same labels on CUDA (a CUDA fit of the example above equals the CPU
+    fit to float32 round-off, with the MC labels of the same seed); library_rng leaves the CUDA generator as
+    it was."""
+    pytest.importorskip("backpack")
+    model = lora_mlp()
+    randomize_lora_B(model)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 5, generator=g), torch.tensor([1])
+    cpu = _fit(model, [(x, y)], "backpack", curvature="mc", mc_samples=7, seed=3).to_dense().diagonal()
+    model.to("cuda")
+    cuda = _fit(model, [(x.cuda(), y.cuda())], "backpack", curvature="mc", mc_samples=7, seed=3).to_dense().diagonal()
+    assert rel_err(cuda.cpu(), cpu) <= F32
+    before = torch.cuda.get_rng_state()
+    with library_rng(7, "cuda"):
+        torch.rand(4, device="cuda")
+    assert torch.equal(torch.cuda.get_rng_state(), before)
