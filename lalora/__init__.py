@@ -4,11 +4,10 @@
     reg = lalora.LaLoRARegularizer(model, precision, strength=1e3)
     loss = task_loss + reg()
 """
-__version__ = "0.1.0"
-
 from .adapters import LoraAdapter, find_lora_adapters
 from .backend import CurvatureBackend, FitContext, get_backend, list_backends, register_backend
 from .blocks import Block, DenseBlock, DiagBlock, register_block
+from .comparison import compare, compare_precisions
 from .compression import compress
 from .errors import (AnchorMismatchError, BackendError, DataError, LaloraError, ModelMismatchError,
                      PrecisionFileError, UncoveredParameterError, UncoveredParameterWarning)
@@ -16,6 +15,7 @@ from .fit import ZeroCurvatureWarning, fit_precision
 from .integrations.torch_loop import regularized
 from .precision import Precision
 from .regularizer import LaLoRARegularizer
+from .version import __version__
 
 __all__ = [
     "AnchorMismatchError", "BackendError", "Block", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
@@ -31,9 +31,4 @@ def __getattr__(name):
         from .integrations.trainer import LaLoRATrainer
 
         return LaLoRATrainer
-    if name in ("compare", "compare_precisions"):
-        # lalora.compare is also the submodule's name; the module forwards calls to the function.
-        import importlib
-
-        return getattr(importlib.import_module(".compare", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

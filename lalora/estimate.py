@@ -10,7 +10,7 @@
 - time: the sample fit is timed batch by batch; the estimate is the sample's wall time plus the
   remaining batches at the mean time of the sample batches after the first (the first one pays
   for warm-up); with one sample batch, at that batch's time;
-- peak memory: measured around the sample fit (``lalora.compare.memory.MemoryMeter``: CUDA
+- peak memory: measured around the sample fit (``lalora.comparison.memory.MemoryMeter``: CUDA
   allocator peak, or sampled RSS on CPU). Streaming backends (``diag``, ``kfac``, ``tri-kfac``)
   hold one batch of activations at a time, so their peak does not grow with the number of
   batches. For the Kronecker backends the factor sums (running sums in ``sum_dtype`` + float32
@@ -133,7 +133,7 @@ def estimate_fit(model, data, backend: str = "diag", *, num_batches: int = 2, to
     ``total_batches``: the number of batches of the real fit (default ``len(data)``; ``None`` if
     unknown: no time estimate). ``options`` go to the backend. Returns a ``FitEstimate``.
     """
-    from .compare.memory import MemoryMeter
+    from .comparison.memory import MemoryMeter
     from .data import _is_single_batch
     from .fit import fit_precision
 

@@ -95,8 +95,9 @@ def make_lora_model(base, rank: int, targets, seed: int):
 
 def identity_precision(model):
     """``P = I`` over all LoRA weights (isotropic L2 to theta0)."""
-    from .. import DiagBlock, Precision
     from ..adapters import find_lora_adapters, lora_state
+    from ..blocks import DiagBlock
+    from ..precision import Precision
 
     adapters = find_lora_adapters(model)
     anchor = lora_state(adapters)
@@ -106,13 +107,14 @@ def identity_precision(model):
 
 def as_tri_kfac(precision):
     """The B-Tri-KFAC precision with the factors of a ``kfac`` precision (both store X, G per adapter)."""
-    from .. import Precision
     from ..blocks.kronecker import KFACBlock, TriKFACBlock
+    from ..precision import Precision
 
     blocks = [TriKFACBlock(b.params, b.X, b.G, b.scaling) if isinstance(b, KFACBlock) else b
               for b in precision.blocks]
-    meta = dict(precision.metadata, backend="tri-kfac")
-    return Precision(blocks, precision.anchor, metadata=meta, prior_precision=precision.prior_precision)
+    meta = dict(precision.metadata, backend="tri-kfac")  # the same (validated) factors: not checked again
+    return Precision(blocks, precision.anchor, metadata=meta, prior_precision=precision.prior_precision,
+                     validate=False)
 
 
 def mean_diagonal(precision) -> float:
@@ -122,7 +124,7 @@ def mean_diagonal(precision) -> float:
 
 
 def backend_status(name: str) -> tuple[bool, str]:
-    from .. import get_backend
+    from ..backend import get_backend
 
     try:
         cls = get_backend(name)
@@ -133,10 +135,12 @@ def backend_status(name: str) -> tuple[bool, str]:
 
 def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) -> dict:
     """Run every (method, strength); ``on_result(partial_report)`` after each run. Returns ``{"config", "baseline", "results", "notes"}``."""
-    from .. import LaLoRARegularizer, fit_precision
     from ..adapters import find_lora_adapters, lora_state
+    from ..fit import fit_precision
+    from ..regularizer import LaLoRARegularizer
+    from ..textdata import completion_batches, text_batches
+    from ..training import train_lora
     from . import tasks
-    from .train import train_lora
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -147,8 +151,9 @@ def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) 
         raise LaloraError(f"--strengths must be >= 0, got {list(cfg.strengths)}")
     notes = []
     if model is None:
-        from .models import load_model
-        from .smollm2 import ensure_cached, jemalloc_note
+        from ..allocator import jemalloc_note
+        from ..local_model import load_model
+        from .smollm2 import ensure_cached
 
         note = jemalloc_note()
         if note:
@@ -163,11 +168,11 @@ def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) 
     # data
     texts = tasks.source_texts(cfg.source, cfg.seed)
     fit_texts, eval_texts = tasks.split_source(texts, cfg.n_source_fit, cfg.n_source_eval)
-    src_fit = tasks.text_batches(tokenizer, fit_texts, cfg.batch_size, cfg.max_length)
-    src_eval = tasks.text_batches(tokenizer, eval_texts, 16, cfg.max_length)
+    src_fit = text_batches(tokenizer, fit_texts, cfg.batch_size, cfg.max_length)
+    src_eval = text_batches(tokenizer, eval_texts, 16, cfg.max_length)
     train = tasks.arithmetic_set(cfg.n_train, cfg.seed + 1)
     test = tasks.arithmetic_set(cfg.n_target_eval, cfg.seed + 2)
-    train_batches = tasks.completion_batches(tokenizer, [(p, c) for p, c, _ in train], cfg.batch_size, 128)
+    train_batches = completion_batches(tokenizer, [(p, c) for p, c, _ in train], cfg.batch_size, 128)
 
     def evaluate(m):
         r = tasks.source_metrics(m, src_eval)
