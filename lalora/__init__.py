@@ -3,6 +3,13 @@
     precision = lalora.fit_precision(model, source_loader, backend="diag")
     reg = lalora.LaLoRARegularizer(model, precision, strength=1e3)
     loss = task_loss + reg()
+
+This module is the users' facade: it re-exports what they call, and no module of the package imports it.
+Behind it, bottom to top (a module imports its own group or lower ones; no import circle, lazy imports
+included: tests/test_layering.py checks both): the foundations (``errors``, ``blocks``, ``adapters``,
+``losses``, ``data``, ...), the precision (``fileformat``, ``validation``, ``backend``, then ``precision``),
+what uses a precision (``fit``, ``regularizer``, ``penalty``, ``integrations``, ...), the backends
+(``lalora.backends``, reached through the registry only) and the tools (``comparison``, ``bench``, ``cli``).
 """
 from .adapters import LoraAdapter, find_lora_adapters
 from .backend import CurvatureBackend, FitContext, get_backend, list_backends, register_backend

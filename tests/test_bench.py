@@ -8,7 +8,8 @@ import torch
 
 from lalora.bench import tasks
 from lalora.bench.plot import pareto_plot
-from lalora.bench.run import BenchConfig, format_table, identity_precision, make_lora_model, run_benchmark
+from lalora.bench.precisions import identity_precision
+from lalora.bench.run import BenchConfig, format_table, make_lora_model, run_benchmark
 from lalora.textdata import completion_batches, text_batches
 from models import byte_tokenizer, tiny_llama
 
@@ -86,7 +87,7 @@ def test_run_benchmark_end_to_end_on_tiny_model(tok, tmp_path):
     methods = [r["method"] for r in rows]
     assert methods[:3] == ["lora", "l2", "diag"] and methods.count("l2") == methods.count("diag") == 2
     # kfac rows exist iff the backend is available; otherwise a note says why
-    from lalora.bench.run import backend_status
+    from lalora.bench.precisions import backend_status
 
     if backend_status("kfac")[0]:
         assert "kfac" in methods and "kfac-ew" in methods

@@ -28,15 +28,14 @@ EXAMPLES = """
 
 def add_parser(sub, fmt) -> None:
     """Add the ``compare`` subcommand to ``lalora``'s subparsers."""
-    p = add_command(sub, "compare", run, fmt, EXAMPLES, vocabulary=vocabulary,
-                         help="compare curvature approximations: cost, storage, error vs the exact curvature",
-                         description="Per method: wall time, peak memory, stored bytes and file size, and against an "
-                                     "exact dense GGN/EF (when #LoRA weights <= --max-reference-params) the relative "
-                                     "error of d'Pd along random directions, the reference's top eigenvectors and a "
-                                     "real displacement, the relative Frobenius error per LoRA matrix and the |cos| "
-                                     "between top eigenvectors.",
-                         extra="exit codes: 0 ok, 1 every method failed, 2 bad arguments/paths/files",
-                         check=check)
+    p = add_command(sub, "compare", run, fmt, EXAMPLES, vocabulary=vocabulary, check=check,
+                    help="compare curvature approximations: cost, storage, error vs the exact curvature",
+                    description="Per method: wall time, peak memory, stored bytes and file size, and against an "
+                                "exact dense GGN/EF (when #LoRA weights <= --max-reference-params) the relative "
+                                "error of d'Pd along random directions, the reference's top eigenvectors and a "
+                                "real displacement, the relative Frobenius error per LoRA matrix and the |cos| "
+                                "between top eigenvectors.",
+                    extra="exit codes: 0 ok, 1 every method failed, 2 bad arguments/paths/files")
     p.add_argument("precisions", nargs="*", help="precision files to compare without recomputing")
     p.add_argument("--model", help="local model directory (with tokenizer): fit --backends on it now")
     p.add_argument("--data", help="source data file (.jsonl/.json records with 'text' or 'prompt'+'completion')")
