@@ -37,3 +37,4 @@ def test_python_m_lalora_cli_runs_the_command():
     """``python -m lalora.cli`` (the package's ``__main__``) is the ``lalora`` command."""
     proc = subprocess.run([sys.executable, "-m", "lalora.cli", "--version"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == f"lalora {lalora.__version__}", proc.stderr[-2000:]
+    importlib.import_module("lalora.cli.__main__")  # importing it (a walk over every module) runs nothing
