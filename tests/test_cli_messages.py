@@ -13,7 +13,7 @@ import torch
 
 import lalora
 from cli_fixtures import LORA, data_files, model_dir, precision_file, run  # noqa: F401 (fixtures)
-from lalora import cli_vocab
+from lalora.cli import vocab as cli_vocab
 from lalora.cli import build_parser
 from lalora.validation import match_to_model
 from models import byte_tokenizer, tiny_llama
