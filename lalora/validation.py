@@ -54,14 +54,19 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None, 
     """
     adapters = find_lora_adapters(model, adapter_name)
     shapes = lora_param_shapes(adapters)
-    problems = _model_problems(precision.metadata, model, tokenizer)
+    model_level = _model_problems(precision.metadata, model, tokenizer)
+    problems = list(model_level)
     bad = _param_problems(precision, adapters, shapes, problems)
     if not problems:
         return precision
     if strict:
+        # strict=False drops mismatched parameters; it cannot make a precision of another base model or
+        # tokenizer fit (the regularizer refuses it again), so it is suggested only for parameter problems
+        hint = ("; pass strict=False to keep what matches" if not model_level
+                else "; refit the precision on this model (strict=False cannot make a precision fitted on another "
+                     "base model or tokenizer fit it)")
         raise ModelMismatchError(f"precision does not match the model: {problems[0]}"
-                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                                 + "; pass strict=False to keep what matches")
+                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") + hint)
     restricted = _without(precision, bad)
     unconstrained = [n for n in shapes if n not in restricted.anchor]
     skipped = sorted(set(precision.param_names) - set(restricted.param_names))

@@ -58,6 +58,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--uncovered", choices=["warn", "error", "ignore"], default="warn",
+                   help="trainable tensors the precision does not cover (embedding LoRA, modules_to_save, ...): "
+                        "warn naming them (default), stop with an error, or ignore them")
     lora_flags(p)
     data_flags(p)
 
@@ -93,7 +96,8 @@ def _regularizer(model, precision, args):
         if args.non_strict:  # keep the blocks that match; lalora warns what is left out
             precision = match_to_model(precision, model, strict=False)
         return LaLoRARegularizer(model, precision, strength=args.strength, form=args.form,
-                                        prior_precision=args.prior_precision, check_anchor=False)
+                                 prior_precision=args.prior_precision, check_anchor=False, uncovered=args.uncovered,
+                                 _caller="lalora finetune")
     except (ModelMismatchError, BackendError, ValueError) as e:
         raise UsageError(f"--precision {args.precision} does not fit this model/LoRA setup: {to_cli(e)}") from None
 

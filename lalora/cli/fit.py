@@ -32,6 +32,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="backend option, value read by its declared type (repeatable; `lalora backends NAME` lists them)")
     p.add_argument("--out", required=True, help="output precision file (e.g. precision.lalora)")
+    p.add_argument("--uncovered", choices=["warn", "error", "ignore"], default="warn",
+                   help="trainable tensors the precision does not cover (embedding LoRA, modules_to_save, ...): "
+                        "warn naming them (default), stop with an error, or ignore them")
     p.add_argument("--max-batches", type=int, help="use at most this many batches")
     p.add_argument("--prior-precision", type=float, default=0.0, help="delta added to the precision (default 0)")
     p.add_argument("--skip-nonfinite", action="store_true",
@@ -84,7 +87,8 @@ def run(args) -> int:
     try:
         precision = fit_precision(model, batches, backend=args.backend, progress=not args.quiet,
                                   max_batches=args.max_batches, prior_precision=args.prior_precision,
-                                  skip_nonfinite=args.skip_nonfinite, options=options)
+                                  skip_nonfinite=args.skip_nonfinite, options=options, uncovered=args.uncovered,
+                                  _caller="lalora fit")
     except BackendError as e:
         raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
     precision.save(out)
