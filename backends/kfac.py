@@ -31,10 +31,11 @@ one tensor are computed once (``FactorHooks``). ``curvature`` (``KFACOptions``; 
   backward passes per batch (unbiased for the per-position type-2 GGN); the draws: ``lalora.sampling``
   (one CPU generator per fit seeded with ``seed``, the same labels as the ``backpack`` backend's);
 - ``"ef"``: the true labels, gradient of ``sum_n l_n`` (empirical Fisher);
-- ``"ggn"``: exact type-2 Fisher, one backward per output class through ``sqrt(H)`` (``LossFunction.hessian_sqrt_column``). Only where each
-  example has a single output row (classification, MSE): on causal LMs backpropagating all
-  positions together brings in cross-position terms (the curvlinops error, DESIGN.md
-  section 5), so it is refused there with a message pointing to ``mc``.
+- ``"ggn"``: exact type-2 Fisher, one backward per output class through ``sqrt(H)``
+  (``LossFunction.hessian_sqrt_column``). Only where each example has a single output row
+  (classification, MSE): on causal LMs backpropagating all positions together brings in
+  cross-position terms (the curvlinops error, DESIGN.md section 5), so it is refused there with a
+  message pointing to ``mc``.
 
 Why own hooks rather than curvlinops' ``KFACLinearOperator``: with padded batches curvlinops
 puts pad activations into ``X`` and normalises by the padded shape (DESIGN.md section 5), its

@@ -132,7 +132,7 @@ def lalora_fits(model, data, clock) -> tuple[dict, dict]:
 
 def regularizer_ratios(model, data, precisions, clock) -> dict:
     import lalora
-    from lalora.bench.run import as_tri_kfac
+    from lalora.bench.precisions import as_tri_kfac
 
     params = [p for p in model.parameters() if p.requires_grad]
     b = data[0]

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from models import randomize_lora_B, tiny_lora_llama, token_batches  # noqa: E402
 
 import lalora  # noqa: E402
-from lalora.compare import dense_reference  # noqa: E402
+from lalora.comparison import dense_reference  # noqa: E402
 
 RANKS = (4, 8, 16, 32, 64)
 

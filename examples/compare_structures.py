@@ -79,7 +79,7 @@ def main(argv=None):
                             directions=8 if a.quick else 32, top_k=4 if a.quick else 8, displacement=theta_T)
     print(result.table())
     if a.out_dir is not None:
-        from lalora.compare_plot import plot_result
+        from lalora.comparison.plot import plot_result
 
         a.out_dir.mkdir(parents=True, exist_ok=True)
         result.to_json(a.out_dir / "compare.json")

@@ -11,7 +11,7 @@
 - time: the sample fit is timed batch by batch; the estimate is the sample's wall time plus the
   remaining batches at the mean time of the sample batches after the first (the first one pays
   for warm-up); with one sample batch, at that batch's time;
-- peak memory: measured around the sample fit (``lalora.compare.memory.MemoryMeter``: CUDA
+- peak memory: measured around the sample fit (``lalora.comparison.memory.MemoryMeter``: CUDA
   allocator peak, or sampled RSS on CPU). Streaming backends (``diag``, ``kfac``, ``tri-kfac``)
   hold one batch of activations at a time, so their peak does not grow with the number of
   batches. What a backend holds while fitting, when its class says
@@ -112,7 +112,7 @@ def estimate_fit(model, data, backend: str = "diag", *, options=None, num_batche
     unknown: no time estimate). ``options``: the backend's options (its ``Options`` or a dict, as
     for ``fit_precision``; as keyword arguments: deprecated). Returns a ``FitEstimate``.
     """
-    from .compare.memory import MemoryMeter
+    from .comparison.memory import MemoryMeter
     from .data import _is_single_batch
     from .fit import _arguments, fit_precision
 

@@ -252,7 +252,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         robustness["tokenizer"] = tokenizer_info
     if checkpointer is not None:
         robustness["resumed_from_batch"] = checkpointer.resumed_from
-    from . import __version__
+    from .version import __version__
 
     metadata = {
         "backend": instance.name,

@@ -1,8 +1,7 @@
 """Losses in the form backends need: per-example summed losses and the labelled outputs.
 
-The one loss path (docs/concepts.md, "One loss path"): every backend, ``lalora.compare`` and the
-benchmark's training loss compute losses, loss gradients w.r.t. the outputs and output Hessians
-through these classes; ``lalora.reference`` (the brute-force check) deliberately does not.
+The one loss path (docs/concepts.md#one-reference): every backend, ``lalora.comparison`` and the benchmark's
+training loss compute losses, output gradients and output Hessians here; ``lalora.reference`` does not.
 
 Convention (DESIGN.md section 2): example n's loss ``l_n`` is the *sum* over its labelled
 tokens; labels ``-100`` and attention-mask padding are excluded (causal LMs: a target also needs a
@@ -12,13 +11,11 @@ real input position before it, ``CausalLMLoss``). Every loss gives
   ``(M, C)``, their targets ``(M,)`` (or ``(M, C)`` for MSE) and the example index ``(M,)``;
 - ``per_example(output, batch)``: ``(N,)`` tensor of ``l_n``;
 - ``output_rows(output, batch)``: all output rows ``(R, C)`` as a view and the mask of labelled rows;
-- ``row_targets(output, batch)`` (categorical losses): the ``(R,)`` class targets of those rows,
-  ``-100`` where a row has none; ``with_row_targets(batch, targets)``: the batch with other targets
-  for the same rows (MC labels);
-- the curvature building blocks of its ``likelihood`` ("categorical", "gaussian"): ``output_hessian``
-  (per labelled row, ``H``), ``hessian_sandwich`` (``sum_m J_m^T H_m J_m`` without forming ``H``),
-  ``hessian_sqrt_column`` (``H = sum_c s_c s_c^T``) and ``row_gradient`` (categorical:
-  ``d l / d z = softmax(z) - onehot(y)``). MC labels: ``lalora.sampling``.
+- ``row_targets(output, batch)`` (categorical): the ``(R,)`` class targets of those rows (``-100``: none);
+  ``with_row_targets(batch, targets)``: the batch with other targets for the same rows (MC labels);
+- its ``likelihood``'s ("categorical", "gaussian") curvature building blocks: ``output_hessian`` (``H``
+  per labelled row), ``hessian_sandwich`` (``sum_m J_m^T H_m J_m``, ``H`` not formed),
+  ``hessian_sqrt_column`` (``H = sum_c s_c s_c^T``), ``row_gradient`` (``softmax(z) - onehot(y)``).
 """
 from __future__ import annotations
 
@@ -81,8 +78,7 @@ class LossFunction:
             return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
         if self.likelihood == "gaussian":
             return 2.0 * torch.eye(z.shape[-1], dtype=torch.float64, device=z.device).expand(z.shape[0], -1, -1)
-        raise NotImplementedError(f"loss {self.name!r} has no known output Hessian (categorical or gaussian "
-                                  "likelihoods only)")
+        raise NotImplementedError(f"loss {self.name!r} has no known output Hessian (categorical/gaussian only)")
 
     def hessian_sandwich(self, jac: Tensor, z: Tensor) -> Tensor:
         """``(n, n)`` float64 ``sum_m J_m^T H_m J_m`` for the Jacobians ``jac`` (M, C, n) of output rows ``z``
@@ -95,8 +91,7 @@ class LossFunction:
             return torch.einsum("mcn,mc,mck->nk", jac, p, jac) - jp.T @ jp
         if self.likelihood == "gaussian":
             return 2.0 * torch.einsum("mcn,mck->nk", jac, jac)
-        raise NotImplementedError(f"loss {self.name!r} has no known output Hessian (categorical or gaussian "
-                                  "likelihoods only)")
+        raise NotImplementedError(f"loss {self.name!r} has no known output Hessian (categorical/gaussian only)")
 
     def hessian_sqrt_column(self, z: Tensor, c: int, probs: Tensor | None = None) -> Tensor:
         """``(M, C)``: column ``c`` of a square root of ``output_hessian`` per row (``H = sum_c s_c s_c^T``):

@@ -1,6 +1,6 @@
 """The one exact dense reference for the EF and the GGN over the LoRA weights (small models only).
 
-Used by ``lalora.compare`` (``dense_reference``: the reference of a comparison), by the tests (every
+Used by ``lalora.comparison`` (``dense_reference``: the reference of a comparison), by the tests (every
 test of a curvature against brute force; ``tests/reference.py`` re-exports this module) and by users
 checking a backend of their own (docs/howto-custom-backend.md). The ``block`` backend computes the same
 exact blocks for real use, fast (per-example gradients from hooks, ``torch.func`` Jacobians of whole
@@ -10,7 +10,7 @@ Brute force on purpose, so that it checks the backends instead of sharing their 
 
 - every example is run alone: cut out of its batch with its padding removed (the positions with
   attention mask 0 are deleted from every ``(N, T)`` input, labels included: ``unpadded_example``),
-  as a batch of one, in eval mode (``fitting_mode``), so it never depends on how a batch was padded
+  as a batch of one, in eval mode (``_eval_mode``), so it never depends on how a batch was padded
   (left, right) nor on the padding rules of ``lalora.losses``;
 - its loss is computed here from the definition, not by ``lalora.losses``, for the built-in losses:
   ``causal_lm``: cross-entropy of the logits at position t against token t + 1 wherever that label
@@ -37,6 +37,7 @@ with parameters in ``lora_parameters`` order, each flattened row-major.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -180,6 +181,18 @@ def _flat(grads, tensors, rows: int | None = None) -> Tensor:
                       for g, p in zip(grads, tensors)], -1)
 
 
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Dropout off for the reference, the model's mode restored after (``lalora.comparison`` also switches
+    gradient checkpointing off: ``fit.fitting_mode``)."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 def _progress(items, progress: bool, desc: str):
     if not progress:
         return items
@@ -191,11 +204,9 @@ def _progress(items, progress: bool, desc: str):
 def per_example_gradients(model: nn.Module, batches, loss="auto", adapter_name=None, *,
                           progress: bool = False) -> tuple[list[str], Tensor]:
     """``(names, G)``, ``G (N, P)`` float64: row n is the flattened gradient of ``l_n``."""
-    from .fit import fitting_mode
-
     names, tensors = _lora(model, adapter_name)
     rows = []
-    with fitting_mode(model, find_lora_adapters(model, adapter_name)):
+    with _eval_mode(model):
         for fn, _, b in _progress(_singletons(batches, loss, tensors[0].device), progress, "lalora reference [ef]"):
             l = _loss_of(fn, call_model(model, b), b)
             rows.append(_flat(torch.autograd.grad(l, tensors, allow_unused=True), tensors).cpu())
@@ -204,7 +215,8 @@ def per_example_gradients(model: nn.Module, batches, loss="auto", adapter_name=N
     return names, torch.stack(rows)
 
 
-def dense_empirical_fisher(model: nn.Module, batches, loss="auto", adapter_name=None, *, progress: bool = False) -> Tensor:
+def dense_empirical_fisher(model: nn.Module, batches, loss="auto", adapter_name=None, *,
+                           progress: bool = False) -> Tensor:
     """``(P, P)`` float64: ``(1/N) sum_n g_n g_n^T``."""
     _, G = per_example_gradients(model, batches, loss, adapter_name, progress=progress)
     return G.T @ G / G.shape[0]
@@ -212,13 +224,11 @@ def dense_empirical_fisher(model: nn.Module, batches, loss="auto", adapter_name=
 
 def dense_ggn(model: nn.Module, batches, loss="auto", adapter_name=None, *, progress: bool = False) -> Tensor:
     """``(P, P)`` float64: ``(1/N) sum_n sum_t J_{n,t}^T H_{n,t} J_{n,t}`` (exact, per position)."""
-    from .fit import fitting_mode
-
     _, tensors = _lora(model, adapter_name)
     P = sum(t.numel() for t in tensors)
     total = torch.zeros(P, P, dtype=torch.float64, device=tensors[0].device)
     n_examples = 0
-    with fitting_mode(model, find_lora_adapters(model, adapter_name)):
+    with _eval_mode(model):
         for fn, _, b in _progress(_singletons(batches, loss, tensors[0].device), progress, "lalora reference [ggn]"):
             if type(fn) not in _BUILTIN and fn.likelihood is None:
                 raise ValueError(f"dense_ggn: loss {fn.name!r} has no known output Hessian (categorical or gaussian "

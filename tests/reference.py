@@ -15,8 +15,8 @@ from lalora.adapters import find_lora_adapters
 from lalora.reference import (dense_empirical_fisher, dense_ggn, example_loss, per_example_gradients, rel_err,
                               unpadded_example, unpadded_examples)
 
-__all__ = ["dense_empirical_fisher", "dense_ggn", "example_loss", "kronecker_precision_reference", "layer_factors",
-           "per_example_gradients", "rel_err", "unpadded_example", "unpadded_examples"]
+__all__ = ["dense_empirical_fisher", "dense_ggn", "effective_weight_dense", "example_loss", "kronecker_precision_reference",
+           "layer_factors", "per_example_gradients", "rel_err", "unpadded_example", "unpadded_examples"]
 
 
 def layer_factors(model, batches, approx: str = "expand", adapter_name=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -80,3 +80,10 @@ def kronecker_precision_reference(model, factors: dict, tri: bool, adapter_name=
         out[i:i + n, i:i + n] = block
         i += n
     return out
+
+
+def effective_weight_dense(block) -> torch.Tensor:
+    """``kron(G, X)`` of a Kronecker block: its effective-weight form is ``vec(Delta)^T kron(G, X) vec(Delta)``
+    (one adapter, small blocks only). ``torch.kron`` on contiguous copies: torch 2.14's kron refuses many
+    non-contiguous inputs."""
+    return torch.kron(block.G.dense().contiguous(), block.X.dense().contiguous())

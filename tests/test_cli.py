@@ -101,7 +101,7 @@ def test_clear_errors(capsys, tmp_path, model_dir, data_files):
 def test_compare_fitted_then_stored(capsys, tmp_path, model_dir, data_files):
     """`lalora compare --model --data --backends` fits and compares; the saved files compared again (with the
     saved reference, or with the reference recomputed from --model/--data) give the same numbers."""
-    from lalora.compare import CompareResult
+    from lalora.comparison import CompareResult
 
     src, _ = data_files
     d = tmp_path / "fits"

@@ -170,7 +170,7 @@ def test_custom_backend_plugin(installed_plugin, tmp_path, capsys):
     assert stored_bytes(model, name) == iso.num_bytes
 
     # options as the CLI gives them (--option damping=0.5): read by the declared type
-    from lalora.cli_inputs import parse_options
+    from lalora.cli.inputs import parse_options
 
     damped = lalora.fit_precision(model, data, backend=name, progress=False,
                                   options=parse_options(["damping=0.5", "granularity=model"]))

@@ -120,7 +120,7 @@ def test_old_files_read_with_the_new_curvature_names():
 
 def test_cli_deprecated_option_warns_in_cli_words(capsys, tmp_path):
     from cli_fixtures import run
-    from lalora.cli_vocab import Vocabulary
+    from lalora.cli.vocab import Vocabulary
 
     fit = ["fit", "--model", tmp_path / "none", "--data", tmp_path / "none.jsonl", "--out", tmp_path / "p.lalora"]
     with pytest.warns(LaloraDeprecationWarning) as caught:

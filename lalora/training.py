@@ -11,7 +11,7 @@ import itertools
 import torch
 from tqdm.auto import tqdm
 
-from ..losses import CausalLMLoss, call_model
+from .losses import CausalLMLoss, call_model
 
 # decoder-only models whose logits are exactly ``lm_head(last hidden state)`` (no soft-capping or scaling)
 _PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")

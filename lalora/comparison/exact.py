@@ -40,6 +40,7 @@ def dense_reference(model, data, kind: str = "ggn", *, loss="auto", adapter_name
     from ..adapters import find_lora_adapters, lora_parameters, lora_state
     from ..blocks import DenseBlock
     from ..data import BatchStream, _is_single_batch
+    from ..fit import fitting_mode
     from ..losses import resolve_loss
     from ..precision import Precision
 
@@ -54,7 +55,8 @@ def dense_reference(model, data, kind: str = "ggn", *, loss="auto", adapter_name
     started = time.perf_counter()
     fn = reference.dense_empirical_fisher if kind == "ef" else reference.dense_ggn
     try:
-        matrix = fn(model, batches, loss=stream.loss, adapter_name=adapter_name, progress=progress)
+        with fitting_mode(model, adapters):  # eval mode, no gradient checkpointing, only LoRA weights trainable
+            matrix = fn(model, batches, loss=stream.loss, adapter_name=adapter_name, progress=progress)
     except ValueError as e:
         raise BackendError(f"reference={kind!r}: {e}" + ("; use reference='ef'" if kind == "ggn" else "")) from None
     matrix = 0.5 * (matrix + matrix.T).double().cpu()
