@@ -72,7 +72,7 @@ def test_ef_reference_is_the_one_reference_with_the_streams_counts():
     got = dense_reference(model, batches, "ef")
     assert rel_err(got.to_dense(), want) <= 1e-6  # symmetrised: round-off only
     assert got.metadata["num_examples"] == 6 and got.metadata["implementation"] == "lalora.reference"
-    with pytest.warns(DeprecationWarning, match="builtin"):
+    with pytest.warns(lalora.LaloraDeprecationWarning, match="builtin"):
         old = dense_reference(model, batches, "ef", implementation="builtin")
     assert rel_err(old.to_dense(), want) <= 1e-6
 

@@ -9,11 +9,10 @@ each flattened row-major. Small models only: the matrix is ``P x P`` for P LoRA 
 from __future__ import annotations
 
 import time
-import warnings
 
 import torch
 
-from ..errors import BackendError
+from ..errors import BackendError, warn_deprecated
 
 
 def dense_reference(model, data, kind: str = "ggn", *, loss="auto", adapter_name=None, max_batches=None,
@@ -32,8 +31,8 @@ def dense_reference(model, data, kind: str = "ggn", *, loss="auto", adapter_name
     if implementation not in ("auto", "builtin", "lalora.reference"):
         raise ValueError(f"implementation={implementation!r}: use 'auto' (the only implementation is lalora.reference)")
     if implementation == "builtin":
-        warnings.warn("dense_reference(implementation='builtin') is deprecated: the reference is always "
-                      "lalora.reference; drop the argument", DeprecationWarning, stacklevel=2)
+        warn_deprecated("dense_reference(implementation='builtin') is deprecated: the reference is always "
+                        "lalora.reference; drop the argument")
     if kind not in ("ggn", "ef"):
         raise ValueError(f"reference kind must be 'ggn' or 'ef', got {kind!r}")
     from .. import reference
