@@ -44,7 +44,8 @@ from ..precision import Precision
 from ..regularizer import LaLoRARegularizer
 from ..sharding import sharding_of
 from .trainer_checkpoint import PRECISION_FILE, STATE_FILE, CheckpointMixin, _same_precision
-from .trainer_setup import accept_trainer_config_changes, config_snapshot, launcher_of, loss_divisor
+from .trainer_setup import (accept_trainer_config_changes, align_special_tokens, config_snapshot, launcher_of,
+                            loss_divisor)
 
 logger = logging.getLogger("lalora")
 
@@ -143,8 +144,12 @@ class LaLoRATrainerMixin(CheckpointMixin):
         self._build_regularizer(precision, self._lalora_strength, check_anchor=False, uncovered="ignore")
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if self._lalora_fit is not None and self.regularizer is None \
-                and self._checkpoint_precision(resume_from_checkpoint) is None:
+        before = config_snapshot(self.model)
+        align_special_tokens(self)
+        if self.regularizer is not None:  # record the aligned config, as the checkpoints will have it
+            accepted = accept_trainer_config_changes(self.regularizer.precision, before, self.model)
+            self.regularizer.precision.metadata.update(accepted.metadata)
+        elif self._lalora_fit is not None and self._checkpoint_precision(resume_from_checkpoint) is None:
             self._fit_at_start()
         self._lalora_bound = False  # accelerate's prepare (FSDP2, DeepSpeed) may replace the LoRA Parameters
         return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -3,6 +3,7 @@ and whether a precision fitted before the Trainer existed still fits the model a
 set-up (TRL aligns the config's special-token ids with the tokenizer)."""
 from __future__ import annotations
 
+from .. import validation
 from ..adapters import base_model_of
 from ..precision import Precision
 from ..sharding import FSDP1_REFUSAL
@@ -31,13 +32,29 @@ def accept_trainer_config_changes(precision: Precision, before: tuple[str | None
     if not fitted or fitted != hash_before or hash_now == hash_before or dict_before is None or dict_now is None:
         return precision
     keys = set(dict_before) | set(dict_now)
-    changed = {k for k in keys if dict_before.get(k) != dict_now.get(k)}
+    # fields the config hash leaves out (run-time settings such as use_cache, which TRL switches off)
+    ignored = set(getattr(validation, "_VOLATILE_CONFIG_KEYS", ()))
+    changed = {k for k in keys if dict_before.get(k) != dict_now.get(k)} - ignored
     if not changed or not changed <= TOKEN_ID_FIELDS:
         return precision
     accepted = precision.to()
     accepted.metadata["config_hash_before_trainer"] = fitted
     accepted.metadata["config_hash"] = hash_now
     return accepted
+
+
+def align_special_tokens(trainer) -> None:
+    """What ``Trainer.train`` does first (transformers >= 5): copy the tokenizer's pad/eos/bos ids into the model's
+    config. Done before the ``source_data=`` fit, so the fitted precision records the config the model trains
+    with (the call is idempotent; older transformers do not align and have no such function)."""
+    try:
+        from transformers import PreTrainedTokenizerBase, ProcessorMixin
+        from transformers.trainer_utils import align_special_tokens as align
+    except ImportError:
+        return
+    processing = getattr(trainer, "processing_class", None)
+    if isinstance(processing, (PreTrainedTokenizerBase, ProcessorMixin)) and hasattr(trainer.model, "config"):
+        align(trainer.model, processing)
 
 
 def launcher_of(trainer) -> str:
