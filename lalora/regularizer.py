@@ -72,14 +72,15 @@ class LaLoRARegularizer(nn.Module):
             raise ValueError(f"strength must be a finite number >= 0, got {strength}")
         check_uncovered_mode(uncovered, _caller)
         self._caller = _caller
-        precision = match_to_model(precision, model, strict=True, adapter_name=adapter_name)
         self._adapter_name = adapter_name
         adapters = find_lora_adapters(model, adapter_name)
         params = lora_parameters(adapters)
+        self._params = params
+        self._check_sharding()  # before the shapes are compared: FSDP1 flattens them
+        precision = match_to_model(precision, model, strict=True, adapter_name=adapter_name)
         self._params = {n: params[n] for n in precision.param_names}
         self._adapters_in_use = sorted({a.adapter_name for a in adapters})
         self._active_adapters = _active_adapters(model)
-        self._check_sharding()
         check_trainable(self._params, _caller)
         check_coverage(model, self._params.values(), uncovered, caller=_caller, selected=params.values())
         device = next(iter(self._params.values())).device
