@@ -60,7 +60,7 @@ class LaLoRATrainerMixin(CheckpointMixin):
     unless the LoRA weights equal theta0; "reset": copy theta0 into them; "ignore") and ``uncovered=``
     ("warn", "error" or "ignore": trainable tensors the precision does not cover, docs/concepts.md#coverage).
 
-    ``source_data=`` (batches or a dataset of examples, what ``lalora.fit_precision`` takes), ``backend=``
+    ``source_data=`` (what ``lalora.fit_precision`` takes: a DataLoader or an iterable of batches), ``backend=``
     (default "diag") and ``fit_options=`` (a dict of further ``fit_precision`` arguments and backend
     options): ``train()`` fits the precision on ``self.model`` -- the model as the trainer wrapped it, e.g.
     by TRL's ``peft_config=`` -- before the first step, on every rank (each takes its share of the same
@@ -91,7 +91,6 @@ class LaLoRATrainerMixin(CheckpointMixin):
                                 "uncovered": uncovered}
         self._lalora_strength = None if strength is None else float(strength)
         self._lalora_fit = None if source_data is None else (source_data, backend, dict(fit_options or {}))
-        self._lalora_anchor = anchor
         self.regularizer: LaLoRARegularizer | None = None
         self._lalora_step: int | None = None
         self._lalora_fuse = False
