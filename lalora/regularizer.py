@@ -175,7 +175,8 @@ class LaLoRARegularizer(nn.Module):
         anchor = self.precision.anchor
         return {n: t - anchor[n] for n, t in self._theta().items()}
 
-    def curvature_term(self, delta: dict[str, Tensor] | None = None, *, theta: dict[str, Tensor] | None = None) -> Tensor:
+    def curvature_term(self, delta: dict[str, Tensor] | None = None, *,
+                       theta: dict[str, Tensor] | None = None) -> Tensor:
         """``d^T P d`` (linearized) or the effective-weight form, without prior and strength.
 
         The gradient is computed in closed form (``lalora.penalty``: ``2 P d``, one read of each

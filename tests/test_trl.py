@@ -12,7 +12,6 @@ least the penalty part, which each test checks is > 1e-3.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import socket
 
@@ -75,14 +74,24 @@ def check_update(model, ref, precision, before, task_loss):
 
 
 # --- SFTTrainer: normalised by num_items_in_batch when the model accepts loss kwargs --------------------
-@pytest.mark.parametrize("ga,accepts", [(1, True), (2, True), (2, False)])
-def test_sft_update_equals_hand_computed(tmp_path, ga, accepts):
+def fused(trainer, on: bool) -> None:
+    """Take the DeepSpeed path on one process: the penalty joins the first micro-batch's loss, multiplied by
+    what the Trainer divides the loss by (tests/test_deepspeed.py runs it under DeepSpeed itself)."""
+    if on:
+        trainer._lalora_launcher = "deepspeed"
+
+
+@pytest.mark.parametrize("ga,accepts,fuse", [(1, True, False), (2, True, False), (2, False, False), (2, True, True),
+                                             (2, False, True)])
+def test_sft_update_equals_hand_computed(tmp_path, ga, accepts, fuse):
     model, ref, precision = start("kfac", fisher_type="empirical")
     trainer = recording(LaLoRASFTTrainer)(
-        model=model, args=SFTConfig(**common(tmp_path, ga, 4 // ga), shuffle_dataset=False), train_dataset=sft_dataset(),
-        processing_class=tokenizer(), precision=precision, strength=STRENGTH, anchor="ignore")
+        model=model, args=SFTConfig(**common(tmp_path, ga, 4 // ga), shuffle_dataset=False),
+        train_dataset=sft_dataset(), processing_class=tokenizer(), precision=precision, strength=STRENGTH,
+        anchor="ignore")
     assert trainer.model_accepts_loss_kwargs  # a Llama forward takes **kwargs
     trainer.model_accepts_loss_kwargs = accepts
+    fused(trainer, fuse)
     before = weights(model)
     trainer.train()
     micro = trainer.recorded
@@ -113,14 +122,15 @@ def dpo_dataset():
     return datasets.Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows])
 
 
-@pytest.mark.parametrize("ga", [1, 2])
-def test_dpo_update_equals_hand_computed(tmp_path, ga):
+@pytest.mark.parametrize("ga,fuse", [(1, False), (2, False), (2, True)])
+def test_dpo_update_equals_hand_computed(tmp_path, ga, fuse):
     model, ref, precision = start("diag")
     frozen = copy.deepcopy(ref)  # DPO's reference: a copy of the adapter as the trainer got it ("ref" adapter)
     trainer = recording(LaLoRADPOTrainer)(
         model=model, args=DPOConfig(**common(tmp_path, ga, 4 // ga)), train_dataset=dpo_dataset(),
         processing_class=tokenizer(), precision=precision, strength=STRENGTH, anchor="ignore")
     assert trainer.loss_is_scaled_for_ga is False
+    fused(trainer, fuse)
     beta = trainer.beta
     before = weights(model)
     trainer.train()
@@ -145,8 +155,8 @@ def reward(completions, **kwargs):
     return [sum(c.encode()) / 100.0 for c in completions]
 
 
-@pytest.mark.parametrize("ga", [1, 2])
-def test_grpo_update_equals_hand_computed(tmp_path, ga):
+@pytest.mark.parametrize("ga,fuse", [(1, False), (2, False), (2, True)])
+def test_grpo_update_equals_hand_computed(tmp_path, ga, fuse):
     model, ref, precision = start("diag")
     args = GRPOConfig(**common(tmp_path, ga, 4), num_generations=4, max_completion_length=4, shuffle_dataset=False)
     prompts = datasets.Dataset.from_list([{"prompt": p} for p in ("ab", "cde", "fg", "hi")])
@@ -154,6 +164,7 @@ def test_grpo_update_equals_hand_computed(tmp_path, ga):
                                            processing_class=tokenizer(), precision=precision, strength=STRENGTH,
                                            anchor="ignore")
     assert trainer.loss_is_scaled_for_ga is True and trainer.loss_type == "dapo" and trainer.beta == 0.0
+    fused(trainer, fuse)
     before = weights(model)
     trainer.train()
     micro = trainer.recorded
@@ -240,6 +251,27 @@ def test_peft_config_with_precision_fitted_elsewhere(tmp_path):
                                **kw)
     assert diff(weights(trainer.model), precision.anchor) == 0.0
     trainer.train()
+
+
+def test_config_changes_accepted_only_for_token_ids():
+    """A precision fitted before the trainer existed survives the trainer's change of pad/eos/bos ids (the forward
+    does not read them), and nothing else."""
+    from lalora.integrations.trainer_setup import accept_trainer_config_changes, config_snapshot
+
+    model = make_model()
+    precision = lalora.fit_precision(model, source_batches(), "diag", progress=False)
+    before = config_snapshot(model)
+    config = model.base_model.model.config
+    config.pad_token_id, config.eos_token_id = 256, 256
+    accepted = accept_trainer_config_changes(precision, before, model)
+    assert accepted.metadata["config_hash"] == config_snapshot(model)[0] != precision.metadata["config_hash"]
+    assert accepted.metadata["config_hash_before_trainer"] == precision.metadata["config_hash"]
+    lalora.LaLoRARegularizer(model, accepted, 1.0)
+    before = config_snapshot(model)
+    config.rms_norm_eps = 1e-3  # any other field: another model as far as the config hash can tell
+    assert accept_trainer_config_changes(accepted, before, model) is accepted
+    with pytest.raises(lalora.ModelMismatchError, match="config hash"):
+        lalora.LaLoRARegularizer(model, accepted, 1.0)
 
 
 def test_arguments_are_checked(tmp_path):

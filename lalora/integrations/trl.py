@@ -50,8 +50,8 @@ def lalora_trainer(cls: type, name: str | None = None) -> type:
     if not (isinstance(cls, type) and issubclass(cls, Trainer)):
         raise TypeError(f"lalora_trainer needs a transformers.Trainer subclass, got {cls!r}")
     name = name or f"LaLoRA{cls.__name__}"
-    return type(name, (LaLoRATRLMixin, cls), {"__module__": __name__, "__doc__": f"{cls.__name__} with the LaLoRA "
-                                                                                   "penalty (lalora.integrations.trl)."})
+    doc = f"{cls.__name__} with the LaLoRA penalty (lalora.integrations.trl)."
+    return type(name, (LaLoRATRLMixin, cls), {"__module__": __name__, "__doc__": doc})
 
 
 def __getattr__(name):
