@@ -11,6 +11,7 @@ unless a parameter is sharded by them.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterable
 
 import torch
@@ -18,11 +19,9 @@ from torch import Tensor
 
 
 def _dtensor_class():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without distributed
-        return None
-    return DTensor
+    """DTensor, if torch.distributed.tensor is loaded (a DTensor exists only then: nothing is imported here)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def is_dtensor(t) -> bool:

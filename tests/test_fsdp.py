@@ -186,3 +186,20 @@ def test_trainer_fsdp2_with_accumulation_equals_one_process(fsdp_run):
 def test_fsdp1_is_refused_by_name(fsdp_run):
     msg = (fsdp_run / "fsdp1.txt").read_text()
     assert "FSDP1" in msg and "fully_shard" in msg and "'version': 2" in msg
+
+
+def test_trainer_refuses_accelerate_fsdp1():
+    """accelerate's FSDP1 plugin cannot be built without a GPU, so the Trainer's decision is checked on the
+    attributes it reads (``is_fsdp_enabled``, ``accelerator.state.fsdp_plugin.fsdp_version``)."""
+    from types import SimpleNamespace
+
+    from lalora.integrations.trainer_setup import launcher_of
+
+    def trainer(version):
+        state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version))
+        return SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=True,
+                               accelerator=SimpleNamespace(state=state))
+
+    assert launcher_of(trainer(2)) == "fsdp2"
+    with pytest.raises(NotImplementedError, match="FSDP1.*'version': 2"):
+        launcher_of(trainer(1))
