@@ -32,6 +32,7 @@ TRL's trainers come ready-made in ``lalora.integrations.trl``.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
@@ -51,6 +52,23 @@ logger = logging.getLogger("lalora")
 
 ANCHOR_MODES = ("check", "reset", "ignore")
 __all__ = ["LaLoRATrainer", "LaLoRATrainerMixin", "PRECISION_FILE", "STATE_FILE", "_same_precision"]
+
+
+def _split_fit_options(fit_precision, options: dict) -> dict:
+    """``fit_options`` as ``fit_precision`` takes them: where it has an ``options=`` parameter for the backend's
+    options, the keys that are not its own arguments go there (merged with a given ``options``)."""
+    params = inspect.signature(fit_precision).parameters
+    if "options" not in params:
+        return dict(options)
+    own = {k: v for k, v in options.items() if k in params}
+    backend = {k: v for k, v in options.items() if k not in params}
+    if backend:
+        given = own.get("options")
+        if given is not None and not isinstance(given, dict):
+            raise TypeError(f"fit_options: give the backend options {sorted(backend)} inside fit_options['options'] "
+                            f"(a {type(given).__name__}), not next to it")
+        own["options"] = {**(given or {}), **backend}
+    return own
 
 
 class LaLoRATrainerMixin(CheckpointMixin):
@@ -134,6 +152,7 @@ class LaLoRATrainerMixin(CheckpointMixin):
                 f"{name}(source_data=...): the model's weights are already sharded ({adapters_sharding}, e.g. "
                 "loaded under a DeepSpeed ZeRO-3 config through deepspeed.zero.Init), so the fit cannot run its "
                 "forward passes; fit on the model loaded without sharding and pass precision= instead")
+        options = _split_fit_options(fit_precision, options)
         options.setdefault("progress", False)
         options.setdefault("adapter_name", self._lalora_options["adapter_name"])
         options.setdefault("uncovered", self._lalora_options["uncovered"])
