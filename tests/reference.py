@@ -162,6 +162,13 @@ def kronecker_precision_reference(model, factors: dict, tri: bool, adapter_name=
     return out
 
 
+def effective_weight_dense(block) -> torch.Tensor:
+    """``kron(G, X)`` of a Kronecker block: its effective-weight form is ``vec(Delta)^T kron(G, X) vec(Delta)``
+    (one adapter, small blocks only). ``torch.kron`` on contiguous copies: torch 2.14's kron refuses many
+    non-contiguous inputs."""
+    return torch.kron(block.G.dense().contiguous(), block.X.dense().contiguous())
+
+
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))

@@ -115,7 +115,7 @@ def test_sum_grad_squared_route_on_transformer():
 
 def test_transformer_without_mc_route_is_a_clear_error():
     model = tiny_lora_llama(targets=("v_proj",))
-    with pytest.raises(lalora.BackendError, match=r"LlamaForCausalLM.*mc_fisher.*'block'"):
+    with pytest.raises(lalora.BackendError, match=r"LlamaForCausalLM.*curvature='mc'.*'block'"):
         _fit(model, token_batches(n_batches=1))
     with pytest.raises(lalora.BackendError, match="mc_samples"):
         lalora.get_backend("backpack")(curvature="mc_fisher", mc_samples=0)

@@ -10,7 +10,7 @@ from torch import nn
 
 import lalora
 from lalora.blocks import DenseBlock
-from lalora.compare import CompareResult, cli_main, compare, compare_precisions, dense_reference
+from lalora.comparison import CompareResult, compare, compare_precisions, dense_reference
 from models import lora_mlp, randomize_lora_B, tiny_llama, tiny_lora_llama, token_batches
 from reference import dense_empirical_fisher, rel_err
 
@@ -139,11 +139,11 @@ def test_kfac_exact_on_single_linear_layer_mse_one_example(name):
     whole adapter including A-B cross terms (tri-kfac)."""
     cls = _backend_or_skip(name)
     options = {}
-    if "fisher_type" in cls.default_options:  # exact only with the type-2 / empirical factors, not MC
-        options["fisher_type"] = "empirical"
+    if "ef" in cls.curvatures():  # exact only with the type-2 / empirical factors, not MC
+        options["curvature"] = "ef"
     model, data = _single_linear_mse()
     kind = cls(**options).curvature_kind()
-    res = compare(model, data, backends=[(name, name, options)], reference="ef" if kind == "empirical_fisher" else "ggn",
+    res = compare(model, data, backends=[(name, name, options)], reference="ef" if kind == "ef" else "ggn",
                   loss="mse", directions=8)
     row = res.row(name)
     assert row["status"] == "ok", row.get("error")
@@ -227,7 +227,11 @@ def test_unavailable_backend_and_unaffordable_reference_do_not_abort():
     row = res.row("diag")
     assert row["status"] == "ok" and row["num_bytes"] > 0 and "rel_err_random_mean" not in row
     assert "no-such-backend" in res.table()
-    # the lazy export: lalora.compare is callable whether or not the submodule was imported
+    # lalora.compare is the function itself (the package is lalora.comparison): importing the package does
+    # not rebind it
+    import lalora.comparison
+
+    assert lalora.compare is compare and lalora.compare_precisions is compare_precisions
     res = lalora.compare(model, batches, backends=["diag"], reference=None)
     assert res.reference is None and res.rows[0]["status"] == "ok"
 
@@ -263,7 +267,7 @@ def test_cli_stored_precisions_equal_python(tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "p_spectra.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "diag" in out and "exact dense ggn over" in out
-    assert cli_main([*args, "--out", str(tmp_path / "r.md")]) == 0  # the same through lalora.compare.cli_main
+    assert main(["compare", *args, "--out", str(tmp_path / "r.md")]) == 0  # a Markdown --out
     assert "| diag |" in (tmp_path / "r.md").read_text()
     capsys.readouterr()
     for bad, named in [([str(tmp_path / "absent.lalora")], "absent.lalora"),

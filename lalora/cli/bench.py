@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_inputs import UsageError
-from .cli_vocab import to_cli
+from ..errors import LaloraError
+from .common import EXIT_OK, UsageError, add_command
+from .vocab import to_cli
 
 
 def bench_config(args):
     """The ``BenchConfig`` of the flags (no file is read)."""
-    from .bench.run import METHODS, BenchConfig
+    from ..bench.run import METHODS, BenchConfig
 
     kw = {}
     if args.methods:
@@ -35,10 +36,9 @@ def bench_config(args):
     return BenchConfig.quick(**kw) if args.quick else BenchConfig.full(**kw) if args.full else BenchConfig(**kw)
 
 
-def cmd_bench(args) -> int:
-    from .bench.plot import pareto_plot
-    from .bench.run import format_table, run_benchmark, save_report
-    from .errors import LaloraError
+def run(args) -> int:
+    from ..bench.plot import pareto_plot
+    from ..bench.run import format_table, run_benchmark, save_report
 
     cfg = bench_config(args)
     if args.model and not Path(args.model).is_dir():
@@ -60,14 +60,11 @@ def cmd_bench(args) -> int:
     pareto_plot(report, outdir / "pareto.png")
     print(table)
     print(f"\nwrote {outdir / 'results.md'}, {outdir / 'results.json'}, {outdir / 'pareto.png'}")
-    return 0
+    return EXIT_OK
 
 
-def add_bench_parser(sub, fmt) -> None:
-    """Add the ``bench`` subcommand to ``lalora``'s subparsers."""
-    from . import cli as lcli
-
-    p = lcli.add_command(sub, "bench", cmd_bench, fmt, """
+def add_parser(sub, fmt) -> None:
+    p = add_command(sub, "bench", run, fmt, """
                         lalora bench                       # the default: 6 methods at strength 1 (~15 min on 2 cores)
                         lalora bench --strengths 0.1,1     # with a strength sweep (~25 min)
                         lalora bench --quick               # CI-sized (a few minutes)

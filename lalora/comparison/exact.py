@@ -81,7 +81,7 @@ def _dense_reference_external(model, data, kind, *, loss, adapter_name, max_batc
         except ValueError as e:
             raise BackendError(f"reference={kind!r}: {e}") from None
     matrix = 0.5 * (matrix + matrix.T).double().cpu()
-    meta = {"backend": f"reference-{kind}", "curvature": "ggn" if kind == "ggn" else "empirical_fisher",
+    meta = {"backend": f"reference-{kind}", "curvature": kind,
             "implementation": "lalora.reference", "num_examples": stream.num_examples, "num_tokens": stream.num_tokens,
             "data_fingerprint": stream.fingerprint, "fit_seconds": round(time.perf_counter() - started, 3)}
     return Precision([DenseBlock(tuple(params), matrix, {n: tuple(p.shape) for n, p in params.items()})],
@@ -144,7 +144,7 @@ def _dense_reference_builtin(model, data, kind: str = "ggn", *, loss="auto", ada
     matrix = (total / n_examples).cpu()
     matrix = 0.5 * (matrix + matrix.T)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
-    meta = {"backend": f"reference-{kind}", "curvature": "ggn" if kind == "ggn" else "empirical_fisher",
+    meta = {"backend": f"reference-{kind}", "curvature": kind,
             "implementation": "builtin", "num_examples": n_examples, "num_tokens": stream.num_tokens, "data_fingerprint": stream.fingerprint,
             "fit_seconds": round(time.perf_counter() - started, 3)}
     return Precision([DenseBlock(tuple(names), matrix, shapes)], anchor, metadata=meta)
