@@ -52,7 +52,7 @@ def _plain_engine(rank, out_dir):
     from test_trainer import LR, STRENGTH, examples, make_model
 
     model = make_model()
-    precision = lalora.fit_precision(model, _source(), "kfac", progress=False, fisher_type="empirical")
+    precision = lalora.fit_precision(model, _source(), "kfac", progress=False, options={"curvature": "ef"})
     config = {**ZERO3, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
               "optimizer": {"type": "SGD", "params": {"lr": LR}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -89,7 +89,7 @@ def _trainer(rank, out_dir):
                  deepspeed={**ZERO3, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"})
     trainer = lalora.LaLoRATrainer(model=model, args=targs, train_dataset=examples(),
                                    data_collator=default_data_collator, source_data=_source(), backend="kfac",
-                                   fit_options={"fisher_type": "empirical"}, strength=STRENGTH)
+                                   fit_options={"curvature": "ef"}, strength=STRENGTH)
     trainer.train()
     reg = trainer.regularizer
     assert trainer.is_deepspeed_enabled and reg.sharding == "zero3"
@@ -157,7 +157,7 @@ def test_trainer_zero3_fit_at_start_with_accumulation_equals_one_process(ds_run)
     from test_trainer import STRENGTH, make_model
 
     fitted = lalora.Precision.load(ds_run / "trainer-fitted.safetensors")
-    single = lalora.fit_precision(make_model(), _source(), "kfac", progress=False, fisher_type="empirical")
+    single = lalora.fit_precision(make_model(), _source(), "kfac", progress=False, options={"curvature": "ef"})
     by_params = {tuple(b.params): b for b in fitted.blocks}
     for b in single.blocks:  # sums over 2 ranks' shards vs one process: float32 round-off
         for role, t in b.tensors().items():

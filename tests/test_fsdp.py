@@ -41,7 +41,7 @@ def _plain_fsdp2(rank, out_dir, form):
     from test_trainer import LR, STRENGTH, examples, make_model
 
     model = make_model()
-    precision = lalora.fit_precision(model, _source(), "kfac", progress=False, fisher_type="empirical")
+    precision = lalora.fit_precision(model, _source(), "kfac", progress=False, options={"curvature": "ef"})
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, mesh=mesh)

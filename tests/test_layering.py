@@ -8,7 +8,8 @@ The groups, bottom to top (a module imports modules of its own group or of lower
 
 0. foundations: ``errors``, ``version``, ``blocks.*`` (the terms of a precision), ``adapters``, ``losses``,
    ``data``, ``capture``, ``coverage``, ``anchor_check``, ``reference``, ``atomic_file``, ``checkpoint``,
-   ``textdata``, ``local_model``, ``allocator``, ``option_types``, ``options`` (the backend option declarations);
+   ``textdata``, ``local_model``, ``allocator``, ``option_types``, ``options`` (the backend option declarations),
+   ``sharding`` (LoRA weights under FSDP2 / DeepSpeed ZeRO-3);
 1. the precision: ``fileformat`` (the file layout), ``validation`` (a precision against a model), ``backend``
    (the interface and the registry), then ``precision``, which builds on them (none of them imports it);
 2. what uses a precision: ``penalty``, ``compression``, ``fit``, ``regularizer``, ``continual``, ``training``,
@@ -41,7 +42,7 @@ GROUPS = [
     ("foundations", ["lalora.errors", "lalora.version", "lalora.blocks", "lalora.adapters", "lalora.losses",
                      "lalora.data", "lalora.capture", "lalora.coverage", "lalora.anchor_check", "lalora.reference",
                      "lalora.atomic_file", "lalora.checkpoint", "lalora.textdata", "lalora.local_model",
-                     "lalora.allocator", "lalora.option_types", "lalora.options"]),
+                     "lalora.allocator", "lalora.option_types", "lalora.options", "lalora.sharding"]),
     ("precision", ["lalora.fileformat", "lalora.validation", "lalora.backend", "lalora.precision"]),
     ("uses a precision", ["lalora.penalty", "lalora.compression", "lalora.fit", "lalora.regularizer",
                           "lalora.continual", "lalora.training", "lalora.integrations"]),

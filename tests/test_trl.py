@@ -84,7 +84,7 @@ def fused(trainer, on: bool) -> None:
 @pytest.mark.parametrize("ga,accepts,fuse", [(1, True, False), (2, True, False), (2, False, False), (2, True, True),
                                              (2, False, True)])
 def test_sft_update_equals_hand_computed(tmp_path, ga, accepts, fuse):
-    model, ref, precision = start("kfac", fisher_type="empirical")
+    model, ref, precision = start("kfac", options={"curvature": "ef"})
     trainer = recording(LaLoRASFTTrainer)(
         model=model, args=SFTConfig(**common(tmp_path, ga, 4 // ga), shuffle_dataset=False),
         train_dataset=sft_dataset(), processing_class=tokenizer(), precision=precision, strength=STRENGTH,
@@ -192,7 +192,7 @@ def test_peft_config_fits_at_start_saves_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "run"
     kw = dict(args=SFTConfig(**common(out, 1, 4, steps=2, save_strategy="steps", save_steps=1), shuffle_dataset=False),
               train_dataset=sft_dataset(), processing_class=tokenizer(), source_data=source_batches(),
-              backend="kfac", fit_options={"fisher_type": "empirical"}, strength=STRENGTH)
+              backend="kfac", fit_options={"curvature": "ef"}, strength=STRENGTH)
     trainer = LaLoRASFTTrainer(model=tiny_llama(0, vocab_size=VOCAB), peft_config=LoraConfig(**LORA), **kw)
     assert trainer.regularizer is None  # fitted in train(), on the model TRL wrapped
     theta0 = weights(trainer.model)
@@ -207,7 +207,7 @@ def test_peft_config_fits_at_start_saves_and_resumes(tmp_path, monkeypatch):
         for n, p in lora(independent_model).items():
             p.copy_(theta0[n])
     independent = lalora.fit_precision(independent_model, source_batches(), "kfac", progress=False,
-                                       fisher_type="empirical")
+                                       options={"curvature": "ef"})
     by_params = {tuple(b.params): b for b in fitted.blocks}  # the regularizer groups blocks by shape
     assert set(by_params) == {tuple(b.params) for b in independent.blocks}
     for b1 in independent.blocks:  # the same fit, evaluated twice: float32 round-off
@@ -300,7 +300,7 @@ def _ddp_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model, _, precision = start("kfac", fisher_type="empirical")
+        model, _, precision = start("kfac", options={"curvature": "ef"})
         args = SFTConfig(**common(os.path.join(out_dir, "sft"), 2, 2), shuffle_dataset=False, ddp_backend="gloo",
                          average_tokens_across_devices=True)
         trainer = recording(LaLoRASFTTrainer)(model=model, args=args, train_dataset=sft_dataset(),
@@ -327,7 +327,7 @@ def test_sft_two_processes_equal_hand_computed(tmp_path):
     total = sum(int((i["labels"][:, 1:] != -100).sum()) for i, _ in micro)
     assert all(int(n) == total for _, n in micro)  # the token count of the whole step, over both ranks
     assert diff(runs[0]["weights"], runs[1]["weights"]) == 0.0  # DDP: every rank applies the same update
-    model, ref, precision = start("kfac", fisher_type="empirical")
+    model, ref, precision = start("kfac", options={"curvature": "ef"})
     before = weights(model)
 
     def task(m):  # one token mean over the step's micro-batches of both ranks
