@@ -168,3 +168,21 @@ def test_trainer_zero3_fit_at_start_with_accumulation_equals_one_process(ds_run)
     assert _diff(got, ref) < TOL, _diff(got, ref)
     pens = torch.load(ds_run / "trainer-penalties.pt")
     assert pens[0] == 0.0 and pens[1] > 0
+
+
+def test_fit_at_start_refuses_weights_partitioned_at_load(tmp_path):
+    """A model loaded under a ZeRO-3 config (``deepspeed.zero.Init``) is partitioned before the Trainer exists, so
+    the ``source_data=`` fit cannot run its forward passes: refused by name (no DeepSpeed run needed: the check
+    reads the attributes ZeRO-3 puts on its parameters)."""
+    from transformers import default_data_collator
+
+    from test_distributed import _source
+    from test_trainer import STRENGTH, args, examples, make_model
+
+    model = make_model()
+    lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    lora_a.ds_id, lora_a.ds_status = 0, "NOT_AVAILABLE"
+    trainer = lalora.LaLoRATrainer(model=model, args=args(tmp_path, 4, 1, 1), train_dataset=examples(),
+                                   data_collator=default_data_collator, source_data=_source(), strength=STRENGTH)
+    with pytest.raises(NotImplementedError, match=r"source_data=.*already sharded \(zero3.*pass precision="):
+        trainer.train()
