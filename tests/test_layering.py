@@ -7,8 +7,9 @@ each with its reason).
 The groups, bottom to top (a module imports modules of its own group or of lower ones only):
 
 0. foundations: ``errors``, ``version``, ``blocks.*`` (the terms of a precision), ``adapters``, ``losses``,
-   ``data``, ``capture``, ``coverage``, ``anchor_check``, ``reference``, ``batch``, ``sampling``, ``atomic_file``, ``checkpoint``,
-   ``textdata``, ``local_model``, ``allocator``, ``option_types``, ``options`` (the backend option declarations);
+   ``data``, ``capture``, ``coverage``, ``anchor_check``, ``reference``, ``batch``, ``sampling``, ``atomic_file``,
+   ``checkpoint``, ``textdata``, ``local_model``, ``allocator``, ``option_types``, ``options`` (the backend option
+   declarations), ``sharding`` (LoRA weights under FSDP2 / DeepSpeed ZeRO-3);
 1. the precision: ``fileformat`` (the file layout), ``validation`` (a precision against a model), ``backend``
    (the interface and the registry), then ``precision``, which builds on them (none of them imports it);
 2. what uses a precision: ``penalty``, ``compression``, ``fit``, ``regularizer``, ``continual``, ``training``,
@@ -40,8 +41,9 @@ LONG_FUNCTIONS = {
 GROUPS = [
     ("foundations", ["lalora.errors", "lalora.version", "lalora.blocks", "lalora.adapters", "lalora.losses",
                      "lalora.data", "lalora.capture", "lalora.coverage", "lalora.anchor_check", "lalora.reference",
-                     "lalora.batch", "lalora.sampling", "lalora.atomic_file", "lalora.checkpoint", "lalora.textdata", "lalora.local_model",
-                     "lalora.allocator", "lalora.option_types", "lalora.options"]),
+                     "lalora.batch", "lalora.sampling", "lalora.atomic_file", "lalora.checkpoint", "lalora.textdata",
+                     "lalora.local_model", "lalora.allocator", "lalora.option_types", "lalora.options",
+                     "lalora.sharding"]),
     ("precision", ["lalora.fileformat", "lalora.validation", "lalora.backend", "lalora.precision"]),
     ("uses a precision", ["lalora.penalty", "lalora.compression", "lalora.fit", "lalora.regularizer",
                           "lalora.continual", "lalora.training", "lalora.integrations"]),
