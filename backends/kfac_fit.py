@@ -42,7 +42,8 @@ def fit_kfac(backend, ctx: FitContext, flush_every: int):
     ctx.metadata.update({"kfac_approx": backend.options["kfac_approx"], "kfac_passes": len(groups),
                          "accumulator_peak_bytes": held.peak})
     if owners is not None:
-        ctx.metadata["factor_shard"] = {"rank": rank, "world_size": world, "owners": owners}
+        by_param = {n: owners[a.key] for a in ctx.adapters for n in (a.a_name, a.b_name)}
+        ctx.metadata["factor_shard"] = {"rank": rank, "world_size": world, "owners": by_param}
     return [blocks[a.key] for a in ctx.adapters if a.key in blocks]
 
 

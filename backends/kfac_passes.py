@@ -58,7 +58,8 @@ def plan_groups(backend, adapters) -> list[list]:
     cls, opts = type(backend), backend.options
     groups, used = [[]], 0
     for a in adapters:
-        need = cls.accumulator_bytes([a], opts)
+        # the factor sums, and the token count T (one scalar in sum_dtype, which accumulator_bytes leaves out)
+        need = cls.accumulator_bytes([a], opts) + SUM_DTYPES[opts["sum_dtype"]].itemsize
         if need > budget:
             raise BackendError(f"max_memory={text!r} ({budget:,} bytes) is below the factor sums of adapter {a.key!r} "
                                f"alone ({need:,} bytes, sum_dtype={opts['sum_dtype']}): raise max_memory to at least "

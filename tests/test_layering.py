@@ -44,7 +44,7 @@ GROUPS = [
                      "lalora.batch", "lalora.sampling", "lalora.atomic_file", "lalora.checkpoint", "lalora.textdata",
                      "lalora.local_model", "lalora.allocator", "lalora.option_types", "lalora.options",
                      "lalora.sharding"]),
-    ("precision", ["lalora.fileformat", "lalora.validation", "lalora.backend", "lalora.precision"]),
+    ("precision", ["lalora.fileformat", "lalora.shards", "lalora.validation", "lalora.backend", "lalora.precision"]),
     ("uses a precision", ["lalora.penalty", "lalora.compression", "lalora.fit", "lalora.regularizer",
                           "lalora.continual", "lalora.training", "lalora.integrations"]),
     ("backends", ["lalora.backends"]),
