@@ -45,9 +45,10 @@ per layer and batch on tensors the forward/backward already computes, masked exa
 float32 also for bf16 models; the running sums are float64 (``sum_dtype="float32"`` halves them,
 for 7-8B models). Only the upper panels of each Gram product are computed, in place into
 float32 window sums (backends/kfac_factors.py). curvlinops stays the dense reference in the
-tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfinite``,
-``torch.distributed`` sharding (every sum is all-reduced) and the checkpoint protocol
-(``fit_precision(checkpoint_dir=...)``: the running sums and the MC generator state).
+tests (``GGNLinearOperator``). The backend is single-pass (several passes, one per group of layers, under
+``max_memory``: backends/kfac_fit.py, docs/scale.md), supports ``skip_nonfinite``, ``torch.distributed``
+sharding (every sum is all-reduced, or with ``shard_factors`` reduced to its owning rank) and the checkpoint
+protocol (``fit_precision(checkpoint_dir=...)``: the running sums and the MC generator state).
 """
 from __future__ import annotations
 
