@@ -124,3 +124,17 @@ def test_shard_factors_in_one_process_is_the_ordinary_fit(single):
     p = fit_quiet(_model(), _source(), "kfac", options=OPTIONS)
     assert "factor_shard" not in p.metadata
     _assert_same_factors(p, single)
+
+
+def test_read_only_the_shards_needed(shard_run, single, monkeypatch):
+    """``read_sharded(params=)`` opens only the shards the index maps those parameters to."""
+    import lalora.shards as shards
+
+    index = json.loads((shard_run / "sharded.safetensors.index.json").read_text())
+    wanted = [n for n, f in index["weight_map"].items() if f == "sharded-00002-of-00002.safetensors"][:2]
+    opened = []
+    real = shards.read_precision
+    monkeypatch.setattr(shards, "read_precision", lambda path: opened.append(path.name) or real(path))
+    part = shards.read_sharded(shard_run / "sharded.safetensors", params=wanted)
+    assert opened == ["sharded-00002-of-00002.safetensors"]
+    assert set(wanted) <= set(part.anchor) and set(part.anchor) < set(single.anchor)
