@@ -46,9 +46,14 @@ def index_path(path) -> Path:
 
 def is_sharded(path) -> bool:
     """Whether ``path`` names a sharded precision: an index file, or a name whose index exists and which is
-    not itself a file."""
+    not itself a file (both existing is ambiguous: refused)."""
     path = Path(path)
-    return path.name.endswith(_SUFFIX) or (not path.exists() and index_path(path).is_file())
+    if path.name.endswith(_SUFFIX):
+        return True
+    if index_path(path).is_file() and path.exists():
+        raise PrecisionFileError(f"{path}: both this file and the sharded precision index {index_path(path).name} "
+                                 "exist; pass the index to read the sharded precision, or remove the stale one")
+    return index_path(path).is_file()
 
 
 def shard_name(path, rank: int, world: int) -> str:
