@@ -36,7 +36,8 @@ def fit_kfac(backend, ctx: FitContext, flush_every: int):
         else:
             check_replay(ctx.stream, stream, i)
         for a in group:  # each group's sums are freed before the next pass
-            block = _finish(backend, ctx, a, hooks, sums, n_examples, held, None if owners is None else owners[a.key], rank)
+            owner = None if owners is None else owners[a.key]
+            block = _finish(backend, ctx, a, hooks, sums, n_examples, held, owner, rank)
             if block is not None:
                 blocks[a.key] = block
     ctx.metadata.update({"kfac_approx": backend.options["kfac_approx"], "kfac_passes": len(groups),
