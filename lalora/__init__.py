@@ -22,6 +22,7 @@ __all__ = [
     "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
     "PrecisionFileError", "UncoveredParameterError", "UncoveredParameterWarning", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
     "list_backends", "register_backend", "register_block", "__version__", "compress", "LaLoRATrainer", "regularized", "compare", "compare_precisions",
+    "evaluate",
 ]
 
 
@@ -31,6 +32,10 @@ def __getattr__(name):
         from .integrations.trainer import LaLoRATrainer
 
         return LaLoRATrainer
+    if name == "evaluate":  # lm-evaluation-harness (the 'eval' extra) is imported when it runs
+        from .evaluation import evaluate
+
+        return evaluate
     if name in ("compare", "compare_precisions"):
         # lalora.compare is also the submodule's name; the module forwards calls to the function.
         import importlib

@@ -1,4 +1,4 @@
-"""The ``lalora`` command line: ``backends``, ``fit``, ``inspect``, ``compare``, ``finetune``, ``bench``.
+"""The ``lalora`` command line: ``backends``, ``fit``, ``inspect``, ``compare``, ``finetune``, ``bench``, ``eval``.
 
 Exit codes: 0 success; 2 bad arguments, paths or input files (the message names the one at
 fault); 1 a failure while running; 130 interrupted; 141 stdout closed by the reader (``| head``).
@@ -21,6 +21,8 @@ from .cli_inputs import (UsageError, add_lora, check_out, check_precision_model,
                          make_batches, parse_options, read_records)
 from .cli_output import EXIT_PIPE, jemalloc_hint, quiet_libraries, stdout_closed  # noqa: F401 (EXIT_PIPE: exit codes)
 from .cli_vocab import Vocabulary, speaking, to_cli
+from .evaluation import command as eval_command
+from .surrogate import fit_flags
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
 
@@ -68,6 +70,7 @@ def check_fit_args(args) -> None:
         cls(**parse_options(args.option))
     except BackendError as e:
         raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
+    fit_flags.check_source_flags(args)
     if args.skip_nonfinite and not cls.supports_skip_nonfinite:
         raise UsageError(f"--skip-nonfinite: backend {args.backend!r} does not support skipping batches")
     if not (args.prior_precision >= 0 and math.isfinite(args.prior_precision)):
@@ -81,11 +84,11 @@ def cmd_fit(args) -> int:
     import lalora
 
     out = check_out(args.out)
-    records = read_records(args.data)
+    records = read_records(args.data) if args.data else None
     jemalloc_hint(not args.quiet)
     model, tok = load_model(args.model, args.dtype)
     model = add_lora(model, args)
-    batches = make_batches(tok, records, args.batch_size, args.max_length)
+    batches, source = fit_flags.source_batches(args, model, tok, records)  # --data or --source-from-model
     options = parse_options(args.option)
     if args.dry_run is not None:  # estimate from a few batches, write nothing (lalora/estimate.py)
         from .estimate import estimate_fit
@@ -101,7 +104,7 @@ def cmd_fit(args) -> int:
     try:
         precision = lalora.fit_precision(model, batches, backend=args.backend, progress=not args.quiet,
                                          max_batches=args.max_batches, prior_precision=args.prior_precision,
-                                         skip_nonfinite=args.skip_nonfinite, **options)
+                                         skip_nonfinite=args.skip_nonfinite, source=source, **options)
     except lalora.BackendError as e:
         raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
     precision.save(out)
@@ -196,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      lalora compare diag.lalora kfac.lalora --reference reference-ef.lalora
                                      lalora finetune --model ./base --data task.jsonl --precision p.lalora --strength 1e3 --out adapter/
                                      lalora bench --quick
+                                     lalora eval --model ./base --adapter adapter/ --tasks lalora_source,lalora_arithmetic
                                  """) + "\n\nexit codes: 0 ok, 1 failure while running, 2 bad arguments/paths/files, 130 interrupted, "
                                         "141 stdout closed by the reader (e.g. | head)")
     ap.add_argument("--version", action="version", version=f"lalora {__import__('lalora').__version__}")
@@ -210,13 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
                         lalora fit --model ./base --data source.jsonl --backend kfac --rank 16 --targets q_proj,v_proj --out p.lalora
                         lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --backend kfac --option fisher_type=empirical
                         lalora fit --model ./base --data source.jsonl --backend kfac --option max_rank=256 --out p.lalora --dry-run
+                        lalora fit --model ./base --source-from-model 256 --temperature 1.0 --source-length 64 --backend kfac --out p.lalora
                     """, help="fit a precision on source data", check=check_fit_args,
                     description="Fit the curvature of the source loss w.r.t. the LoRA weights at their init "
                                 "(theta0) and save it as a precision file.",
                     extra="data: .jsonl/.json records with 'text' (all tokens labelled) or 'prompt'+'completion' "
                           "(completion labelled)")
     p.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
-    p.add_argument("--data", required=True, help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets)")
+    p.add_argument("--data", help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets); or --source-from-model")
     p.add_argument("--backend", default="diag", help="curvature backend (see `lalora backends`; default diag)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="backend option (repeatable)")
     p.add_argument("--out", required=True, help="output precision file (e.g. precision.lalora)")
@@ -227,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", nargs="?", type=int, const=2, metavar="N",
                    help="fit only N batches (default 2) and print the stored bytes, time and peak-memory estimates; "
                         "writes nothing")
+    fit_flags.add_source_flags(p)
     _lora_flags(p)
     _data_flags(p)
 
@@ -250,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p)
 
     add_bench_parser(sub, fmt)
+    eval_command.add_parser(sub, fmt)
     return ap
 
 

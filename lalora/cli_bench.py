@@ -29,6 +29,19 @@ def bench_config(args):
     if args.model:
         kw["model"] = args.model
     kw["source"] = args.source
+    kw["evaluator"] = args.eval
+    if args.eval == "lm-eval":  # before the model loads: is lm-eval installed?
+        from .errors import LaloraError
+        from .evaluation.harness import require_lm_eval
+
+        try:
+            require_lm_eval()
+        except LaloraError as e:
+            raise UsageError(f"--eval lm-eval: {e}") from None
+    if args.eval_tasks or args.eval_limit is not None:
+        if args.eval != "lm-eval":
+            raise UsageError("--eval-tasks and --eval-limit need --eval lm-eval")
+        kw["eval_tasks"], kw["eval_limit"] = tuple(t for t in (args.eval_tasks or "").split(",") if t.strip()), args.eval_limit
     kw["progress"] = not args.quiet
     if args.quick and args.full:
         raise UsageError("--quick and --full exclude each other")
@@ -94,6 +107,11 @@ def add_bench_parser(sub, fmt) -> None:
     p.add_argument("--n-source-fit", type=int, help="surrogate source texts for the precision")
     p.add_argument("--seed", type=int, help="seed")
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--eval", default="lalora", choices=["lalora", "lm-eval"],
+                   help="who computes the columns: lalora's own loops (default) or lm-evaluation-harness (docs/evaluation.md)")
+    p.add_argument("--eval-tasks", help="with --eval lm-eval: more lm-eval tasks per row, e.g. forgetting "
+                                        "(hellaswag,arc_challenge,winogrande; their datasets must be reachable)")
+    p.add_argument("--eval-limit", type=int, help="examples per --eval-tasks task")
     p.add_argument("--out-dir", default="lalora-bench", help="output directory (default ./lalora-bench)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress output (nor transformers' and huggingface_hub's bars and info logs)")

@@ -162,8 +162,8 @@ def _tokenizer_info(tokenizer, vocab_size: int | None) -> dict | None:
 def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "diag", *, loss="auto", progress: bool = True,
                   adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
                   shard: str | bool = "auto", skip_nonfinite: bool = False, checkpoint_dir=None,
-                  checkpoint_every: int = 100, tokenizer=None, uncovered: str = "warn", _caller: str = "fit_precision",
-                  **backend_options) -> Precision:
+                  checkpoint_every: int = 100, tokenizer=None, uncovered: str = "warn", source: dict | None = None,
+                  _caller: str = "fit_precision", **backend_options) -> Precision:
     """Estimate the source-loss curvature w.r.t. the LoRA weights at their current values (theta0).
 
     ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``).
@@ -193,6 +193,9 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     train without the penalty: ``uncovered="warn"`` (default) warns with an
     ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
     ``"ignore"`` says nothing.
+
+    ``source``: where the source data came from (a JSON-able dict, e.g. ``SurrogateSource.provenance`` of
+    ``lalora.surrogate.generate_source``), stored as ``metadata["source"]``.
     """
     if isinstance(backend, CurvatureBackend):
         if backend_options:
@@ -203,6 +206,13 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     if prior_precision < 0:
         raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
     check_uncovered_mode(uncovered, _caller)
+    if source is not None:
+        try:
+            source = json.loads(json.dumps(source, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{_caller}(source=...) must be a JSON-able dict: {e}") from None
+        if not isinstance(source, dict):
+            raise DataError(f"{_caller}(source=...) must be a dict, got {type(source).__name__}")
     if skip_nonfinite and not instance.supports_skip_nonfinite:
         raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
                            "(it does not handle skipped batches); drop the option")
@@ -270,6 +280,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         "fit_seconds": round(elapsed, 3),
         **robustness,
         **ctx.metadata,
+        **({"source": source} if source is not None else {}),
     }
     precision = Precision(blocks, anchor, metadata=metadata, prior_precision=prior_precision)
     if checkpointer is not None:

@@ -45,6 +45,9 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    evaluator: str = "lalora"         # "lm-eval": the same columns computed by lm-evaluation-harness
+    eval_tasks: tuple = ()            # with "lm-eval": more lm-eval tasks per row (e.g. ("forgetting",))
+    eval_limit: int | None = None     # examples per extra task
 
     @classmethod
     def full(cls, **kw):
@@ -174,11 +177,21 @@ def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) 
         r["target_em"] = tasks.target_exact_match(m, tokenizer, test)
         return r
 
+    if cfg.evaluator == "lm-eval":  # lalora/evaluation/bench.py
+        from ..evaluation.bench import BenchEvaluator
+
+        evaluate = BenchEvaluator(tokenizer, eval_texts, test, cfg.max_length, extra_tasks=cfg.eval_tasks,
+                                  limit=cfg.eval_limit)
+        notes.append("evaluated by lm-eval (tasks lalora_source_conditional, lalora_arithmetic); token accuracy "
+                     "is not measured there (-)")
+    elif cfg.evaluator != "lalora" or cfg.eval_tasks:
+        raise LaloraError(f"--eval {cfg.evaluator!r}: use 'lalora' or 'lm-eval' (--eval-tasks needs --eval lm-eval)")
+
     t = time.perf_counter()
     base_metrics = evaluate(model)
     baseline = {"method": "base model", **base_metrics, "eval_seconds": time.perf_counter() - t}
     log(f"base model: target EM {base_metrics['target_em']:.3f}, source ppl {base_metrics['source_ppl']:.2f}, "
-        f"acc {base_metrics['source_acc']:.4f}", cfg.progress)
+        f"acc {_acc(base_metrics['source_acc'])}", cfg.progress)
 
     model = make_lora_model(model, cfg.rank, cfg.targets, cfg.seed)
     adapters = find_lora_adapters(model)
@@ -250,15 +263,23 @@ def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) 
         m = evaluate(model)
         r = Result(method, strength, m["target_em"], m["source_ppl"], m["source_acc"], train_s,
                    fit_seconds.get(key, 0.0) if key else 0.0, losses[-1],
-                   extra={"precision_scale": precisions[key].metadata.get("precision_scale")} if key else {})
+                   extra=({"precision_scale": precisions[key].metadata.get("precision_scale")} if key else {})
+                   | m.get("extra", {}))
         results.append(r)
         log(f"{method:9s} strength {strength:<8g} target EM {r.target_em:.3f}  source ppl {r.source_ppl:.2f}  "
-            f"acc {r.source_acc:.4f}  train {train_s:.0f} s", cfg.progress)
+            f"acc {_acc(r.source_acc)}  train {train_s:.0f} s", cfg.progress)
         if on_result is not None:
             on_result({"config": cfg_d, "baseline": baseline, "results": [dataclasses.asdict(x) for x in results],
                        "notes": notes})
     reset()
+    if hasattr(evaluate, "close"):
+        evaluate.close()
     return {"config": cfg_d, "baseline": baseline, "results": [dataclasses.asdict(r) for r in results], "notes": notes}
+
+
+def _acc(x) -> str:
+    """Token accuracy for the table and logs; "-" where it was not measured (``--eval lm-eval``)."""
+    return "-" if x is None else f"{x:.4f}"
 
 
 def format_table(report: dict) -> str:
@@ -266,10 +287,10 @@ def format_table(report: dict) -> str:
     b = report["baseline"]
     lines = ["| method | strength | target EM | source ppl | source token acc | train s | fit s |",
              "|---|---:|---:|---:|---:|---:|---:|",
-             f"| base model | - | {b['target_em']:.3f} | {b['source_ppl']:.2f} | {b['source_acc']:.4f} | - | - |"]
+             f"| base model | - | {b['target_em']:.3f} | {b['source_ppl']:.2f} | {_acc(b['source_acc'])} | - | - |"]
     for r in report["results"]:
         lines.append(f"| {r['method']} | {r['strength']:g} | {r['target_em']:.3f} | {r['source_ppl']:.2f} | "
-                     f"{r['source_acc']:.4f} | {r['train_seconds']:.0f} | {r['fit_seconds']:.0f} |")
+                     f"{_acc(r['source_acc'])} | {r['train_seconds']:.0f} | {r['fit_seconds']:.0f} |")
     for n in report.get("notes", []):
         lines.append(f"\nnote: {n}")
     return "\n".join(lines)
