@@ -146,12 +146,9 @@ def test_data_folder_errors_name_the_file(tmp_path, monkeypatch):
 def test_standard_task_offline_fails_with_a_clear_message(monkeypatch):
     """hellaswag's dataset is not cached and the hub is offline: the error names the task, its dataset and
     what to do. lm-eval's hellaswag folder is the include path, so its full index (~10 s) is not built."""
-    import datasets
-    import huggingface_hub.constants as hub
     import lm_eval.tasks
 
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    _offline(monkeypatch)
     hellaswag = __import__("pathlib").Path(lm_eval.tasks.__file__).parent / "hellaswag"
     with pytest.raises(LaloraError) as e:
         ev.harness.TaskSet(["hellaswag"], include_path=hellaswag)
@@ -185,10 +182,20 @@ def saved(tmp_path_factory, tok):
     return d, peft_model
 
 
-def test_eval_cli_with_adapter_writes_results_json(capsys, tmp_path, saved, data_dir, tok, results):
-    """`lalora eval --model --adapter` (lm-eval loads the adapter with peft=) writes lm-eval's JSON; its
-    number equals evaluating the same PeftModel in memory, and differs from the base model's."""
+def _offline(monkeypatch):
+    """What HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 set (both libraries read them at import)."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+
+
+def test_eval_cli_with_adapter_writes_results_json(capsys, tmp_path, saved, data_dir, tok, results, monkeypatch):
+    """`lalora eval --model --adapter` (lm-eval loads the adapter with peft=), offline, writes lm-eval's JSON;
+    its number equals evaluating the same PeftModel in memory, and differs from the base model's."""
     d, peft_model = saved
+    _offline(monkeypatch)
     out = tmp_path / "res.json"
     code = main(["eval", "--model", str(d / "base"), "--adapter", str(d / "adapter"), "--tasks", "lalora_source",
                  "--data-dir", str(data_dir), "--out", str(out), "--batch-size", "2", "-q"])

@@ -22,7 +22,8 @@ import tempfile
 from contextlib import contextmanager
 
 from .data import truncate_texts, write_task_data
-from .harness import TaskSet, forgetting_score, make_lm
+from .harness import TaskSet, make_lm
+from .results import forgetting_score
 
 @contextmanager
 def _stop_at_tokenizer_eos(model, tokenizer):
