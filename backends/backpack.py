@@ -1,13 +1,15 @@
 """Backend ``backpack``: diagonal or Kronecker-factored GGN / MC Fisher of the LoRA weights via BackPACK.
 
-Options:
-- ``curvature``: ``"ggn"`` (``DiagGGNExact``: exact ``diag((1/N) sum_n J_n^T H_n J_n)``),
-  ``"mc_fisher"`` (labels sampled from the model, ``mc_samples`` of them per labelled output;
-  an unbiased estimate of the same diagonal), ``"kflr"`` (BackPACK's ``KFLR``: Kronecker factors
-  with the exact loss Hessian, the type-2 K-FAC) or ``"kfac"`` (BackPACK's ``KFAC``: the same with
-  ``mc_samples`` sampled labels; unbiased for ``kflr``). Kronecker curvatures give one
-  ``kron_block`` block per adapter (``"kfac"``: B-KFAC, ``"tri-kfac"``: with the A-B cross terms).
-- ``mc_samples``: number of MC samples (default 1).
+Options (``BackPACKOptions``):
+- ``curvature``: ``"ggn"`` (the exact GGN) or ``"mc"`` (labels sampled from the model, ``mc_samples``
+  of them per labelled output; an unbiased estimate of the same quantity).
+- ``structure``: ``"diag"`` (default; ``DiagGGNExact`` for ggn: exact ``diag((1/N) sum_n J_n^T H_n J_n)``,
+  ``DiagGGNMC`` or ``SumGradSquared`` for mc), ``"kfac"`` or ``"tri-kfac"`` (Kronecker factors, one block
+  per adapter of that kind: B-KFAC, or with the A-B cross terms; BackPACK's ``KFLR`` (exact loss
+  Hessian, the type-2 K-FAC) for ggn, its ``KFAC`` (sampled labels, unbiased for KFLR) for mc).
+- ``mc_samples``: number of MC samples (default 1); ``seed``: their seed.
+lalora 0.1 spelled these ``curvature="ggn" | "mc_fisher" | "kflr" | "kfac"`` and ``kron_block``; those
+still work for one release (``kflr`` = ggn + kfac structure, ``kfac`` = mc + kfac structure).
 
 Kronecker factors: with ``reduction="sum"`` BackPACK stores for ``lora_B.weight`` the pair
 ``[sum_n (s g_n)(s g_n)^T, mean_n h_n h_n^T]`` and for ``lora_A.weight``
@@ -16,25 +18,31 @@ layer's output, or its sqrt-Hessian columns). lalora keeps the layer factors
 ``X = (1/N) sum_n x x^T`` (lora_A's input factor, weighted by batch size over batches) and
 ``G = (1/N) sum_n g g^T`` (lora_B's output factor / s^2, summed over batches, / N); the per-matrix
 factors derive from them exactly (``h = A x``), as in the ``kfac`` backend with one output row per
-example (tests: equal to ``kfac(fisher_type="type-2")`` and curvlinops' KFAC).
+example (tests: equal to ``kfac(curvature="ggn")`` and curvlinops' KFAC).
 
 Routes:
 - **second order** (``DiagGGNExact``/``DiagGGNMC``/``KFLR``/``KFAC``): models whose base is an ``nn.Sequential``
   of modules BackPACK knows, with ``classification`` or ``mse`` losses. Each peft ``lora.Linear``
   is rebuilt for the fit as ``Parallel(base_layer, Sequential(lora_A, lora_B, ScaleModule(s)),
   merge_module=SumModule())`` sharing the same Parameters, and put back afterwards.
-- **first order** (``SumGradSquared``, ``curvature="mc_fisher"`` only): any model, e.g.
+- **first order** (``SumGradSquared``, ``curvature="mc"``, ``structure="diag"`` only): any model, e.g.
   transformers. Only the ``lora_A``/``lora_B`` ``nn.Linear`` modules are extended; for every
-  MC sample, labels are drawn from the model at every labelled position, and BackPACK returns
-  ``sum_n ghat_n^2`` with ``ghat_n`` the gradient of example n's summed loss (per-sequence:
-  BackPACK's sample axis is the batch axis). ``curvature="ggn"``, ``"kflr"`` or ``"kfac"`` on such
+  MC sample, labels are drawn from the model at every labelled position (``lalora.sampling``: the
+  ``kfac`` backend's draws for the same seed), their loss comes from ``lalora.losses``, and BackPACK
+  returns ``sum_n ghat_n^2`` with ``ghat_n`` the gradient of example n's summed loss (per-sequence:
+  BackPACK's sample axis is the batch axis). ``curvature="ggn"`` or a Kronecker ``structure`` on such
   models raises ``BackendError`` naming the module BackPACK cannot traverse.
-Afterwards BackPACK's hooks are removed (``CTX.remove_hooks()``) and the ``_backpack_extend``
-flags and stored tensors deleted, so other backends keep working in the same process.
+The second-order route needs BackPACK's own extended ``CrossEntropyLoss``/``MSELoss`` (summed), and
+BackPACK draws the MC labels of ``DiagGGNMC``/``KFAC`` itself from torch's global generator, seeded with
+``seed`` for the fit (``lalora.sampling.library_rng``). Afterwards BackPACK's hooks are removed
+(``CTX.remove_hooks()``) and the ``_backpack_extend`` flags and stored tensors deleted, so other
+backends keep working in the same process.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -43,73 +51,103 @@ from lalora.adapters import base_model_of
 from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks import DiagBlock
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
-from lalora.errors import BackendError
+from lalora.errors import BackendError, warn_deprecated
+from lalora.options import BackendOptions, Curvature, option
+from lalora.sampling import library_rng, mc_generator, sample_row_targets
 
-CURVATURES = ("ggn", "mc_fisher", "kflr", "kfac")
-KRONECKER = {"kflr": "kflr", "kfac": "kfac"}  # curvature -> BackPACK savefield
+KRONECKER = {"kflr": "kflr", "kfac": "kfac"}  # BackPACK extension -> its savefield
 DIAGONAL = {"ggn": "diag_ggn_exact", "mc_fisher": "diag_ggn_mc"}
 ROUTES = {"ggn": "DiagGGNExact", "mc_fisher": "DiagGGNMC", "kflr": "KFLR", "kfac": "KFAC"}
 KRON_BLOCKS = {"kfac": KFACBlock, "tri-kfac": TriKFACBlock}
+LEGACY = {"mc_fisher": (Curvature.MC, "diag"), "kflr": (Curvature.GGN, "kfac"), "kfac": (Curvature.MC, "kfac")}
+
+
+@dataclass(frozen=True)
+class BackPACKOptions(BackendOptions):
+    """Options of the ``backpack`` backend."""
+
+    curvature: Curvature = option(Curvature.GGN, "ggn (exact GGN) or mc (sampled labels, unbiased for it)",
+                                  choices=(Curvature.GGN, Curvature.MC))
+    structure: Literal["diag", "kfac", "tri-kfac"] = option(
+        "diag", "diag (DiagGGNExact / DiagGGNMC, or SumGradSquared for mc on any model), kfac (B-KFAC) or "
+        "tri-kfac (A-B cross terms): Kronecker factors from KFLR (ggn) / KFAC (mc), on nn.Sequential models")
+    mc_samples: int = option(1, "MC samples per labelled output (curvature='mc')", ge=1)
+    seed: int = option(0, "seed of the label sampling (curvature='mc')")
+    legacy_names = ("kron_block",)
+
+    @classmethod
+    def upgrade(cls, given: dict, where: str, renamed: dict) -> dict:
+        """lalora 0.1: ``curvature`` also chose the structure (mc_fisher, kflr, kfac) and ``kron_block`` the
+        Kronecker block."""
+        out = dict(given)
+        old = out.get("curvature")
+        if isinstance(old, str) and old in LEGACY:
+            out["curvature"], structure = LEGACY[old]
+            if "structure" not in out:
+                if "kron_block" in out:
+                    structure = out.pop("kron_block")
+                    renamed["structure"] = "kron_block"
+                out["structure"] = structure
+            warn_deprecated(f"{where}: option curvature={str(old)!r} is deprecated, use curvature="
+                            f"{out['curvature'].value!r}, structure={str(out['structure'])!r}")
+        if "kron_block" in out:
+            block = out.pop("kron_block")
+            if block != "kfac":
+                raise BackendError(f"{where}: option kron_block={block!r} (deprecated) needs a Kronecker curvature "
+                                   "in lalora 0.1's words; now pass structure='kfac' or 'tri-kfac'")
+            warn_deprecated(f"{where}: option kron_block is deprecated, use structure")
+        return super().upgrade(out, where, renamed)
 
 
 @register_backend("backpack")
 class BackPACKBackend(CurvatureBackend):
     requires = ("backpack",)
-    default_options = {"curvature": "ggn", "mc_samples": 1, "seed": 0, "kron_block": "kfac"}
-    option_help = {
-        "curvature": "'ggn' (DiagGGNExact, nn.Sequential models), 'mc_fisher' (DiagGGNMC, or SumGradSquared on any "
-                     "model), 'kflr' (KFLR: exact-GGN Kronecker factors) or 'kfac' (KFAC: MC Kronecker factors); "
-                     "the Kronecker ones on nn.Sequential models",
-        "mc_samples": "MC samples per labelled output (curvature='mc_fisher' or 'kfac')",
-        "seed": "seed of the label sampling (curvature='mc_fisher' or 'kfac')",
-        "kron_block": "block per adapter for curvature='kflr'/'kfac': 'kfac' (B-KFAC) or 'tri-kfac' (A-B cross terms)",
-    }
+    Options = BackPACKOptions  # the curvature: its curvature option (default ggn)
 
-    def check_options(self):
+    @property
+    def _route(self) -> str:
+        """The BackPACK computation: DiagGGNExact ("ggn"), DiagGGNMC/SumGradSquared ("mc_fisher"), KFLR, KFAC."""
         o = self.options
-        if o["curvature"] not in CURVATURES:
-            raise BackendError(f"backpack backend: option curvature={o['curvature']!r} is unknown; use one of {CURVATURES}")
-        if not (isinstance(o["mc_samples"], int) and not isinstance(o["mc_samples"], bool) and o["mc_samples"] >= 1):
-            raise BackendError(f"backpack backend: option mc_samples must be an integer >= 1, got {o['mc_samples']!r}")
-        if o["kron_block"] not in KRON_BLOCKS:
-            raise BackendError(f"backpack backend: option kron_block={o['kron_block']!r} is unknown; use 'kfac' or 'tri-kfac'")
-        if o["kron_block"] != "kfac" and o["curvature"] not in KRONECKER:
-            raise BackendError(f"backpack backend: option kron_block={o['kron_block']!r} needs a Kronecker curvature "
-                               f"('kflr' or 'kfac'), not curvature={o['curvature']!r}")
+        if o["structure"] == "diag":
+            return "ggn" if o["curvature"] == Curvature.GGN else "mc_fisher"
+        return "kflr" if o["curvature"] == Curvature.GGN else "kfac"
 
-    def curvature_kind(self):
-        return {"kflr": "ggn", "kfac": "mc_fisher"}.get(self.options["curvature"], self.options["curvature"])
+    @classmethod
+    def stored_bytes(cls, adapters, options) -> int:
+        if options["structure"] == "diag":
+            return 4 * sum(a.A.numel() + a.B.numel() for a in adapters)
+        return 4 * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)  # X, G per adapter
 
     def fit(self, ctx: FitContext):
         base = base_model_of(ctx.model)
         blocker = _second_order_blocker(base)
-        kron = self.options["curvature"] in KRONECKER
+        kron = self._route in KRONECKER
         if blocker is None:
             sums = self._second_order(ctx, base)
-            ctx.metadata["backpack_route"] = ROUTES[self.options["curvature"]]
+            ctx.metadata["backpack_route"] = ROUTES[self._route]
             if kron:
                 return self._kron_blocks(ctx, sums)
         elif kron:
             raise BackendError(
-                f"backpack backend: BackPACK's Kronecker extensions (curvature={self.options['curvature']!r}) cannot "
+                f"backpack backend: BackPACK's Kronecker extensions (structure={self.options['structure']!r}) cannot "
                 f"traverse {blocker} (they need an nn.Sequential of supported modules). Use lalora's 'kfac' or "
                 "'tri-kfac' backend (own hooks; any model, masked tokens).")
-        elif self.options["curvature"] == "mc_fisher":
+        elif self._route == "mc_fisher":
             sums = self._sum_grad_squared(ctx)
             ctx.metadata["backpack_route"] = "SumGradSquared"
         else:
             raise BackendError(
                 f"backpack backend: BackPACK's second-order extensions cannot traverse {blocker} "
-                "(they need an nn.Sequential of supported modules). Use curvature='mc_fisher' (MC-Fisher diagonal via "
+                "(they need an nn.Sequential of supported modules). Use curvature='mc' (MC-Fisher diagonal via "
                 "BackPACK's first-order SumGradSquared), or the backends 'block' (curvature='ggn'), 'kfac' or 'diag'.")
-        N = ctx.num_examples
+        N = ctx.global_num_examples()
         return [DiagBlock(n, (ctx.all_reduce(s) / N).float()) for n, s in sums.items()]
 
     # --- second order on nn.Sequential -------------------------------------------------
     def _extension(self):
         from backpack.extensions import KFAC, DiagGGNExact, DiagGGNMC
 
-        c, S = self.options["curvature"], self.options["mc_samples"]
+        c, S = self._route, self.options["mc_samples"]
         if c == "kflr":
             return _branching_kflr()
         return {"ggn": DiagGGNExact, "mc_fisher": lambda: DiagGGNMC(mc_samples=S), "kfac": lambda: KFAC(mc_samples=S)}[c]()
@@ -120,7 +158,7 @@ class BackPACKBackend(CurvatureBackend):
         from backpack import backpack, extend
 
         params = ctx.params()
-        c = self.options["curvature"]
+        c = self._route
         kron = c in KRONECKER
         attr = KRONECKER.get(c) or DIAGONAL[c]
         if kron:
@@ -133,8 +171,9 @@ class BackPACKBackend(CurvatureBackend):
                     for a in ctx.adapters}
         else:
             sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
-        with torch.random.fork_rng(devices=[]), _rebuilt_lora(ctx, base), _backpack_cleanup(base, params.values()):
-            torch.manual_seed(self.options["seed"])  # BackPACK samples from the global RNG; fork_rng restores it
+        # BackPACK's DiagGGNMC/KFAC draw their MC labels from torch's global generators (lalora.sampling)
+        rng = library_rng(self.options["seed"], ctx.device)
+        with rng, _rebuilt_lora(ctx, base), _backpack_cleanup(base, params.values()):
             extend(base)
             for batch in ctx.stream:
                 loss = ctx.loss
@@ -158,7 +197,7 @@ class BackPACKBackend(CurvatureBackend):
                     with backpack(self._extension()), _quiet():
                         value.backward()
                 except NotImplementedError as e:  # e.g. KFLR/KFAC on a Linear with 3d inputs
-                    raise BackendError(f"backpack backend: BackPACK cannot compute curvature={c!r} here: {e}") from e
+                    raise BackendError(f"backpack backend: BackPACK cannot compute its {ROUTES[c]} here: {e}") from e
                 if kron:
                     for a in ctx.adapters:
                         _, X = getattr(a.A, attr)  # [G_A, X_A]: X_A = batch mean of lora_A's input
@@ -174,8 +213,8 @@ class BackPACKBackend(CurvatureBackend):
         return sums
 
     def _kron_blocks(self, ctx, sums):
-        N = ctx.num_examples
-        cls = KRON_BLOCKS[self.options["kron_block"]]
+        N = ctx.global_num_examples()
+        cls = KRON_BLOCKS[self.options["structure"]]
         blocks = []
         for a in ctx.adapters:
             d = sums[a.name]
@@ -197,25 +236,20 @@ class BackPACKBackend(CurvatureBackend):
         modules = [m for a in ctx.adapters for m in (a.lora_A, a.lora_B)]
         sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
         S = self.options["mc_samples"]
-        gen = torch.Generator(device=ctx.device).manual_seed(self.options["seed"])
+        gen = mc_generator(self.options["seed"])  # the fit's MC labels (lalora.sampling)
         with _backpack_cleanup(modules, params.values()):
             for m in modules:
                 extend(m)
             for batch in ctx.stream:
                 loss = ctx.loss
                 if loss.likelihood not in ("categorical", "gaussian"):
-                    raise BackendError(f"backpack backend: curvature='mc_fisher' needs a categorical or gaussian likelihood; "
+                    raise BackendError(f"backpack backend: curvature='mc' needs a categorical or gaussian likelihood; "
                                        f"loss {loss.name!r} has none")
-                for _ in range(S):
-                    z, _, idx = loss.outputs_and_targets(ctx.forward(batch), batch)
-                    z = z.float()
-                    with torch.no_grad():
-                        if loss.likelihood == "categorical":
-                            y = torch.multinomial(torch.softmax(z, -1), 1, generator=gen).squeeze(1)
-                        else:  # l = |f - y|^2  <=>  y ~ N(f, I/2)
-                            y = z + torch.randn(z.shape, generator=gen, device=z.device) / 2 ** 0.5
-                    value = (torch.nn.functional.cross_entropy(z, y, reduction="sum") if loss.likelihood == "categorical"
-                             else (z - y).square().sum())
+                for _ in range(S):  # labels sampled at every output row, the loss of the sampled labels
+                    output = ctx.forward(batch)
+                    rows, _ = loss.output_rows(output, batch)
+                    sampled = loss.with_row_targets(batch, sample_row_targets(loss.likelihood, rows, gen))
+                    value = loss.per_example(output, sampled).sum()
                     with backpack(SumGradSquared()), _quiet():
                         value.backward()
                     for n, p in params.items():

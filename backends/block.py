@@ -1,22 +1,30 @@
 """Backend ``block``: exact dense curvature per block (one adapter, or one LoRA matrix).
 
-Options:
-- ``curvature``: ``"empirical_fisher"`` (default; per-example gradients from lalora's hooks,
+Options (``BlockOptions``):
+- ``curvature``: ``"ef"`` (default; the empirical Fisher from per-example gradients of lalora's hooks,
   ``F = (1/N) sum_n g_n g_n^T``) or ``"ggn"`` (``F = (1/N) sum_n sum_t J_t^T H_t J_t``, the
   exact per-token GGN summed over the labelled positions; per-position Jacobians of the
   outputs w.r.t. the LoRA weights from ``torch.func.jacrev``: costs (labelled positions x
   classes x LoRA weights) floats per batch, so small vocabularies/models only; needs
   ``attn_implementation="eager"`` on transformers).
 - ``granularity``: ``"adapter"`` (A and B of one adapter with their cross terms) or ``"matrix"``.
-- ``form``: ``"auto"`` (dense when the ``(n, n)`` float32 matrix fits ``memory_budget_mb``,
-  else factored), ``"dense"`` or ``"factored"`` (EF only: the N per-example gradient rows
-  scaled by ``1/sqrt(N)``, a ``FactoredBlock`` of rank <= N, never densified).
+- ``storage`` (lalora 0.1: ``form``): ``"auto"`` (dense when the ``(n, n)`` float32 matrix fits
+  ``memory_budget_mb``, else factored), ``"dense"`` or ``"factored"`` (EF only: the N per-example
+  gradient rows scaled by ``1/sqrt(N)``, a ``FactoredBlock`` of rank <= N, never densified).
 - ``memory_budget_mb``: budget per block for the dense matrix (default 256).
-The chosen form is in ``metadata["block_forms"]`` and in ``Precision.summary()``.
+The chosen storage is in ``metadata["block_forms"]`` and in ``Precision.summary()``.
+
+Relation to ``lalora.reference`` (the one exact reference): the same quantities, computed for real use
+(whole batches, hooks, ``torch.func``), so this backend does not call the reference's slow batch-of-one
+loops; it shares the conventions and the loss path instead (``lalora.losses``: per-example losses, the
+labelled output rows, the output Hessian contraction ``hessian_sandwich``), and its tests compare it
+with the reference, which computes all of these its own way.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -25,41 +33,45 @@ from lalora.blocks import DenseBlock
 from lalora.blocks.factored import FactoredBlock
 from lalora.capture import PerExampleGrads
 from lalora.errors import BackendError
+from lalora.options import BackendOptions, Curvature, option
+
+
+@dataclass(frozen=True)
+class BlockOptions(BackendOptions):
+    """Options of the ``block`` backend."""
+
+    curvature: Curvature = option(Curvature.EF, "ef (per-example empirical Fisher) or ggn (exact per-token GGN)",
+                                  choices=(Curvature.EF, Curvature.GGN))
+    granularity: Literal["adapter", "matrix"] = option(
+        "adapter", "adapter (A and B together) or matrix (one block per LoRA matrix)")
+    storage: Literal["auto", "dense", "factored"] = option(
+        "auto", "auto (dense if it fits memory_budget_mb), dense or factored (ef only)", renamed_from="form")
+    memory_budget_mb: float = option(256.0, "largest dense block (float32 MiB) storage='auto' keeps dense", gt=0)
+
+    def check(self):
+        if self.storage == "factored" and self.curvature != Curvature.EF:
+            raise ValueError("option storage='factored' exists for curvature='ef' only "
+                             "(a GGN factor has one row per labelled position and class)")
 
 
 @register_backend("block")
 class BlockBackend(CurvatureBackend):
-    default_options = {"curvature": "empirical_fisher", "granularity": "adapter", "form": "auto", "memory_budget_mb": 256.0}
-    option_help = {
-        "curvature": "'empirical_fisher' (per-example EF) or 'ggn' (exact per-token GGN)",
-        "granularity": "'adapter' (A and B together) or 'matrix' (one block per LoRA matrix)",
-        "form": "'auto', 'dense' or 'factored' (EF only)",
-        "memory_budget_mb": "largest dense block (float32 MiB) 'auto' keeps dense",
-    }
+    Options = BlockOptions  # the curvature: its curvature option (default ef)
     supports_skip_nonfinite = True
 
-    def check_options(self):
-        o = self.options
-        if o["curvature"] not in ("empirical_fisher", "ggn"):
-            raise BackendError(f"block backend: option curvature={o['curvature']!r} is unknown; use 'empirical_fisher' or 'ggn'")
-        if o["granularity"] not in ("adapter", "matrix"):
-            raise BackendError(f"block backend: option granularity={o['granularity']!r} is unknown; use 'adapter' or 'matrix'")
-        if o["form"] not in ("auto", "dense", "factored"):
-            raise BackendError(f"block backend: option form={o['form']!r} is unknown; use 'auto', 'dense' or 'factored'")
-        if o["form"] == "factored" and o["curvature"] != "empirical_fisher":
-            raise BackendError("block backend: form='factored' exists for curvature='empirical_fisher' only "
-                               "(a GGN factor has one row per labelled position and class)")
-        if not (isinstance(o["memory_budget_mb"], (int, float)) and o["memory_budget_mb"] > 0):
-            raise BackendError(f"block backend: option memory_budget_mb must be a positive number, got {o['memory_budget_mb']!r}")
-
-    def curvature_kind(self):
-        return self.options["curvature"]
+    @classmethod
+    def stored_bytes(cls, adapters, options) -> int | None:
+        """``4 n^2`` per block when every block is stored dense; None when one is factored (it grows with N)."""
+        shapes = {n: tuple(p.shape) for a in adapters for n, p in ((a.a_name, a.A), (a.b_name, a.B))}
+        groups = _groups(adapters, options["granularity"])
+        sizes = [sum(math.prod(shapes[p]) for p in g) for g in groups]
+        budget = options["memory_budget_mb"] * 2**20
+        dense = options["storage"] == "dense" or (options["storage"] == "auto" and all(4 * n * n <= budget for n in sizes))
+        return 4 * sum(n * n for n in sizes) if dense else None
 
     # --- block layout ---------------------------------------------------------------
     def _groups(self, ctx: FitContext) -> list[tuple[str, ...]]:
-        if self.options["granularity"] == "adapter":
-            return [(a.a_name, a.b_name) for a in ctx.adapters]
-        return [(n,) for a in ctx.adapters for n in (a.a_name, a.b_name)]
+        return _groups(ctx.adapters, self.options["granularity"])
 
     def _forms(self, groups, shapes) -> list[str]:
         budget = self.options["memory_budget_mb"] * 2**20
@@ -67,10 +79,10 @@ class BlockBackend(CurvatureBackend):
         for g in groups:
             n = sum(math.prod(shapes[p]) for p in g)
             dense_fits = 4 * n * n <= budget
-            form = self.options["form"]
+            form = self.options["storage"]
             if form == "auto":
                 form = "dense" if dense_fits else "factored"
-            if form == "factored" and self.options["curvature"] != "empirical_fisher":
+            if form == "factored" and self.options["curvature"] != Curvature.EF:
                 raise BackendError(f"block backend: the dense GGN block over {list(g)} ({n} weights, {4 * n * n / 2**20:.1f} MiB) "
                                    f"exceeds memory_budget_mb={self.options['memory_budget_mb']} and the GGN has no factored form "
                                    "here; raise memory_budget_mb, use granularity='matrix', or another backend (kfac, diag)")
@@ -87,7 +99,7 @@ class BlockBackend(CurvatureBackend):
             rows = [None] * len(groups)
         else:
             sums, rows = self._ef_accumulate(ctx, groups, forms, shapes)
-        N = ctx.num_examples
+        N = ctx.global_num_examples()
         blocks = []
         for g, form, s, r in zip(groups, forms, sums, rows):
             if form == "dense":
@@ -130,6 +142,8 @@ class BlockBackend(CurvatureBackend):
     def _ggn_sums(self, ctx, params, groups):
         from torch.func import functional_call, jacrev
 
+        from lalora.losses import model_outputs
+
         full_name = {id(p): n for n, p in ctx.model.named_parameters()}
         canon = list(params)
         keys = [full_name[id(params[c])] for c in canon]
@@ -145,8 +159,6 @@ class BlockBackend(CurvatureBackend):
                     out = functional_call(ctx.model, p, (), dict(batch.inputs))
                 else:
                     out = functional_call(ctx.model, p, tuple(batch.inputs))
-                from lalora.losses import model_outputs
-
                 z, _, _ = loss.outputs_and_targets(model_outputs(out), batch)
                 return z.float(), z.float()
 
@@ -161,18 +173,16 @@ class BlockBackend(CurvatureBackend):
                 continue
             M, C = z.shape
             J = {c: j.reshape(M, C, -1).double() for c, j in zip(canon, jac)}
-            if loss.likelihood == "categorical":
-                prob = torch.softmax(z.double(), -1)
-            for i, g in enumerate(groups):
-                Jg = torch.cat([J[p] for p in g], 2)  # (M, C, n)
-                if loss.likelihood == "categorical":
-                    Jp = torch.einsum("mcn,mc->mn", Jg, prob)
-                    s = torch.einsum("mcn,mc,mck->nk", Jg, prob, Jg) - Jp.T @ Jp
-                else:
-                    s = 2.0 * torch.einsum("mcn,mck->nk", Jg, Jg)
-                sums[i] += s.cpu()
+            for i, g in enumerate(groups):  # J^T H J of the loss's likelihood (lalora.losses), H never formed
+                sums[i] += loss.hessian_sandwich(torch.cat([J[p] for p in g], 2), z).cpu()
             ctx.batch_done(self)
         return sums
+
+
+def _groups(adapters, granularity: str) -> list[tuple[str, ...]]:
+    if granularity == "adapter":
+        return [(a.a_name, a.b_name) for a in adapters]
+    return [(n,) for a in adapters for n in (a.a_name, a.b_name)]
 
 
 def _grad_or_zero(grads, name, n, shape, device):

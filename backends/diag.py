@@ -16,16 +16,16 @@ from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks import DiagBlock
 from lalora.capture import PerExampleGrads
 from lalora.errors import BackendError
+from lalora.options import Curvature
 
 
 @register_backend("diag")
 class DiagEFBackend(CurvatureBackend):
-    curvature = "empirical_fisher"
-    default_options = {}
+    curvature = Curvature.EF  # no options
     supports_skip_nonfinite = True
 
-    def __init__(self, **options):
-        super().__init__(**options)
+    def __init__(self, options=None, /, **kwargs):
+        super().__init__(options, **kwargs)
         self._sums: dict[str, torch.Tensor] | None = None
         self._loaded: dict[str, torch.Tensor] | None = None
 
@@ -57,6 +57,10 @@ class DiagEFBackend(CurvatureBackend):
                 t.copy_(saved)
         return sums
 
+    @classmethod
+    def stored_bytes(cls, adapters, options) -> int:
+        return 4 * sum(a.A.numel() + a.B.numel() for a in adapters)  # one float32 per LoRA weight
+
     def fit(self, ctx: FitContext):
         params = ctx.params()
         self._sums = sums = self._initial_sums(params)
@@ -78,5 +82,5 @@ class DiagEFBackend(CurvatureBackend):
                 for n, sq in squares.items():
                     sums[n] += sq
                 ctx.batch_done(self)
-        n_examples = ctx.num_examples
+        n_examples = ctx.global_num_examples()
         return [DiagBlock(n, (ctx.all_reduce(sums[n]) / n_examples).float()) for n in names]

@@ -24,15 +24,18 @@ N examples of the curvature of each example's summed loss:
 gradient at ``lora_B``'s output divided by the scaling s). Each adapter is its own block, also
 when several adapters are active on one layer: they share that layer's ``x`` and ``g``, but each
 has its own A, B, s and sums (keyed by ``LoraAdapter.key``); the input products of adapters reading
-one tensor are computed once (``FactorHooks``). ``fisher_type``:
+one tensor are computed once (``FactorHooks``). ``curvature`` (``KFACOptions``; lalora 0.1 called it
+``fisher_type`` with the values mc, empirical, type-2):
 
 - ``"mc"`` (default): labels sampled from the model at every labelled position, ``mc_samples``
-  backward passes per batch (unbiased for the per-position type-2 GGN);
-- ``"empirical"``: the true labels, gradient of ``sum_n l_n``;
-- ``"type-2"``: exact, one backward per output class through ``sqrt(H)``. Only where each
-  example has a single output row (classification, MSE): on causal LMs backpropagating all
-  positions together brings in cross-position terms (the curvlinops error, DESIGN.md
-  section 5), so it is refused there with a message pointing to ``mc``.
+  backward passes per batch (unbiased for the per-position type-2 GGN); the draws: ``lalora.sampling``
+  (one CPU generator per fit seeded with ``seed``, the same labels as the ``backpack`` backend's);
+- ``"ef"``: the true labels, gradient of ``sum_n l_n`` (empirical Fisher);
+- ``"ggn"``: exact type-2 Fisher, one backward per output class through ``sqrt(H)``
+  (``LossFunction.hessian_sqrt_column``). Only where each example has a single output row
+  (classification, MSE): on causal LMs backpropagating all positions together brings in
+  cross-position terms (the curvlinops error, DESIGN.md section 5), so it is refused there with a
+  message pointing to ``mc``.
 
 Why own hooks rather than curvlinops' ``KFACLinearOperator``: with padded batches curvlinops
 puts pad activations into ``X`` and normalises by the padded shape (DESIGN.md section 5), its
@@ -48,94 +51,74 @@ tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfi
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
-from lalora.blocks.factors import check_max_rank
 from lalora.errors import BackendError
+from lalora.options import BackendOptions, Curvature, option
+from lalora.sampling import mc_generator, sample_categorical, sample_row_targets
 
 from .kfac_factors import FactorHooks, finish_factor
 
-FISHER_TYPES = ("mc", "empirical", "type-2")
-APPROXES = ("expand", "reduce")
 SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # batches per float32 window sum (FactorHooks): at most ~16 eps = 2e-6 relative rounding before each
 # addition into the running sums
 FLUSH_EVERY = 16
 
 
-def _sample_categorical(p: Tensor, gen: torch.Generator, block: int = 256) -> Tensor:
-    """One draw per row of ``p`` (R, C) (non-negative, unnormalised) by inverse CDF, in two levels: the
-    block of ``block`` classes from the CDF of the block masses, then the class from the CDF inside
-    that block. One uniform per row from the CPU generator ``gen`` (the same draws on every device).
-    ``torch.multinomial`` draws C exponentials per row and a full-width cumsum writes an (R, C) CDF;
-    this reads ``p`` once (the block sums) and works on (R, C / block) and (R, block) tensors.
-    Classes of zero mass are never drawn: each level searches a value strictly below its total."""
-    R, C = p.shape
-    u = torch.rand(R, generator=gen, dtype=torch.float64).to(p.device)
-    full = C // block
-    masses = [p[:, :full * block].reshape(R, full, block).sum(-1)] if full else []
-    if full * block < C:
-        masses.append(p[:, full * block:].sum(-1, keepdim=True))
-    coarse = torch.cat(masses, 1).double().cumsum(-1)  # (R, ceil(C / block))
-    v = _strictly_below(u * coarse[:, -1], coarse[:, -1])
-    blk = torch.searchsorted(coarse, v.unsqueeze(1), right=True).squeeze(1)
-    v = v - torch.where(blk > 0, coarse.gather(1, (blk - 1).clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
-    cols = blk.unsqueeze(1) * block + torch.arange(block, device=p.device)  # (R, block)
-    fine = (p.gather(1, cols.clamp_max(C - 1)) * (cols < C)).double().cumsum(-1)
-    v = _strictly_below(v, fine[:, -1])
-    return blk * block + torch.searchsorted(fine, v.unsqueeze(1), right=True).squeeze(1)
+def _factor_floats(n: int, max_rank: int | None) -> int:
+    """Floats stored for one ``n x n`` Kronecker factor (dense, or low-rank k + diagonal when ``n > k``)."""
+    return n * n if max_rank is None or n <= max_rank else n * max_rank + max_rank + n
 
 
-def _strictly_below(v: Tensor, total: Tensor) -> Tensor:
-    """``v`` clamped to the largest float below ``total`` (u * total can round up to total)."""
-    return torch.minimum(v, torch.nextafter(total, torch.zeros_like(total)))
+@dataclass(frozen=True)
+class KFACOptions(BackendOptions):
+    """Options of the ``kfac`` and ``tri-kfac`` backends."""
+
+    curvature: Curvature = option(
+        Curvature.MC, "mc (labels sampled from the model), ef (true labels: empirical Fisher) or ggn (exact type-2 "
+        "Fisher, one backward per class; not for causal LMs)", choices=(Curvature.MC, Curvature.EF, Curvature.GGN),
+        renamed_from="fisher_type", value_aliases={"empirical": Curvature.EF, "type-2": Curvature.GGN})
+    mc_samples: int = option(1, "label samples per position for curvature='mc'", ge=1)
+    kfac_approx: Literal["expand", "reduce"] = option(
+        "expand", "expand (tokens as data points) or reduce (per-example mean input / summed gradient)")
+    seed: int = option(0, "seed of the MC label sampling")
+    max_rank: int | None = option(None, "store factors wider than this as top-max_rank eigenpairs + diagonal "
+                                        "(None: dense); see lalora.compress", ge=1)
+    sum_dtype: Literal["float64", "float32"] = option(
+        "float64", "dtype of the running factor sums held during the fit (float32 halves them, e.g. for 7-8B "
+        "models; each batch's products are float32 either way)")
 
 
 @register_backend("kfac")
 class KFACBackend(CurvatureBackend):
     """B-KFAC: per adapter a ``kfac`` block (``F_A``, ``F_B``, no cross terms)."""
 
-    curvature = "mc_fisher"
+    Options = KFACOptions  # the curvature: its curvature option (default mc)
     block_class = KFACBlock
-    default_options = {"fisher_type": "mc", "mc_samples": 1, "kfac_approx": "expand", "seed": 0, "max_rank": None,
-                       "sum_dtype": "float64"}
-    option_help = {
-        "fisher_type": "mc (labels sampled from the model), empirical (true labels) or type-2 (exact GGN; "
-                       "not for causal LMs)",
-        "mc_samples": "label samples per position for fisher_type='mc'",
-        "kfac_approx": "expand (tokens as data points) or reduce (per-example mean input / summed gradient)",
-        "seed": "seed of the MC label sampling",
-        "max_rank": "store factors wider than this as top-max_rank eigenpairs + diagonal (None: dense); "
-                    "see lalora.compress",
-        "sum_dtype": "float64 (default) or float32: dtype of the running factor sums held during the fit "
-                     "(float32 halves them, e.g. for 7-8B models; each batch's products are float32 either way)",
-    }
     supports_skip_nonfinite = True
 
-    def check_options(self):
-        o = self.options
-        if o["fisher_type"] not in FISHER_TYPES:
-            raise BackendError(f"backend {self.name!r}: option fisher_type={o['fisher_type']!r} is unknown; use one of {FISHER_TYPES}")
-        if o["kfac_approx"] not in APPROXES:
-            raise BackendError(f"backend {self.name!r}: option kfac_approx={o['kfac_approx']!r} is unknown; use one of {APPROXES}")
-        if not isinstance(o["mc_samples"], int) or isinstance(o["mc_samples"], bool) or o["mc_samples"] < 1:
-            raise BackendError(f"backend {self.name!r}: option mc_samples must be an integer >= 1, got {o['mc_samples']!r}")
-        if o["sum_dtype"] not in SUM_DTYPES:
-            raise BackendError(f"backend {self.name!r}: option sum_dtype={o['sum_dtype']!r} is unknown; use one of "
-                               f"{tuple(SUM_DTYPES)}")
-        if o["max_rank"] is not None:
-            try:
-                check_max_rank(o["max_rank"], f"backend {self.name!r}: option max_rank")
-            except ValueError as e:
-                raise BackendError(str(e)) from None
+    @classmethod
+    def stored_bytes(cls, adapters, options) -> int:
+        """Per adapter the layer factors X (d_in x d_in) and G (d_out x d_out) in float32, dense or (``max_rank``
+        k < side n) as k eigenpairs + diagonal: ``n k + k + n`` floats."""
+        return 4 * sum(_factor_floats(a.A.shape[1], options["max_rank"]) + _factor_floats(a.B.shape[0], options["max_rank"])
+                       for a in adapters)
 
-    def __init__(self, **options):
-        super().__init__(**options)
+    @classmethod
+    def accumulator_bytes(cls, adapters, options) -> int:
+        """Upper bound of the factor sums held while fitting: running sums (``sum_dtype``: 8 or 4 bytes per
+        factor entry) and the float32 window sums (at most 4)."""
+        running = SUM_DTYPES[options["sum_dtype"]].itemsize
+        return (running + 4) * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)
+
+    def __init__(self, options=None, /, **kwargs):
+        super().__init__(options, **kwargs)
         self._sums: dict[str, dict[str, Tensor]] | None = None
         self._gen: torch.Generator | None = None
         self._loaded: dict[str, Tensor] | None = None
@@ -185,19 +168,16 @@ class KFACBackend(CurvatureBackend):
             sums[name][key] = t.to(device)
         gen.set_state(loaded["rng"])
 
-    def curvature_kind(self) -> str:
-        return {"mc": "mc_fisher", "empirical": "empirical_fisher", "type-2": "ggn"}[self.options["fisher_type"]]
-
     # --- one batch -----------------------------------------------------------------------
     def _backward_passes(self, ctx: FitContext, batch, output: Tensor, tensors, gen) -> bool:
         """Run the backward passes of one batch (the G hooks fire); False if the batch is skipped."""
-        fisher = self.options["fisher_type"]
-        if fisher == "empirical" and ctx.loss.likelihood == "categorical":
+        fisher = self.options["curvature"]
+        if fisher == Curvature.EF and ctx.loss.likelihood == "categorical":
             # the cross-entropy gradient softmax(z) - onehot(label), fed into the output rows like the MC
             # one: no log-softmax saved for a backward (one logit-sized tensor less per batch)
             targets = ctx.loss.row_targets(output, batch)
-            return self._categorical(ctx, batch, output, tensors, lambda p: targets.clamp_min(0), 1)
-        if fisher == "empirical":
+            return self._categorical(ctx, batch, output, tensors, lambda p: targets, 1)
+        if fisher == Curvature.EF:
             losses = ctx.per_example_loss(batch, output)
             if losses is None:
                 return False
@@ -205,68 +185,56 @@ class KFACBackend(CurvatureBackend):
             return True
         loss = ctx.loss
         if loss.likelihood not in ("categorical", "gaussian"):
-            raise BackendError(f"fisher_type={fisher!r} needs a loss with a known likelihood (causal_lm, "
-                               f"classification, mse); loss {loss.name!r} has none: use fisher_type='empirical'")
-        if fisher == "mc" and loss.likelihood == "categorical":
-            return self._categorical(ctx, batch, output, tensors, lambda p: _sample_categorical(p, gen),
+            raise BackendError(f"curvature={fisher.value!r} needs a loss with a known likelihood (causal_lm, "
+                               f"classification, mse); loss {loss.name!r} has none: use curvature='ef'")
+        if fisher == Curvature.MC and loss.likelihood == "categorical":
+            return self._categorical(ctx, batch, output, tensors, lambda p: sample_categorical(p, gen),
                                      self.options["mc_samples"])
         rows, _, index = loss.outputs_and_targets(output, batch)
         z = rows.float()
         if not bool(torch.isfinite(z).all()):
             ctx.nonfinite(batch, "loss", "non-finite outputs")
             return False
-        if fisher == "type-2":
+        if fisher == Curvature.GGN:
             per_example = torch.bincount(index, minlength=batch.size)
             if int(per_example.max()) > 1:
                 raise BackendError(
-                    "fisher_type='type-2' is refused for losses with several labelled output positions per example "
+                    "curvature='ggn' (the exact type-2 Fisher) is refused for losses with several labelled output positions per example "
                     f"(loss {loss.name!r}, up to {int(per_example.max())} positions here, e.g. a causal LM): "
                     "backpropagating sqrt-Hessian columns of all positions together adds cross-position terms, and the "
-                    "exact per-position version costs vocab x positions backward passes. Use fisher_type='mc' "
+                    "exact per-position version costs vocab x positions backward passes. Use curvature='mc' "
                     "(unbiased for the per-position GGN; raise mc_samples to reduce noise)")
             C = z.shape[1]
-            if loss.likelihood == "categorical":
-                p = torch.softmax(z.detach(), -1)
-                for c in range(C):
-                    e = torch.zeros_like(p)
-                    e[:, c] = 1
-                    v = p[:, c:c + 1].sqrt() * (e - p)
-                    torch.autograd.grad(z, tensors, grad_outputs=v, retain_graph=c < C - 1, allow_unused=True)
-            else:
-                for c in range(C):
-                    v = torch.zeros_like(z)
-                    v[:, c] = math.sqrt(2.0)
-                    torch.autograd.grad(z, tensors, grad_outputs=v, retain_graph=c < C - 1, allow_unused=True)
+            p = torch.softmax(z.detach(), -1) if loss.likelihood == "categorical" else None
+            for c in range(C):  # the columns of sqrt(H): sum_c J^T s_c s_c^T J = J^T H J
+                torch.autograd.grad(z, tensors, grad_outputs=loss.hessian_sqrt_column(z, c, probs=p),
+                                    retain_graph=c < C - 1, allow_unused=True)
             return True
         k = self.options["mc_samples"]
-        for i in range(k):  # l = |f - y|^2 is the NLL of N(f, I/2) up to constants
-            eps = torch.randn(z.shape, generator=gen).to(z.device) * math.sqrt(0.5)
-            lmc = (z - (z.detach() + eps)).square().sum()
+        for i in range(k):  # Gaussian MC targets (lalora.sampling), the loss of the sampled targets
+            lmc = loss.per_example(output, loss.with_row_targets(batch, sample_row_targets("gaussian", z, gen))).sum()
             torch.autograd.grad(lmc, tensors, retain_graph=i < k - 1, allow_unused=True)
         return True
 
     def _categorical(self, ctx: FitContext, batch, output: Tensor, tensors, labels, k: int) -> bool:
-        """``k`` backward passes of ``softmax(z) - onehot(y)``, ``y = labels(p)`` (sampled for MC, the true
-        targets for the empirical Fisher), fed straight into the output rows (zero on unlabelled rows):
-        the gradient of the cross-entropy without a gather of the labelled rows, a scatter back or a
-        second log-softmax (benchmarks/README.md)."""
-        rows, keep = ctx.loss.output_rows(output, batch)  # (R, C) view of the outputs, (R,) bool
+        """``k`` backward passes of the cross-entropy gradient ``LossFunction.row_gradient`` (``softmax(z) -
+        onehot(y)``, zero on unlabelled rows) for ``y = labels(p)`` (sampled for MC, the true targets for
+        the empirical Fisher), fed straight into the output rows: without a gather of the labelled rows, a
+        scatter back or a second log-softmax (benchmarks/README.md)."""
+        loss = ctx.loss
+        rows, keep = loss.output_rows(output, batch)  # (R, C) view of the outputs, (R,) bool
         p = torch.softmax(rows.detach().float(), -1)
         if not bool((torch.isfinite(p.sum(-1)) | ~keep).all()):  # a non-finite logit makes its row's sum NaN
             ctx.nonfinite(batch, "loss", "non-finite outputs")
             return False
-        drop = (~keep).nonzero().squeeze(1)
         for i in range(k):
-            y = labels(p)
-            v = p.clone() if i < k - 1 else p  # the last sample reuses p's memory
-            v[torch.arange(v.shape[0], device=v.device), y] -= 1
-            v[drop] = 0
+            v = loss.row_gradient(p, labels(p), keep, overwrite=i == k - 1)  # the last sample reuses p's memory
             torch.autograd.grad(rows, tensors, grad_outputs=v.to(rows.dtype), retain_graph=i < k - 1,
                                 allow_unused=True)
         return True
 
     def _samples_per_batch(self) -> int:
-        return self.options["mc_samples"] if self.options["fisher_type"] == "mc" else 1
+        return self.options["mc_samples"] if self.options["curvature"] == Curvature.MC else 1
 
     def _one_batch(self, ctx: FitContext, hooks: FactorHooks, batch, tensors, gen) -> None:
         """Forward (input factors), backward passes (gradient factors), then commit or drop the batch."""
@@ -297,7 +265,7 @@ class KFACBackend(CurvatureBackend):
         approx = self.options["kfac_approx"]
         sums = {a.key: {} for a in adapters}  # per adapter (several adapters on one layer: one entry each)
         sum_dtype = SUM_DTYPES[self.options["sum_dtype"]]
-        gen = torch.Generator().manual_seed(int(self.options["seed"]))
+        gen = mc_generator(self.options["seed"])  # the fit's MC labels (lalora.sampling)
         self._restore(adapters, sums, gen, ctx.device)
         self._sums, self._gen = sums, gen  # read by state_dict() at each checkpoint
         window = 1 if ctx.skip_nonfinite else FLUSH_EVERY
@@ -308,7 +276,7 @@ class KFACBackend(CurvatureBackend):
                     self._one_batch(ctx, hooks, batch, tensors, gen)
         finally:
             self._hooks = None
-        n_examples = ctx.num_examples
+        n_examples = ctx.global_num_examples()
         S = self._samples_per_batch()
         blocks = []
         for a in adapters:
@@ -326,7 +294,7 @@ class KFACBackend(CurvatureBackend):
             if self.options["max_rank"] is not None:  # on the model's device, before the copy to CPU
                 block = block.compressed(self.options["max_rank"], seed=int(self.options["seed"]))
             blocks.append(block.to("cpu"))
-        ctx.metadata.update({"fisher_type": self.options["fisher_type"], "kfac_approx": approx})
+        ctx.metadata.update({"kfac_approx": approx})
         return blocks
 
 

@@ -46,8 +46,8 @@ LLM_CONFIGS = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
 }
-FITS = {"diag": ("diag", {}), "kfac mc": ("kfac", {"fisher_type": "mc"}),
-        "kfac empirical": ("kfac", {"fisher_type": "empirical"})}
+FITS = {"diag": ("diag", {}), "kfac mc": ("kfac", {"curvature": "mc"}),
+        "kfac empirical": ("kfac", {"curvature": "ef"})}
 
 
 def median(xs):
@@ -97,7 +97,7 @@ def bench_llm(name, cfg, args):
           f"({len(data)} batches x {args.batch_size} x {args.seq} tokens)")
     model.eval()
     fwd_bwd(model, data[:1])  # warm-up
-    fit = {k: (lambda b=b, o=o: lalora.fit_precision(model, data, backend=b, progress=False, **o)) for k, (b, o) in FITS.items()}
+    fit = {k: (lambda b=b, o=o: lalora.fit_precision(model, data, backend=b, progress=False, options=o)) for k, (b, o) in FITS.items()}
     if "1" in args.items:
         fb_t, fit_t = [], {k: [] for k in fit}
         for _ in range(args.repeats):

@@ -43,12 +43,12 @@ def main():
         model = build(cfg)
         data = batches(cfg["vocab_size"])
         fwd_bwd(model, data[:1])  # warm-up
-        fb_t, fit_t = [], {"mc": [], "empirical": []}
+        fb_t, fit_t = [], {"mc": [], "ef": []}
         for _ in range(args.repeats):
             fb_t.append(timed(lambda: fwd_bwd(model, data)))
             for ft in fit_t:
                 fit_t[ft].append(timed(lambda: lalora.fit_precision(model, data, backend="kfac", progress=False,
-                                                                     fisher_type=ft)))
+                                                                     options={"curvature": ft})))
         fb = statistics.median(fb_t)
         fits = ", ".join(f"{ft} {statistics.median(t) / fb:.2f}x ({statistics.median(t):.2f}s)" for ft, t in fit_t.items())
         print(f"{name}: kfac fit / fwd+bwd ({fb:.2f}s): {fits}")

@@ -5,7 +5,7 @@
 A tiny Llama (hidden 64, intermediate 128, 1 layer, vocab 37, random init), LoRA r=2
 (orthogonal init, B made non-zero) on q_proj, v_proj, down_proj (factor sides 32, 64, 128;
 832 LoRA weights), 8 batches of 4 random-token sequences of length 16 (padded, prompt masked).
-``kfac`` and ``tri-kfac`` (``fisher_type="empirical"``) are fitted once and compressed at several
+``kfac`` and ``tri-kfac`` (``curvature="ef"``) are fitted once and compressed at several
 ``max_rank``; ``lalora.compare_precisions`` measures each against (1) the uncompressed precision
 (the compression's own cost) and (2) the exact per-example EF (to set it against K-FAC's own error).
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from models import randomize_lora_B, tiny_lora_llama, token_batches  # noqa: E402
 
 import lalora  # noqa: E402
-from lalora.compare import dense_reference  # noqa: E402
+from lalora.comparison import dense_reference  # noqa: E402
 
 RANKS = (4, 8, 16, 32, 64)
 
@@ -43,7 +43,7 @@ def main():
     for kind in ("kfac", "tri-kfac"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            P = lalora.fit_precision(model, data, backend=kind, fisher_type="empirical", progress=False)
+            P = lalora.fit_precision(model, data, backend=kind, options={"curvature": "ef"}, progress=False)
         variants = [P] + [lalora.compress(P, k) for k in RANKS]
         labels = ["dense"] + [f"k={k}" for k in RANKS]
         own = lalora.compare_precisions(variants, reference=P, directions=16, labels=labels)

@@ -23,9 +23,9 @@ import lalora  # noqa: E402
 
 
 def runs(model, data):
-    fit = lambda backend, **o: (lambda: lalora.fit_precision(model, data, backend=backend, progress=False, **o))  # noqa: E731
+    fit = lambda backend, **o: (lambda: lalora.fit_precision(model, data, backend=backend, progress=False, options=o))  # noqa: E731
     return {"fwdbwd": lambda: fwd_bwd(model, data), "diag": fit("diag"),
-            "kfac-mc": fit("kfac", fisher_type="mc"), "kfac-empirical": fit("kfac", fisher_type="empirical")}
+            "kfac-mc": fit("kfac", curvature="mc"), "kfac-empirical": fit("kfac", curvature="ef")}
 
 
 def main():

@@ -71,15 +71,15 @@ def main(argv=None):
     model = make_model()
     source = batches(2 if a.quick else 4, seed=0)
     theta_T = displacement(model, 3 if a.quick else 30)
-    backends = ["diag", ("kfac-ef", "kfac", {"fisher_type": "empirical"}),
-                ("tri-kfac-ef", "tri-kfac", {"fisher_type": "empirical"}), "block"]
+    backends = ["diag", ("kfac-ef", "kfac", {"curvature": "ef"}),
+                ("tri-kfac-ef", "tri-kfac", {"curvature": "ef"}), "block"]
     if not a.quick:
         backends += [("kfac-mc", "kfac", {"mc_samples": 4}), ("block-ggn", "block", {"curvature": "ggn"})]
     result = lalora.compare(model, source, backends=backends, reference=a.reference,
                             directions=8 if a.quick else 32, top_k=4 if a.quick else 8, displacement=theta_T)
     print(result.table())
     if a.out_dir is not None:
-        from lalora.compare_plot import plot_result
+        from lalora.comparison.plot import plot_result
 
         a.out_dir.mkdir(parents=True, exist_ok=True)
         result.to_json(a.out_dir / "compare.json")

@@ -3,22 +3,31 @@
     precision = lalora.fit_precision(model, source_loader, backend="diag")
     reg = lalora.LaLoRARegularizer(model, precision, strength=1e3)
     loss = task_loss + reg()
-"""
-__version__ = "0.1.0"
 
+This module is the users' facade: it re-exports what they call, and no module of the package imports it.
+Behind it, bottom to top (a module imports its own group or lower ones; no import circle, lazy imports
+included: tests/test_layering.py checks both): the foundations (``errors``, ``blocks``, ``adapters``,
+``losses``, ``data``, ``options``, ...), the precision (``fileformat``, ``validation``, ``backend``, then ``precision``),
+what uses a precision (``fit``, ``regularizer``, ``penalty``, ``integrations``, ...), the backends
+(``lalora.backends``, reached through the registry only) and the tools (``comparison``, ``bench``, ``evaluation``,
+``surrogate``, ``cli``).
+"""
 from .adapters import LoraAdapter, find_lora_adapters
 from .backend import CurvatureBackend, FitContext, get_backend, list_backends, register_backend
 from .blocks import Block, DenseBlock, DiagBlock, register_block
+from .comparison import compare, compare_precisions
 from .compression import compress
-from .errors import (AnchorMismatchError, BackendError, DataError, LaloraError, ModelMismatchError,
-                     PrecisionFileError, UncoveredParameterError, UncoveredParameterWarning)
+from .errors import (AnchorMismatchError, BackendError, DataError, LaloraDeprecationWarning, LaloraError,
+                     ModelMismatchError, PrecisionFileError, UncoveredParameterError, UncoveredParameterWarning)
+from .options import BackendOptions, Curvature, option
 from .fit import ZeroCurvatureWarning, fit_precision
 from .integrations.torch_loop import regularized
 from .precision import Precision
 from .regularizer import LaLoRARegularizer
+from .version import __version__
 
 __all__ = [
-    "AnchorMismatchError", "BackendError", "Block", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
+    "AnchorMismatchError", "BackendError", "BackendOptions", "Block", "Curvature", "LaloraDeprecationWarning", "option", "CurvatureBackend", "DataError", "DenseBlock", "DiagBlock",
     "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
     "PrecisionFileError", "UncoveredParameterError", "UncoveredParameterWarning", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
     "list_backends", "register_backend", "register_block", "__version__", "compress", "LaLoRATrainer", "regularized", "compare", "compare_precisions",
@@ -36,9 +45,4 @@ def __getattr__(name):
         from .evaluation import evaluate
 
         return evaluate
-    if name in ("compare", "compare_precisions"):
-        # lalora.compare is also the submodule's name; the module forwards calls to the function.
-        import importlib
-
-        return getattr(importlib.import_module(".compare", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

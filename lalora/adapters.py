@@ -222,7 +222,8 @@ def lora_config_summary(model: nn.Module, adapters: list[LoraAdapter]) -> dict:
 
 
 def lora_param_shapes(adapters: list[LoraAdapter]) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(p.shape) for n, p in lora_parameters(adapters).items()}
+    """Canonical name -> full shape (a DeepSpeed ZeRO-3 parameter is empty outside forward: its ``ds_shape``)."""
+    return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in lora_parameters(adapters).items()}
 
 
 @torch.no_grad()

@@ -24,6 +24,25 @@ def fitted_adapters(metadata: dict) -> list[str]:
     return sorted(names)
 
 
+#: ``context=`` values: why the LoRA weights may differ from theta0 (set by the caller, e.g. a TRL trainer)
+CONTEXTS = {
+    "peft_config": "the trainer built the LoRA adapters itself from peft_config=, with a new random initialisation, "
+                   "so they are not the weights the precision was fitted at",
+}
+
+
+def _is_trainer(caller: str) -> bool:
+    return caller != "LaLoRARegularizer" and not caller.startswith("lalora ")
+
+
+def _refit(caller: str) -> str:
+    """How the caller fits a precision at the weights it trains."""
+    if _is_trainer(caller):
+        return (f"let the trainer fit the precision on the model it trains, at the start of training: "
+                f"{caller}(..., source_data=..., backend=...) instead of precision=")
+    return "fit a new precision at the current weights (lalora.fit_precision(model, source_data))"
+
+
 def _advice(caller: str) -> tuple[str, str]:
     """(how to start from theta0, how to keep the current weights) for ``caller``."""
     if caller == "LaLoRARegularizer":
@@ -33,8 +52,12 @@ def _advice(caller: str) -> tuple[str, str]:
 
 
 def anchor_mismatch_message(current: dict[str, Tensor], anchor: dict[str, Tensor], *, caller: str,
-                            fitted: list[str], in_use: list[str], active: list[str] | None) -> str:
-    """``current``/``anchor``: canonical name -> float tensors on one device (the LoRA weights, theta0)."""
+                            fitted: list[str], in_use: list[str], active: list[str] | None,
+                            context: str | None = None) -> str:
+    """``current``/``anchor``: canonical name -> float tensors on one device (the LoRA weights, theta0);
+    ``context``: a key of ``CONTEXTS``."""
+    if context is not None and context not in CONTEXTS:
+        raise ValueError(f"context={context!r} is unknown; use one of {sorted(CONTEXTS)}")
     differ = [n for n in current if not bool((current[n] == anchor[n]).all())]
     first = differ[0]
     max_diff = float((current[first] - anchor[first]).abs().max())
@@ -51,11 +74,13 @@ def anchor_mismatch_message(current: dict[str, Tensor], anchor: dict[str, Tensor
                 f"or model.set_adapter({fitted[0]!r}).")
     elif fitted:
         msg += f" The precision was fitted on adapter(s) {fitted}, the ones in use."
-    trained_b = [n for n in differ if ".lora_B" in n and not bool(anchor[n].any()) and bool(current[n].any())]
     reset, keep = _advice(caller)
+    if context == "peft_config":
+        return msg + (f" Here {CONTEXTS[context]}. Either {_refit(caller)}, or, if the precision was fitted on the "
+                      f"same base model with the same LoraConfig, start from its theta0: {reset}.")
+    trained_b = [n for n in differ if ".lora_B" in n and not bool(anchor[n].any()) and bool(current[n].any())]
     if trained_b or rel > ROUND_OFF:
-        refit = ("fit a new precision at the current weights (lalora.fit_precision(model, source_data)), or, for a "
-                 "sequence of tasks, consolidate (docs/training.md#continual-learning)")
+        refit = f"{_refit(caller)}, or, for a sequence of tasks, consolidate (docs/training.md#continual-learning)"
         if trained_b:
             msg += (f" The weights look trained ({len(trained_b)} lora_B matrices are non-zero where theta0's are all "
                     f"zero, e.g. {trained_b[0]!r}): resetting them to theta0 ERASES that training. To continue "

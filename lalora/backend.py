@@ -4,10 +4,14 @@ A backend turns a model with LoRA adapters and a stream of source batches into a
 of blocks holding the *mean* over the N examples of each example's curvature
 (DESIGN.md section 2). Built-in and third-party backends register the same way:
 
+    @dataclass(frozen=True)
+    class MyOptions(lalora.BackendOptions):
+        damping: float = lalora.option(0.0, "Tikhonov term", ge=0)
+
     @lalora.register_backend("my-backend")
     class MyBackend(lalora.CurvatureBackend):
-        curvature = "empirical_fisher"
-        default_options = {"damping": 0.0}
+        curvature = lalora.Curvature.EF      # or an option named ``curvature`` in MyOptions
+        Options = MyOptions
         def fit(self, ctx): ...
 
 and, to be found without an import, an entry point in the plugin's pyproject::
@@ -28,8 +32,10 @@ from torch import Tensor, nn
 
 from .adapters import LoraAdapter, lora_parameters
 from .blocks import Block
-from .errors import BackendError, DataError
+from .errors import BackendError, DataError, warn_deprecated
 from .losses import Batch, LossFunction, call_model
+from .options import (BackendOptions, Curvature, NoOptions, as_curvature, curvature_name, did_you_mean,
+                      options_from_dict, resolve_options)
 
 ENTRY_POINT_GROUP = "lalora.backends"
 _REGISTRY: dict[str, type["CurvatureBackend"]] = {}
@@ -55,9 +61,13 @@ class FitContext:
         return self.stream.loss
 
     @property
-    def num_examples(self) -> int:
-        """N after the stream has been consumed (examples with at least one labelled token),
-        summed over all ranks when ``torch.distributed`` is initialised."""
+    def local_num_examples(self) -> int:
+        """This rank's N so far (examples with at least one labelled token); no communication."""
+        return self.stream.num_examples
+
+    def global_num_examples(self) -> int:
+        """N over all ranks after the stream has been consumed: a collective under ``torch.distributed``
+        (every rank must call it, in the same order as its other collectives); the local N otherwise."""
         n = self.stream.num_examples
         if _distributed():
             t = torch.tensor([n], dtype=torch.float64, device=self._collective_device())
@@ -65,9 +75,21 @@ class FitContext:
             n = int(t.item())
         return n
 
+    @property
+    def num_examples(self) -> int:
+        """Deprecated: ``global_num_examples()`` (an explicit collective) or ``local_num_examples``. In one
+        process it still gives N; under ``torch.distributed`` it raises (a property that all-reduces
+        deadlocks the rank that reads it alone)."""
+        if _distributed():
+            raise BackendError("FitContext.num_examples is gone under torch.distributed (it hid an all-reduce): "
+                               "call ctx.global_num_examples() on every rank, or read ctx.local_num_examples")
+        warn_deprecated("FitContext.num_examples is deprecated: call ctx.global_num_examples() (on every rank "
+                        "under torch.distributed) or read ctx.local_num_examples")
+        return self.stream.num_examples
+
     def all_reduce(self, tensor: Tensor) -> Tensor:
-        """Sum ``tensor`` over ranks (identity in a single process). Backends call this on
-        every accumulated *sum* before dividing by ``num_examples``."""
+        """Sum ``tensor`` over ranks (identity in a single process): a collective, every rank calls it.
+        Backends call this on every accumulated *sum* before dividing by ``global_num_examples()``."""
         if not _distributed():
             return tensor
         t = tensor.to(self._collective_device())
@@ -120,13 +142,24 @@ def _distributed() -> bool:
 
 
 class CurvatureBackend(abc.ABC):
-    """Base class of curvature backends. Options are keyword arguments checked against
-    ``default_options``; ``curvature`` names the curvature kind (empirical_fisher, ggn,
-    mc_fisher); ``requires`` lists the import names of the libraries the backend needs."""
+    """Base class of curvature backends.
+
+    - ``Options``: a frozen ``BackendOptions`` dataclass declaring the options (types, defaults, docs);
+      an instance is built from ``Backend(OptionsInstance)``, ``Backend({"name": value})`` or
+      ``Backend(name=value)`` and is ``self.options`` (read it like a dict or by attribute).
+    - ``curvature``: the ``Curvature`` the backend estimates (GGN, MC or EF; a plugin may name another
+      kind as a string). A backend whose ``Options`` has a ``curvature`` field gets it from that
+      field's default; ``curvatures()`` lists the allowed ones.
+    - ``requires``: the import names of the libraries the backend needs.
+    - ``stored_bytes``/``accumulator_bytes``: what ``lalora fit --dry-run`` reports (None: unknown).
+
+    (lalora 0.1 declared ``default_options``/``option_help`` dicts: still read, with a deprecation
+    warning, as options without types; ``default_options``/``option_help`` are derived from ``Options``.)"""
 
     name: ClassVar[str] = "abstract"
-    curvature: ClassVar[str] = "unknown"
+    curvature: ClassVar[Curvature | str | None] = None
     requires: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[BackendOptions]] = NoOptions
     default_options: ClassVar[dict] = {}
     option_help: ClassVar[dict[str, str]] = {}
     #: the backend handles ``ctx.per_example_loss`` returning None (``fit_precision(skip_nonfinite=True)``)
@@ -135,23 +168,65 @@ class CurvatureBackend(abc.ABC):
     #   state_dict() -> dict[str, Tensor]   accumulated sums so far (not divided by N)
     #   load_state_dict(state) -> None      called before fit(); fit() continues from it
 
-    def __init__(self, **options):
-        unknown = sorted(set(options) - set(self.default_options))
-        if unknown:
-            raise BackendError(f"backend {self.name!r} has no option {unknown[0]!r}; "
-                               f"its options are {sorted(self.default_options) or 'none'}")
-        self.options = {**self.default_options, **options}
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        own = vars(cls)
+        if "default_options" in own and "Options" not in own:  # a lalora 0.1 declaration
+            warn_deprecated(f"{cls.__qualname__}: declaring backend options as a default_options dict is deprecated; "
+                            "declare Options = a BackendOptions dataclass (docs/howto-custom-backend.md)")
+            cls.Options = options_from_dict(f"{cls.__name__}Options", own["default_options"],
+                                            own.get("option_help", {}))
+        if not (isinstance(cls.Options, type) and issubclass(cls.Options, BackendOptions)):
+            raise TypeError(f"{cls.__qualname__}.Options must be a BackendOptions dataclass, got {cls.Options!r}")
+        described = {d["name"]: d for d in cls.Options.describe()}
+        cls.default_options = {k: d["default"] for k, d in described.items()}
+        cls.option_help = {k: d["doc"] for k, d in described.items()}
+        if "curvature" in described and "curvature" not in own:
+            cls.curvature = described["curvature"]["default"]
+        cls.curvature = as_curvature(cls.curvature)
+
+    def __init__(self, options: BackendOptions | dict | None = None, /, **kwargs):
+        if options is not None and kwargs:
+            raise BackendError(f"backend {self.name!r}: pass options either as one {self.Options.__name__} / dict or "
+                               "as keyword arguments, not both")
+        self.options = self.resolve_options(kwargs if options is None else options)
         self.check_options()
 
+    @classmethod
+    def resolve_options(cls, options: BackendOptions | dict | None = None) -> BackendOptions:
+        """``options`` (an ``Options`` instance or a dict, deprecated names accepted) as a validated ``Options``."""
+        return resolve_options(cls.Options, options, f"backend {cls.name!r}")
+
     def check_options(self) -> None:
-        """Validate ``self.options``; raise ``BackendError`` naming the option at fault."""
+        """Checks beyond the declaration (which ``Options.check`` can also do); raise ``BackendError``
+        naming the option at fault."""
 
     @abc.abstractmethod
     def fit(self, ctx: FitContext) -> list[Block]:
-        """Blocks holding the mean over ``ctx.num_examples`` examples of the per-example curvature."""
+        """Blocks holding the mean over ``ctx.global_num_examples()`` examples of the per-example curvature."""
 
-    def curvature_kind(self) -> str:
-        return self.curvature
+    def curvature_kind(self) -> Curvature | str | None:
+        """The curvature this configured instance estimates (its ``curvature`` option, else the class's)."""
+        return as_curvature(self.options.get("curvature", self.curvature))
+
+    @classmethod
+    def curvatures(cls) -> tuple:
+        """The curvatures the backend can estimate (the ``curvature`` option's choices, or the class's one)."""
+        entry = next((d for d in cls.Options.describe() if d["name"] == "curvature"), None)
+        if entry is not None and entry["choices"]:
+            return tuple(entry["choices"])
+        return () if cls.curvature is None else (curvature_name(cls.curvature),)
+
+    @classmethod
+    def stored_bytes(cls, adapters: list[LoraAdapter], options: BackendOptions) -> int | None:
+        """Exact bytes of the curvature tensors a fit with ``options`` stores (``Precision.num_bytes``, the
+        anchor not counted), from the adapter shapes alone; None when they depend on the data."""
+        return None
+
+    @classmethod
+    def accumulator_bytes(cls, adapters: list[LoraAdapter], options: BackendOptions) -> int | None:
+        """Bytes of the running sums the fit holds (an upper bound); None when not known from shapes."""
+        return None
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -205,6 +280,36 @@ def get_backend(name: str) -> type[CurvatureBackend]:
         else:
             raise BackendError(f"entry point {eps[name].value!r} for backend {name!r} is not a CurvatureBackend")
     return _REGISTRY[name]
+
+
+def make_backend(backend: "str | CurvatureBackend", options=None, legacy: dict | None = None, *,
+                 caller: str = "fit_precision", caller_args=()) -> "CurvatureBackend":
+    """The backend instance for ``caller(backend=..., options=..., **legacy)``. ``legacy``: backend options
+    passed as keyword arguments of ``caller`` (deprecated: one ``LaloraDeprecationWarning``); a name that is
+    none of the backend's options raises ``BackendError`` suggesting the closest option or argument of
+    ``caller`` (``caller_args``)."""
+    legacy = legacy or {}
+    if isinstance(backend, CurvatureBackend):
+        if options is not None or legacy:
+            raise BackendError(f"pass backend options to the backend instance, not to {caller}")
+        return backend
+    cls = get_backend(backend)
+    if not legacy:
+        return cls(options)
+    if options is not None:
+        raise BackendError(f"{caller}: pass backend options in options= only, not also as keyword arguments "
+                           f"({', '.join(legacy)})")
+    known = cls.Options.accepted_names()
+    for name in legacy:
+        if name not in known:
+            near = did_you_mean(name, caller_args)
+            hint = near.replace("did you mean", f"did you mean {caller}'s argument") if near else did_you_mean(name, known)
+            raise BackendError(f"backend {cls.name!r} has no option {name!r}{hint}; its options are "
+                               f"{', '.join(cls.Options._names()) or 'none'}")
+    warn_deprecated(f"{caller}(..., {', '.join(f'{k}=...' for k in legacy)}): backend options as keyword arguments "
+                    f"of {caller} are deprecated; pass options={{{', '.join(f'{k!r}: ...' for k in legacy)}}} "
+                    f"or options={cls.Options.__name__}(...)")
+    return cls(legacy)
 
 
 def list_backends() -> list[str]:

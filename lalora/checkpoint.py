@@ -85,7 +85,7 @@ class Checkpointer:
             self.save(backend)
 
     def save(self, backend) -> None:
-        from .fileformat import atomic_save_file
+        from .atomic_file import atomic_save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in backend.state_dict().items()}
         header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "identity": self.identity,

@@ -40,3 +40,22 @@ def caller_option(caller: str, name: str, value) -> str:
     if caller.startswith("lalora "):
         return f"{caller} --{name.replace('_', '-')} {value}"
     return f"{caller}(..., {name}={value!r})"
+
+
+class LaloraDeprecationWarning(FutureWarning):
+    """A name or form that still works but goes away in the next release (CHANGELOG.md says what replaces it).
+    A ``FutureWarning``: Python shows it by default, to users rather than only to developers."""
+
+
+def warn_deprecated(message: str) -> None:
+    """Warn with ``LaloraDeprecationWarning``, pointing at the first caller outside lalora (the user's line)."""
+    import os
+    import sys
+    import warnings
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    backends = os.path.join(os.path.dirname(here), "backends")
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((here + os.sep, backends + os.sep)):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, LaloraDeprecationWarning, stacklevel=level)

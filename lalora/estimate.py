@@ -1,20 +1,22 @@
 """``estimate_fit``: what a fit will cost, from a few batches, before running it (``lalora fit --dry-run``).
 
-    est = lalora.estimate.estimate_fit(model, batches, "kfac", num_batches=2, max_rank=256)
+    est = lalora.estimate.estimate_fit(model, batches, "kfac", num_batches=2, options={"max_rank": 256})
     print(est.format())
 
-- stored bytes: exact from the adapter shapes (``stored_bytes``) for ``diag``, ``kfac`` and
-  ``tri-kfac`` (with ``max_rank``: ``n k + k + n`` floats for each factor of side ``n > k``);
-  for other backends the bytes of the precision fitted on the sample batches (which for a
-  factored EF grows with the number of examples);
+- stored bytes: exact from the adapter shapes when the backend class says
+  (``CurvatureBackend.stored_bytes``: ``diag``, ``kfac``/``tri-kfac`` (with ``max_rank``: ``n k + k + n``
+  floats for each factor of side ``n > k``), ``backpack``, ``laplace``, ``block`` when every block is
+  dense); otherwise (a factored EF, which grows with the number of examples; a plugin that does not
+  say) the bytes of the precision fitted on the sample batches;
 - time: the sample fit is timed batch by batch; the estimate is the sample's wall time plus the
   remaining batches at the mean time of the sample batches after the first (the first one pays
   for warm-up); with one sample batch, at that batch's time;
-- peak memory: measured around the sample fit (``lalora.compare.memory.MemoryMeter``: CUDA
+- peak memory: measured around the sample fit (``lalora.comparison.memory.MemoryMeter``: CUDA
   allocator peak, or sampled RSS on CPU). Streaming backends (``diag``, ``kfac``, ``tri-kfac``)
   hold one batch of activations at a time, so their peak does not grow with the number of
-  batches. For the Kronecker backends the factor sums (running sums in ``sum_dtype`` + float32
-  window sums) are given separately as ``accumulator_bytes``.
+  batches. What a backend holds while fitting, when its class says
+  (``CurvatureBackend.accumulator_bytes``; the Kronecker backends: running sums in ``sum_dtype`` +
+  float32 window sums), is given separately as ``accumulator_bytes``.
 
 Nothing is written to disk.
 """
@@ -25,45 +27,21 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .adapters import find_lora_adapters
-from .blocks.factors import check_max_rank
-
-_KRONECKER = ("kfac", "tri-kfac")
+from .backend import get_backend, make_backend
 
 
-def _factor_floats(n: int, max_rank: int | None) -> int:
-    """Floats stored for one ``n x n`` Kronecker factor (dense, or low-rank k + diagonal when ``n > k``)."""
-    if max_rank is None or n <= max_rank:
-        return n * n
-    return n * max_rank + max_rank + n
-
-
-def stored_bytes(model, backend: str, options: dict | None = None, *, adapter_name=None) -> int | None:
+def stored_bytes(model, backend: str, options=None, *, adapter_name=None) -> int | None:
     """Exact bytes of the curvature tensors ``backend`` will store (``Precision.num_bytes``), from the
-    LoRA shapes alone; ``None`` for a backend whose storage is not known from shapes (float32)."""
-    options = dict(options or {})
-    adapters = find_lora_adapters(model, adapter_name)
-    if backend == "diag":
-        return 4 * sum(a.A.numel() + a.B.numel() for a in adapters)
-    if backend in _KRONECKER:
-        max_rank = options.get("max_rank")
-        if max_rank is not None:
-            check_max_rank(max_rank)
-        floats = 0
-        for a in adapters:
-            d_in, d_out = a.A.shape[1], a.B.shape[0]
-            floats += _factor_floats(d_in, max_rank) + _factor_floats(d_out, max_rank)  # the anchor is not counted
-        return 4 * floats
-    return None
+    LoRA shapes alone (the backend class's ``stored_bytes``); ``None`` when the backend cannot say."""
+    cls = get_backend(backend)
+    return cls.stored_bytes(find_lora_adapters(model, adapter_name), cls.resolve_options(options))
 
 
-def accumulator_bytes(model, backend: str, options: dict | None = None, *, adapter_name=None) -> int | None:
-    """Upper bound of the factor sums the Kronecker backends hold while fitting: the running sums
-    (``sum_dtype``: 8 or 4 bytes per factor entry) and the float32 window sums (at most 4)."""
-    if backend not in _KRONECKER:
-        return None
-    running = 4 if (options or {}).get("sum_dtype") == "float32" else 8
-    adapters = find_lora_adapters(model, adapter_name)
-    return (running + 4) * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)
+def accumulator_bytes(model, backend: str, options=None, *, adapter_name=None) -> int | None:
+    """Upper bound of the sums ``backend`` holds while fitting (the backend class's ``accumulator_bytes``;
+    the Kronecker backends: running sums in ``sum_dtype`` and float32 window sums); ``None`` if unknown."""
+    cls = get_backend(backend)
+    return cls.accumulator_bytes(find_lora_adapters(model, adapter_name), cls.resolve_options(options))
 
 
 class _TimedBatches:
@@ -126,16 +104,20 @@ class FitEstimate:
         return "\n".join(lines)
 
 
-def estimate_fit(model, data, backend: str = "diag", *, num_batches: int = 2, total_batches: int | None = None,
-                 loss="auto", adapter_name=None, **options) -> FitEstimate:
+def estimate_fit(model, data, backend: str = "diag", *, options=None, num_batches: int = 2,
+                 total_batches: int | None = None, loss="auto", adapter_name=None, **legacy_options) -> FitEstimate:
     """Fit ``backend`` on the first ``num_batches`` batches of ``data`` and extrapolate to the whole.
 
     ``total_batches``: the number of batches of the real fit (default ``len(data)``; ``None`` if
-    unknown: no time estimate). ``options`` go to the backend. Returns a ``FitEstimate``.
+    unknown: no time estimate). ``options``: the backend's options (its ``Options`` or a dict, as
+    for ``fit_precision``; as keyword arguments: deprecated). Returns a ``FitEstimate``.
     """
-    from .compare.memory import MemoryMeter
+    from .comparison.memory import MemoryMeter
     from .data import _is_single_batch
-    from .fit import fit_precision
+    from .fit import _arguments, fit_precision
+
+    instance = make_backend(backend, options, legacy_options, caller="estimate_fit", caller_args=_arguments(estimate_fit))
+    opts = instance.options
 
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
@@ -153,8 +135,7 @@ def estimate_fit(model, data, backend: str = "diag", *, num_batches: int = 2, to
     device = adapters[0].A.device
     with MemoryMeter(device) as mem:
         t0 = time.perf_counter()
-        precision = fit_precision(model, sample, backend=backend, loss=loss, progress=False, adapter_name=adapter_name,
-                                  **options)
+        precision = fit_precision(model, sample, backend=instance, loss=loss, progress=False, adapter_name=adapter_name)
         t_end = time.perf_counter()
     marks = sample.marks
     per_batch = [b - a for a, b in zip(marks[:-1], marks[1:])]
@@ -162,10 +143,11 @@ def estimate_fit(model, data, backend: str = "diag", *, num_batches: int = 2, to
     sec_per_batch = sum(steady) / len(steady)
     k = len(sample.batches)
     estimated = None if total_batches is None else (t_end - t0) + sec_per_batch * max(0, total_batches - k)
-    exact = stored_bytes(model, backend, options, adapter_name=adapter_name)
-    return FitEstimate(backend=backend, options=dict(options), num_params=precision.num_params, sample_batches=k,
+    exact = type(instance).stored_bytes(adapters, opts)
+    given = {k: v for k, v in opts.to_dict().items() if v != type(instance).default_options.get(k)}
+    return FitEstimate(backend=instance.name, options=given, num_params=precision.num_params, sample_batches=k,
                        total_batches=total_batches, sample_seconds=t_end - t0, batch_seconds=per_batch,
                        seconds_per_batch=sec_per_batch, estimated_seconds=estimated,
                        stored_bytes=precision.num_bytes if exact is None else exact, stored_bytes_exact=exact is not None,
-                       accumulator_bytes=accumulator_bytes(model, backend, options, adapter_name=adapter_name),
+                       accumulator_bytes=type(instance).accumulator_bytes(adapters, opts),
                        peak_memory_bytes=mem.peak_bytes, memory_method=mem.method, structure=precision.structure)

@@ -3,24 +3,32 @@
 Loading never executes code (safetensors + JSON only, no pickle). The header carries a
 format version, the parameter table, the block list, the user metadata and a SHA-256
 checksum over every tensor, so truncation and corruption are detected. Saving writes a
-temporary file next to the target and renames it, so an interrupted save leaves any
-previous file intact. Specification: docs/file-format.md.
+temporary file next to the target and renames it (``lalora.atomic_file``), so an interrupted
+save leaves any previous file intact. Specification: docs/file-format.md.
+
+This module knows the file's layout, not the ``Precision`` class: ``save_precision`` reads a
+precision's ``anchor``, ``blocks``, ``prior_precision`` and ``metadata``; ``read_precision``
+returns them (``PrecisionParts``), checked against the file's own header (names, shapes, dtypes,
+checksums). ``Precision.save``/``Precision.load`` build on it (``lalora.precision`` imports this
+module, never the other way), and ``Precision.load`` validates the blocks (finite, shapes, PSD
+factors) once, as the ``Precision`` is built.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .blocks import block_class
+from .atomic_file import atomic_save_file
+from .blocks import Block, block_class
 from .errors import PrecisionFileError
+from .options import curvature_name
+from .version import __version__
 
 FORMAT_NAME = "lalora.precision"
 #: 2: adds ``header_checksum``; 3: the anchor is stored once (Kronecker blocks no longer hold ``A0``/``B0``)
@@ -54,8 +62,7 @@ def _jsonable(obj):
 
 
 def save_precision(precision, path) -> None:
-    from . import __version__
-
+    """Write ``precision`` (its ``anchor``, ``blocks``, ``prior_precision``, ``metadata``) to ``path``, atomically."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     params = []
@@ -83,67 +90,6 @@ def save_precision(precision, path) -> None:
     }
     header["header_checksum"] = _header_checksum(header)
     atomic_save_file(tensors, path, {_HEADER_KEY: json.dumps(header)})
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete ``.<name>.<pid>.*.tmp`` files left by writers killed mid-save (their pid is gone)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        parts = tmp.name[len(path.name) + 2:].split(".")
-        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _pid_alive(int(parts[0])):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-
-
-def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies of tensors whose storage another entry already uses: safetensors refuses shared
-    memory (e.g. a block built from the anchor tensors themselves, ``.float()`` being a no-op)."""
-    seen, out = set(), {}
-    for key, t in tensors.items():
-        ptr = t.untyped_storage().data_ptr()
-        out[key] = t.clone() if ptr in seen and t.numel() else t
-        seen.add(ptr)
-    return out
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically: temp file ``.<name>.<pid>.*.tmp`` in the same
-    folder, fsync, ``os.replace`` over ``path``. An exception removes the temp file; a killed
-    process leaves it, and the next save to ``path`` deletes it (its pid is no longer alive)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tensors = _unaliased(tensors)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def _field(obj, key, typ, where):
@@ -218,84 +164,102 @@ def _upgrade_block(kind: str, names: list, state: dict, anchor: dict, where: str
     return kind
 
 
-def load_precision(path):
-    """Read and validate a precision file; any defect raises ``PrecisionFileError``."""
+class PrecisionParts(NamedTuple):
+    """What a precision file holds, read and checked against its header; ``Precision(*parts)`` rebuilds it."""
+
+    blocks: list[Block]
+    anchor: dict[str, torch.Tensor]
+    metadata: dict
+    prior_precision: float
+
+
+def read_precision(path) -> PrecisionParts:
+    """Read a precision file; any defect of the file raises ``PrecisionFileError``. The blocks are not
+    validated against the anchor here: ``Precision.load`` does that once, as it builds the precision."""
     try:
-        return _load_precision(path)
+        return _read_precision(path)
     except PrecisionFileError:
         raise
     except Exception as e:  # defence in depth: a malformed file never escapes as another error type
         raise PrecisionFileError(f"{path}: invalid precision file ({type(e).__name__}: {e})") from None
 
 
-def _load_precision(path):
-    from .precision import Precision
-
-    path = Path(path)
-    header = read_header(path)
-    where = str(path)
-    version = header["format_version"]
+def _read_tensors(path: Path, header: dict) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupted data
         raise PrecisionFileError(f"{path}: cannot read tensors, file truncated or corrupted ({e})") from None
-    if _checksum(tensors) != _field(header, "checksum", str, where):
+    if _checksum(tensors) != _field(header, "checksum", str, str(path)):
         raise PrecisionFileError(f"{path}: checksum mismatch, the file is corrupted")
+    return tensors
 
-    def tensor(key, field_where):
-        if not isinstance(key, str) or key not in tensors:
-            raise PrecisionFileError(f"{field_where}: tensor {key!r} is missing from the file")
-        t = tensors[key]
-        if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            raise PrecisionFileError(f"{field_where}: tensor {key!r} has dtype {t.dtype}, expected a float type")
-        if not bool(torch.isfinite(t).all()):
-            raise PrecisionFileError(f"{field_where}: tensor {key!r} contains NaN or Inf")
-        return t
 
+def _tensor(tensors: dict, key, where: str) -> torch.Tensor:
+    """The float tensor stored under ``key`` (NaN/Inf are found by the block validation, in one pass)."""
+    if not isinstance(key, str) or key not in tensors:
+        raise PrecisionFileError(f"{where}: tensor {key!r} is missing from the file")
+    t = tensors[key]
+    if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise PrecisionFileError(f"{where}: tensor {key!r} has dtype {t.dtype}, expected a float type")
+    return t
+
+
+def _read_anchor(header: dict, tensors: dict, where: str) -> dict[str, torch.Tensor]:
     anchor = {}
     for i, p in enumerate(_field(header, "params", list, where)):
         pw = f"{where}: params[{i}]"
         name = _field(p, "name", str, pw)
         shape = _field(p, "shape", list, pw)
-        t = tensor(_field(p, "anchor", str, pw), pw)
+        t = _tensor(tensors, _field(p, "anchor", str, pw), pw)
         if list(t.shape) != shape:
             raise PrecisionFileError(f"{pw} ({name!r}): anchor shape {list(t.shape)} != declared {shape}")
         if name in anchor:
             raise PrecisionFileError(f"{pw}: duplicate parameter {name!r}")
         anchor[name] = t
-    blocks = []
-    for i, b in enumerate(_field(header, "blocks", list, where)):
-        bw = f"{where}: blocks[{i}]"
-        kind = _field(b, "kind", str, bw)
-        names = _field(b, "params", list, bw)
-        for n in names:
-            if not isinstance(n, str):
-                raise PrecisionFileError(f"{bw}: parameter names must be strings, got {type(n).__name__}")
-            if n not in anchor:
-                raise PrecisionFileError(f"{bw}: unknown parameter {n!r}")
-        keys = _field(b, "tensors", dict, bw)
-        config = _field(b, "config", dict, bw)
-        state = {r: tensor(k, f"{bw}.{r}") for r, k in keys.items()}
-        if version < 3:
-            kind = _upgrade_block(kind, names, state, anchor, bw)
-        try:
-            cls = block_class(kind)
-        except KeyError as e:
-            raise PrecisionFileError(f"{bw}: {e.args[0]}") from None
-        try:
-            blocks.append(cls.from_state(tuple(names), state, config))
-        except PrecisionFileError:
-            raise
-        except Exception as e:
-            raise PrecisionFileError(f"{bw} ({kind}): invalid block ({type(e).__name__}: {e})") from None
+    return anchor
+
+
+def _read_block(b, i: int, tensors: dict, anchor: dict, version: int, where: str) -> Block:
+    bw = f"{where}: blocks[{i}]"
+    kind = _field(b, "kind", str, bw)
+    names = _field(b, "params", list, bw)
+    for n in names:
+        if not isinstance(n, str):
+            raise PrecisionFileError(f"{bw}: parameter names must be strings, got {type(n).__name__}")
+        if n not in anchor:
+            raise PrecisionFileError(f"{bw}: unknown parameter {n!r}")
+    keys = _field(b, "tensors", dict, bw)
+    config = _field(b, "config", dict, bw)
+    state = {r: _tensor(tensors, k, f"{bw}.{r}") for r, k in keys.items()}
+    if version < 3:
+        kind = _upgrade_block(kind, names, state, anchor, bw)
+    try:
+        cls = block_class(kind)
+    except KeyError as e:
+        raise PrecisionFileError(f"{bw}: {e.args[0]}") from None
+    try:
+        return cls.from_state(tuple(names), state, config)
+    except PrecisionFileError:
+        raise
+    except Exception as e:
+        raise PrecisionFileError(f"{bw} ({kind}): invalid block ({type(e).__name__}: {e})") from None
+
+
+def _read_precision(path) -> PrecisionParts:
+    path = Path(path)
+    header = read_header(path)
+    where = str(path)
+    tensors = _read_tensors(path, header)
+    anchor = _read_anchor(header, tensors, where)
+    blocks = [_read_block(b, i, tensors, anchor, header["format_version"], where)
+              for i, b in enumerate(_field(header, "blocks", list, where))]
     prior = header.get("prior_precision", 0.0)
     if not isinstance(prior, (int, float)) or isinstance(prior, bool) or not (prior >= 0) or prior == float("inf"):
         raise PrecisionFileError(f"{where}: field 'prior_precision' must be a finite number >= 0, got {prior!r}")
     metadata = header.get("metadata", {})
     if not isinstance(metadata, dict):
         raise PrecisionFileError(f"{where}: field 'metadata' must be an object")
-    try:
-        return Precision(blocks, anchor, metadata=metadata, prior_precision=float(prior))
-    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
-        raise PrecisionFileError(f"{where}: {e}") from None
+    if isinstance(metadata.get("curvature"), str):  # lalora 0.1 wrote empirical_fisher / mc_fisher
+        metadata = {**metadata, "curvature": curvature_name(metadata["curvature"])}
+    return PrecisionParts(blocks, anchor, metadata, float(prior))

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from .adapters import base_model_of, find_lora_adapters, lora_config_summary, lora_parameters, lora_state
-from .backend import CurvatureBackend, FitContext, _distributed, get_backend
+from .backend import CurvatureBackend, FitContext, _distributed, make_backend
 from .coverage import check_coverage, check_uncovered_mode
-from .data import BatchStream, _hash_update, _is_single_batch
+from .data import BatchStream, _hash_update, _is_single_batch, source_metadata
 from .errors import BackendError, DataError
 from .losses import resolve_loss
+from .options import curvature_name
 from .precision import Precision
 from .validation import config_hash
 
@@ -159,8 +160,14 @@ def _tokenizer_info(tokenizer, vocab_size: int | None) -> dict | None:
     return {"name": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__, "size": size}
 
 
-def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "diag", *, loss="auto", progress: bool = True,
-                  adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
+def _arguments(fn) -> list[str]:
+    import inspect
+
+    return [p for p, v in inspect.signature(fn).parameters.items() if v.kind == v.KEYWORD_ONLY and not p.startswith("_")]
+
+
+def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "diag", *, options=None, loss="auto",
+                  progress: bool = True, adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
                   shard: str | bool = "auto", skip_nonfinite: bool = False, checkpoint_dir=None,
                   checkpoint_every: int = 100, tokenizer=None, uncovered: str = "warn", source: dict | None = None,
                   _caller: str = "fit_precision", **backend_options) -> Precision:
@@ -168,9 +175,12 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
 
     ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``).
     ``loss``: "auto", "causal_lm", "classification", "mse" or ``fn(output, batch) -> (N,)``.
-    ``backend``: a registered name (``lalora.list_backends()``) or a backend instance;
-    ``backend_options`` go to the backend. Returns the mean over examples of the per-example
-    curvature of each example's summed loss, anchored at the current LoRA weights.
+    ``backend``: a registered name (``lalora.list_backends()``) or a backend instance.
+    ``options``: the backend's options, as its ``Options`` dataclass (``KFACOptions(curvature="mc")``;
+    ``lalora.get_backend(name).Options``) or a dict (``{"curvature": "mc"}``); ``lalora backends`` lists
+    them. (Backend options as keyword arguments of ``fit_precision`` still work, with a deprecation
+    warning.) Returns the mean over examples of the per-example curvature of each example's summed
+    loss, anchored at the current LoRA weights.
 
     Under ``torch.distributed`` (``shard``): ``"auto"``/``True`` means every rank passes the same
     ``data`` and takes batches ``rank, rank + world_size, ...`` (``"auto"`` leaves a DataLoader with
@@ -197,22 +207,11 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     ``source``: where the source data came from (a JSON-able dict, e.g. ``SurrogateSource.provenance`` of
     ``lalora.surrogate.generate_source``), stored as ``metadata["source"]``.
     """
-    if isinstance(backend, CurvatureBackend):
-        if backend_options:
-            raise BackendError("pass backend options to the backend instance, not to fit_precision")
-        instance = backend
-    else:
-        instance = get_backend(backend)(**backend_options)
+    instance = make_backend(backend, options, backend_options, caller="fit_precision", caller_args=_arguments(fit_precision))
     if prior_precision < 0:
         raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
     check_uncovered_mode(uncovered, _caller)
-    if source is not None:
-        try:
-            source = json.loads(json.dumps(source, allow_nan=False))
-        except (TypeError, ValueError) as e:
-            raise DataError(f"{_caller}(source=...) must be a JSON-able dict: {e}") from None
-        if not isinstance(source, dict):
-            raise DataError(f"{_caller}(source=...) must be a dict, got {type(source).__name__}")
+    source = source_metadata(source, _caller)
     if skip_nonfinite and not instance.supports_skip_nonfinite:
         raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
                            "(it does not handle skipped batches); drop the option")
@@ -233,7 +232,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     if checkpoint_dir is not None:
         from .checkpoint import Checkpointer, _anchor_hash
 
-        identity = {"backend": instance.name, "backend_options": json.loads(json.dumps(instance.options, default=str)),
+        identity = {"backend": instance.name, "backend_options": json.loads(json.dumps(instance.options.to_dict(), default=str)),
                     "config_hash": config_hash(model), "anchor": _anchor_hash(anchor),
                     "loss": loss if isinstance(loss, str) else getattr(loss, "__qualname__", type(loss).__name__),
                     "max_batches": max_batches, "skip_nonfinite": bool(skip_nonfinite)}
@@ -257,12 +256,12 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         robustness["tokenizer"] = tokenizer_info
     if checkpointer is not None:
         robustness["resumed_from_batch"] = checkpointer.resumed_from
-    from . import __version__
+    from .version import __version__
 
     metadata = {
         "backend": instance.name,
-        "backend_options": instance.options,
-        "curvature": instance.curvature_kind(),
+        "backend_options": instance.options.to_dict(),
+        "curvature": curvature_name(instance.curvature_kind()),
         "loss": stream.loss.name if stream.loss is not None else None,
         "num_examples": counts["num_examples"],
         "num_tokens": counts["num_tokens"],

@@ -1,5 +1,8 @@
 """Losses in the form backends need: per-example summed losses and the labelled outputs.
 
+The one loss path (docs/concepts.md#one-reference): every backend, ``lalora.comparison`` and the benchmark's
+training loss compute losses, output gradients and output Hessians here; ``lalora.reference`` does not.
+
 Convention (DESIGN.md section 2): example n's loss ``l_n`` is the *sum* over its labelled
 tokens; labels ``-100`` and attention-mask padding are excluded (causal LMs: a target also needs a
 real input position before it, ``CausalLMLoss``). Every loss gives
@@ -8,74 +11,28 @@ real input position before it, ``CausalLMLoss``). Every loss gives
   ``(M, C)``, their targets ``(M,)`` (or ``(M, C)`` for MSE) and the example index ``(M,)``;
 - ``per_example(output, batch)``: ``(N,)`` tensor of ``l_n``;
 - ``output_rows(output, batch)``: all output rows ``(R, C)`` as a view and the mask of labelled rows;
-- ``row_targets(output, batch)`` (categorical losses): the ``(R,)`` class targets of those rows,
-  ``-100`` where a row has none.
-``likelihood`` tells MC-Fisher backends how to sample labels ("categorical", "gaussian").
+- ``row_targets(output, batch)`` (categorical): the ``(R,)`` class targets of those rows (``-100``: none);
+  ``with_row_targets(batch, targets)``: the batch with other targets for the same rows (MC labels);
+- its ``likelihood``'s ("categorical", "gaussian") curvature building blocks: ``output_hessian`` (``H``
+  per labelled row), ``hessian_sandwich`` (``sum_m J_m^T H_m J_m``, ``H`` not formed),
+  ``hessian_sqrt_column`` (``H = sum_c s_c s_c^T``), ``row_gradient`` (``softmax(z) - onehot(y)``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .batch import Batch, batch_size, call_model, model_outputs, split_raw
 from .errors import DataError
 
+__all__ = ["Batch", "CallableLoss", "CausalLMLoss", "ClassificationLoss", "IGNORE_INDEX", "LossFunction", "MSELoss",
+           "call_model", "infer_loss", "model_outputs", "resolve_loss"]
+
 IGNORE_INDEX = -100
-
-
-@dataclass
-class Batch:
-    """A prepared batch: ``inputs`` are passed to the model, ``labels`` feed the loss."""
-
-    inputs: dict | tuple
-    labels: Tensor | None
-    raw: Any
-    size: int  # N, examples in the batch (including ones with no labelled token)
-    extra: dict = field(default_factory=dict)
-
-
-def model_outputs(output) -> Tensor:
-    """Logits (or predictions) from a model's return value (HF ModelOutput, tuple or tensor)."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is not None:
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    raise DataError(f"cannot find logits in the model output of type {type(output).__name__}")
-
-
-def call_model(model, batch: Batch) -> Tensor:
-    out = model(**batch.inputs) if isinstance(batch.inputs, dict) else model(*batch.inputs)
-    return model_outputs(out)
-
-
-def _split_raw(raw):
-    """(inputs, labels) of a raw batch: dict (HF), (x, y) tuple, or a tensor of input ids."""
-    if isinstance(raw, dict) or hasattr(raw, "keys"):
-        raw = dict(raw)
-        if "input_ids" not in raw and "inputs_embeds" not in raw:
-            raise DataError(f"batch dict has no 'input_ids' (keys: {sorted(raw)})")
-        labels = raw.pop("labels", None)
-        return raw, labels
-    if isinstance(raw, (tuple, list)):
-        if len(raw) != 2:
-            raise DataError(f"tuple batches must be (inputs, targets), got {len(raw)} elements")
-        return (raw[0],), raw[1]
-    if isinstance(raw, Tensor):
-        return (raw,), None
-    raise DataError(f"unsupported batch type {type(raw).__name__}: use dicts (tokenizer output), (x, y) tuples or tensors")
-
-
-def _batch_size(inputs) -> int:
-    first = inputs.get("input_ids", inputs.get("inputs_embeds")) if isinstance(inputs, dict) else inputs[0]
-    return int(first.shape[0])
 
 
 class LossFunction:
@@ -83,8 +40,8 @@ class LossFunction:
     name = "loss"
 
     def prepare(self, raw) -> Batch:
-        inputs, labels = _split_raw(raw)
-        return Batch(inputs, labels, raw, _batch_size(inputs))
+        inputs, labels = split_raw(raw)
+        return Batch(inputs, labels, raw, batch_size(inputs))
 
     def outputs_and_targets(self, output: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError(f"loss {self.name!r} does not expose per-position outputs")
@@ -102,9 +59,65 @@ class LossFunction:
         """``(R,)`` class targets of ``output_rows`` (``-100``: no target); categorical losses only."""
         raise NotImplementedError(f"loss {self.name!r} has no class targets per output row")
 
+    def with_row_targets(self, batch: Batch, targets: Tensor) -> Batch:
+        """``batch`` with ``targets`` for the labelled rows of ``output_rows`` (class indices ``(R,)``, or
+        ``(R, C)`` values for MSE) and no target elsewhere: MC labels go through ``per_example`` this way."""
+        raise NotImplementedError(f"loss {self.name!r} cannot take other targets")
+
     def labelled_counts(self, batch: Batch) -> Tensor:
         """``(N,)`` number of labelled positions per example (0 = example has no loss)."""
         return torch.ones(batch.size, dtype=torch.long)
+
+    # --- curvature building blocks of the likelihood -----------------------------------------------
+    def output_hessian(self, z: Tensor) -> Tensor:
+        """``(M, C, C)`` float64: per output row ``z`` (M, C) the Hessian of its loss w.r.t. the row (it does not
+        depend on the target): softmax cross-entropy ``diag(p) - p p^T``, ``|f - y|^2`` ``2 I``."""
+        z = z.detach().double()
+        if self.likelihood == "categorical":
+            p = torch.softmax(z, -1)
+            return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        if self.likelihood == "gaussian":
+            return 2.0 * torch.eye(z.shape[-1], dtype=torch.float64, device=z.device).expand(z.shape[0], -1, -1)
+        raise NotImplementedError(f"loss {self.name!r} has no known output Hessian (categorical/gaussian only)")
+
+    def hessian_sandwich(self, jac: Tensor, z: Tensor) -> Tensor:
+        """``(n, n)`` float64 ``sum_m J_m^T H_m J_m`` for the Jacobians ``jac`` (M, C, n) of output rows ``z``
+        (M, C), without forming ``H``: categorical ``J^T diag(p) J - (J^T p)(J^T p)^T`` per row, gaussian
+        ``2 J^T J``."""
+        jac = jac.double()
+        if self.likelihood == "categorical":
+            p = torch.softmax(z.detach().double(), -1)
+            jp = torch.einsum("mcn,mc->mn", jac, p)
+            return torch.einsum("mcn,mc,mck->nk", jac, p, jac) - jp.T @ jp
+        if self.likelihood == "gaussian":
+            return 2.0 * torch.einsum("mcn,mck->nk", jac, jac)
+        raise NotImplementedError(f"loss {self.name!r} has no known output Hessian (categorical/gaussian only)")
+
+    def hessian_sqrt_column(self, z: Tensor, c: int, probs: Tensor | None = None) -> Tensor:
+        """``(M, C)``: column ``c`` of a square root of ``output_hessian`` per row (``H = sum_c s_c s_c^T``):
+        categorical ``sqrt(p_c) (e_c - p)`` (``p`` = ``probs``, the rows' softmax, if given), gaussian
+        ``sqrt(2) e_c``; ``z``'s dtype."""
+        if self.likelihood == "categorical":
+            p = torch.softmax(z.detach(), -1) if probs is None else probs
+            e = torch.zeros_like(p)
+            e[:, c] = 1
+            return p[:, c:c + 1].sqrt() * (e - p)
+        if self.likelihood == "gaussian":
+            v = torch.zeros_like(z)
+            v[:, c] = 2.0 ** 0.5
+            return v
+        raise NotImplementedError(f"loss {self.name!r} has no known output Hessian")
+
+    def row_gradient(self, probs: Tensor, targets: Tensor, keep: Tensor, overwrite: bool = False) -> Tensor:
+        """``(R, C)`` gradient of the summed loss w.r.t. the rows of ``output_rows`` for class ``targets``
+        ``(R,)``: ``probs - onehot(targets)`` (``probs`` = the rows' softmax), zero on rows where ``keep`` is
+        False. ``overwrite``: write into ``probs`` (saves one (R, C) tensor). Categorical likelihoods only."""
+        if self.likelihood != "categorical":
+            raise NotImplementedError(f"loss {self.name!r} has no class targets per output row")
+        v = probs if overwrite else probs.clone()
+        v[torch.arange(v.shape[0], device=v.device), targets.clamp_min(0)] -= 1
+        v[(~keep).nonzero().squeeze(1)] = 0
+        return v
 
 
 class CausalLMLoss(LossFunction):
@@ -123,7 +136,7 @@ class CausalLMLoss(LossFunction):
     name = "causal_lm"
 
     def prepare(self, raw) -> Batch:
-        inputs, labels = _split_raw(raw)
+        inputs, labels = split_raw(raw)
         ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs[0]
         if labels is None:
             if ids is None:
@@ -145,12 +158,17 @@ class CausalLMLoss(LossFunction):
     def labelled_counts(self, batch):
         return (self._targets(batch) != IGNORE_INDEX).sum(1).cpu()
 
-    def outputs_and_targets(self, output, batch):
-        logits = output[:, :-1]
-        targets = self._targets(batch).to(logits.device)
+    def labelled_targets(self, batch, device=None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mask, targets, index)``: the ``(N, T-1)`` mask of positions with a target, their ``(M,)`` targets
+        and example indices, in the order of ``outputs_and_targets``."""
+        targets = self._targets(batch).to(device)
         mask = targets != IGNORE_INDEX
-        index = torch.arange(targets.shape[0], device=logits.device)[:, None].expand_as(targets)
-        return logits[mask], targets[mask], index[mask]
+        index = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
+        return mask, targets[mask], index[mask]
+
+    def outputs_and_targets(self, output, batch):
+        mask, targets, index = self.labelled_targets(batch, output.device)
+        return output[:, :-1][mask], targets, index
 
     def output_rows(self, output, batch):
         n, t = output.shape[0], output.shape[1]
@@ -160,14 +178,29 @@ class CausalLMLoss(LossFunction):
         # position t predicts token t+1; the last position of each row has no target
         return F.pad(self._targets(batch).to(output.device), (0, 1), value=IGNORE_INDEX).reshape(-1)
 
+    def with_row_targets(self, batch, targets):
+        n = batch.size
+        old = self._targets(batch).to(targets.device)
+        labels = torch.full(batch.labels.shape, IGNORE_INDEX, dtype=torch.long, device=targets.device)
+        labels[:, 1:] = torch.where(old != IGNORE_INDEX, targets.view(n, -1)[:, :-1], IGNORE_INDEX)
+        return replace(batch, labels=labels)
+
     def per_example(self, output, batch):
         # All (N*T, V) rows in place, unlabelled ones ignored (target -100 gives loss 0 and gradient 0):
         # gathering the labelled rows first copies the logits and scatters them back in the backward
         # pass, which doubled the loss's cost on large vocabularies (benchmarks/README.md).
         n, t = output.shape[0], output.shape[1]
-        targets = F.pad(self._targets(batch).to(output.device), (0, 1), value=IGNORE_INDEX)
-        losses = F.cross_entropy(output.float().reshape(n * t, -1), targets.reshape(-1), reduction="none")
+        losses = F.cross_entropy(output.float().reshape(n * t, -1), self.row_targets(output, batch), reduction="none")
         return losses.view(n, t).sum(1)
+
+    def per_example_from_hidden(self, hidden: Tensor, head, batch: Batch) -> Tensor:
+        """``per_example`` of the logits ``head(hidden)`` (``hidden`` (N, T, d): the last hidden states,
+        ``head``: the output layer), with ``head`` applied to the positions with a target only: exact where
+        the model's logits are ``head(hidden)`` row by row, and cheaper when many positions are unlabelled
+        (prompts) and the vocabulary is large (the benchmark's training loss)."""
+        mask, targets, index = self.labelled_targets(batch, hidden.device)
+        losses = F.cross_entropy(head(hidden[:, :-1][mask]).float(), targets, reduction="none")
+        return torch.zeros(batch.size, device=hidden.device, dtype=losses.dtype).index_add(0, index, losses)
 
 
 class ClassificationLoss(LossFunction):
@@ -191,6 +224,10 @@ class ClassificationLoss(LossFunction):
     def row_targets(self, output, batch):
         return batch.labels.to(output.device)
 
+    def with_row_targets(self, batch, targets):
+        old = batch.labels.to(targets.device)
+        return replace(batch, labels=torch.where(old != IGNORE_INDEX, targets, IGNORE_INDEX))
+
     def per_example(self, output, batch):
         out, tgt, idx = self.outputs_and_targets(output, batch)
         losses = F.cross_entropy(out.float(), tgt, reduction="none")
@@ -206,6 +243,9 @@ class MSELoss(LossFunction):
     def outputs_and_targets(self, output, batch):
         n = batch.size
         return output.reshape(n, -1), batch.labels.reshape(n, -1).to(output), torch.arange(n, device=output.device)
+
+    def with_row_targets(self, batch, targets):
+        return replace(batch, labels=targets.reshape(batch.labels.shape))
 
     def per_example(self, output, batch):
         out, tgt, _ = self.outputs_and_targets(output, batch)
@@ -234,7 +274,7 @@ _NAMED = {"causal_lm": CausalLMLoss, "classification": ClassificationLoss, "mse"
 def infer_loss(raw) -> LossFunction:
     """The loss ``loss="auto"`` picks for a batch: dicts -> causal LM (classification if labels are 1-D),
     tensors -> causal LM, ``(x, y)`` -> classification for integer ``y`` of shape (N,), else MSE."""
-    inputs, labels = _split_raw(raw)
+    inputs, labels = split_raw(raw)
     if isinstance(inputs, dict):
         return ClassificationLoss() if labels is not None and labels.dim() == 1 else CausalLMLoss()
     if labels is None:

@@ -4,10 +4,18 @@ Conventions (docs/concepts.md): ``F`` is the mean over examples of the curvature
 example's summed loss; weights are flattened row-major; ``to_dense()`` orders parameters
 as ``param_names``. The penalty a regularizer derives from it is
 ``(strength/2) * [d^T F d + prior_precision * |d|^2]`` with ``d = theta - anchor``.
+
+Where it sits: ``Precision`` builds on ``lalora.blocks`` (the terms), ``lalora.fileformat`` (the
+file layout: ``save``/``load``) and ``lalora.validation`` (``load(model=...)`` matches the file to a
+model); none of them imports this module. Data is validated where it enters: ``Precision(...)``
+built by a backend (``fit_precision``), a user or ``load`` checks every block once; precisions
+derived from a valid one (``+``, ``*``, ``with_anchor``, ``to``, a restriction to the parameters a
+model has) skip the repeated check (``validate=False``).
 """
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Mapping
 
 import torch
@@ -15,6 +23,9 @@ from torch import Tensor
 
 from .blocks import Block
 from .blocks.base import all_finite
+from .errors import PrecisionFileError
+from .fileformat import read_precision, save_precision
+from .validation import match_to_model
 
 
 class Precision:
@@ -166,8 +177,6 @@ class Precision:
     # --- I/O ---------------------------------------------------------------------
     def save(self, path) -> None:
         """Write one safetensors file (atomic: temp file + rename). See docs/file-format.md."""
-        from .fileformat import save_precision
-
         save_precision(self, path)
 
     @classmethod
@@ -175,31 +184,37 @@ class Precision:
         """Read a precision file; with ``model``, validate names/shapes/base model against it.
 
         ``strict=False`` keeps the blocks whose parameters match and records the rest in
-        ``metadata["skipped_params"]`` instead of raising.
+        ``metadata["skipped_params"]`` instead of raising. Any defect of the file, including a block
+        that does not fit the anchor, raises ``PrecisionFileError`` naming the file.
         """
-        from .fileformat import load_precision
-        from .validation import match_to_model
-
-        precision = load_precision(path)
+        blocks, anchor, metadata, prior = read_precision(path)
+        try:
+            precision = cls(blocks, anchor, metadata=metadata, prior_precision=prior)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+            raise PrecisionFileError(f"{path}: {e}") from None
+        except Exception as e:  # defence in depth: a malformed file never escapes as another error type
+            raise PrecisionFileError(f"{path}: invalid precision file ({type(e).__name__}: {e})") from None
         if model is not None:
             precision = match_to_model(precision, model, strict=strict, adapter_name=adapter_name)
         return precision
 
-    # --- laplace-torch interop (imported lazily) ----------------------------------
+    # --- laplace-torch interop: deprecated, the conversions live in the laplace backend ----
     @classmethod
     def from_laplace(cls, la, model, *, adapter_name=None) -> "Precision":
-        """From a fitted laplace-torch object over ``model``'s LoRA weights (its sum ``H`` / ``n_data``)."""
-        from lalora.backends.laplace_torch import precision_from_laplace
+        """Deprecated: use ``lalora.backends.laplace_torch.precision_from_laplace(la, model)``.
 
-        return precision_from_laplace(la, model, adapter_name=adapter_name)
+        From a fitted laplace-torch object over ``model``'s LoRA weights (its sum ``H`` / ``n_data``)."""
+        return _laplace_backend("from_laplace", "precision_from_laplace(la, model)").from_laplace(
+            la, model, adapter_name=adapter_name)
 
     def to_laplace(self, model, likelihood: str = "classification", *, prior_precision=None, num_examples=None,
                    adapter_name=None):
-        """A fitted laplace-torch object (``H = N F``) for predictive uncertainty; see docs/block-backpack-laplace.md."""
-        from lalora.backends.laplace_torch import precision_to_laplace
+        """Deprecated: use ``lalora.backends.laplace_torch.precision_to_laplace(precision, model)``.
 
-        return precision_to_laplace(self, model, likelihood, prior_precision=prior_precision,
-                                    num_examples=num_examples, adapter_name=adapter_name)
+        A fitted laplace-torch object (``H = N F``) for predictive uncertainty; see docs/block-backpack-laplace.md."""
+        return _laplace_backend("to_laplace", "precision_to_laplace(precision, model)").to_laplace(
+            self, model, likelihood, prior_precision=prior_precision, num_examples=num_examples,
+            adapter_name=adapter_name)
 
     # --- reporting ---------------------------------------------------------------
     def summary(self) -> str:
@@ -226,3 +241,13 @@ class Precision:
         for n in self.param_names:
             if n not in delta:
                 raise KeyError(f"delta has no entry for parameter {n!r}")
+
+
+def _laplace_backend(method: str, replacement: str):
+    """The ``laplace`` backend's class, reached through the registry (the core imports no backend), after a
+    ``DeprecationWarning`` that ``Precision.<method>`` moved there."""
+    from .backend import get_backend
+
+    warnings.warn(f"Precision.{method} is deprecated: use lalora.backends.laplace_torch.{replacement}",
+                  DeprecationWarning, stacklevel=3)
+    return get_backend("laplace")

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from .adapters import find_lora_adapters, lora_parameters
 from .anchor_check import anchor_mismatch_message, fitted_adapters
 from .coverage import check_coverage, check_trainable, check_uncovered_mode
-from .errors import AnchorMismatchError, BackendError
+from .errors import AnchorMismatchError, BackendError, ModelMismatchError
 from .penalty import GroupedPrecision, linearized_quadratic
 from .precision import Precision
+from .sharding import FSDP1_REFUSAL, copy_full_, full_value, gathered, sharding_of
 from .validation import match_to_model
 
 FORMS = ("linearized", "effective-weight")
@@ -50,6 +51,12 @@ class LaLoRARegularizer(nn.Module):
 
     Devices: the curvature is moved to the LoRA weights' device when the regularizer is built;
     after ``model.to(device)``, call ``reg.to(device)`` too (it is not a submodule of the model).
+
+    Sharded LoRA weights (``lalora.sharding``, docs/training.md#sharded-training): under FSDP2 the weights
+    are DTensors and ``reg()`` gathers them differentiably (every rank must call it); under DeepSpeed
+    ZeRO-3 ``reg()`` gathers them with ``GatheredParameters`` and must be added to the loss that
+    ``engine.backward`` receives. FSDP1 is refused. After a wrapper replaces the Parameter objects
+    (``fully_shard``, ``deepspeed.initialize``), call ``reg.rebind(model)``.
     """
 
     def __init__(self, model: nn.Module, precision: Precision, strength: float, *, prior_precision: float | None = None,
@@ -65,9 +72,12 @@ class LaLoRARegularizer(nn.Module):
             raise ValueError(f"strength must be a finite number >= 0, got {strength}")
         check_uncovered_mode(uncovered, _caller)
         self._caller = _caller
-        precision = match_to_model(precision, model, strict=True, adapter_name=adapter_name)
+        self._adapter_name = adapter_name
         adapters = find_lora_adapters(model, adapter_name)
         params = lora_parameters(adapters)
+        self._params = params
+        self._check_sharding()  # before the shapes are compared: FSDP1 flattens them
+        precision = match_to_model(precision, model, strict=True, adapter_name=adapter_name)
         self._params = {n: params[n] for n in precision.param_names}
         self._adapters_in_use = sorted({a.adapter_name for a in adapters})
         self._active_adapters = _active_adapters(model)
@@ -107,24 +117,43 @@ class LaLoRARegularizer(nn.Module):
         self._set_grouped(self._grouped.rebuilt(self._buffers))
         return self
 
+    # --- sharded parameters --------------------------------------------------------------
+    def _check_sharding(self) -> None:
+        self.sharding = sharding_of(self._params.values())
+        if self.sharding == "fsdp1":
+            raise NotImplementedError(f"{self._caller}: {FSDP1_REFUSAL}")
+
+    def rebind(self, model: nn.Module) -> None:
+        """Resolve the LoRA Parameters again on ``model`` (same names and shapes), after a wrapper such as
+        FSDP2's ``fully_shard`` or ``deepspeed.initialize`` replaced them; the curvature is kept."""
+        params = lora_parameters(find_lora_adapters(model, self._adapter_name))
+        missing = [n for n in self._params if n not in params]
+        if missing:
+            raise ModelMismatchError(f"{self._caller}: the model has no LoRA weight {missing[0]!r} any more")
+        self._params = {n: params[n] for n in self._params}
+        self._check_sharding()
+
     # --- anchor ------------------------------------------------------------------------
     @torch.no_grad()
-    def check_anchor(self) -> None:
+    def check_anchor(self, *, context: str | None = None) -> None:
         """Raise ``AnchorMismatchError`` naming the first LoRA weight not at theta0, the adapters
-        involved, and what to do (in the caller's vocabulary: regularizer or Trainer arguments)."""
+        involved, and what to do (in the caller's vocabulary: regularizer or Trainer arguments).
+        ``context``: why the weights may differ, for the advice (``lalora.anchor_check.CONTEXTS``)."""
         anchor = self.precision.anchor
-        current = {n: p.detach().to(anchor[n]) for n, p in self._params.items()}
+        with gathered(self._params.values()):
+            current = {n: full_value(p.detach(), anchor[n].dtype).to(anchor[n].device) for n, p in self._params.items()}
         if all(torch.equal(current[n], anchor[n]) for n in current):
             return
         raise AnchorMismatchError(anchor_mismatch_message(
             current, anchor, caller=self._caller, fitted=fitted_adapters(self.precision.metadata),
-            in_use=self._adapters_in_use, active=self._active_adapters))
+            in_use=self._adapters_in_use, active=self._active_adapters, context=context))
 
     @torch.no_grad()
     def reset_to_anchor(self) -> None:
-        """Copy theta0 into the model's LoRA weights."""
-        for n, p in self._params.items():
-            p.copy_(self.precision.anchor[n].to(p.dtype))
+        """Copy theta0 into the model's LoRA weights (on every rank when they are sharded)."""
+        with gathered(self._params.values(), modify=True):
+            for n, p in self._params.items():
+                copy_full_(p, self.precision.anchor[n].to(p.device))
 
     # --- penalty -----------------------------------------------------------------------
     def _check_device(self) -> None:
@@ -136,27 +165,33 @@ class LaLoRARegularizer(nn.Module):
                                "submodule of the model, so model.to() does not move it)")
 
     def _theta(self) -> dict[str, Tensor]:
-        """The LoRA weights in the curvature's dtype (float32 unless ``reg.to(dtype)`` changed it)."""
+        """The full LoRA weights in the curvature's dtype (float32 unless ``reg.to(dtype)`` changed it),
+        differentiable w.r.t. the model's (possibly sharded) parameters."""
         anchor = self.precision.anchor
-        return {n: p.to(anchor[n].dtype) for n, p in self._params.items()}
+        with gathered(self._params.values()):
+            return {n: full_value(p, anchor[n].dtype) for n, p in self._params.items()}
 
     def delta(self) -> dict[str, Tensor]:
         anchor = self.precision.anchor
         return {n: t - anchor[n] for n, t in self._theta().items()}
 
-    def curvature_term(self, delta: dict[str, Tensor] | None = None) -> Tensor:
+    def curvature_term(self, delta: dict[str, Tensor] | None = None, *,
+                       theta: dict[str, Tensor] | None = None) -> Tensor:
         """``d^T P d`` (linearized) or the effective-weight form, without prior and strength.
 
         The gradient is computed in closed form (``lalora.penalty``: ``2 P d``, one read of each
-        curvature factor per step); ``delta`` (from ``self.delta()``) saves recomputing it."""
+        curvature factor per step); ``delta`` (from ``self.delta()``) or ``theta`` (from ``self._theta()``)
+        saves recomputing (and, for sharded weights, re-gathering) them."""
         if self.form == "effective-weight":
-            return self._grouped.effective_weight(self._theta())
+            return self._grouped.effective_weight(self._theta() if theta is None else theta)
         return linearized_quadratic(self._grouped, self.delta() if delta is None else delta)
 
     def forward(self) -> Tensor:
         self._check_device()
-        delta = self.delta()
-        q = self.curvature_term(delta)
+        anchor = self.precision.anchor
+        theta = self._theta()  # gathered once when the weights are sharded
+        delta = {n: t - anchor[n] for n, t in theta.items()}
+        q = self.curvature_term(delta, theta=theta)
         if self.prior_precision:
             q = q + self.prior_precision * sum(d.square().sum() for d in delta.values())
         return 0.5 * self.strength * q

@@ -1,4 +1,8 @@
-"""Check a precision against a model: parameter names, shapes, base model config."""
+"""Check a precision against a model: parameter names, shapes, base model config; and
+``clip_negative_eigenvalues`` for backends whose dense curvature carries round-off.
+
+Works on any precision-like object (``anchor``, ``blocks``, ``shapes``, ``metadata``): ``lalora.precision``
+imports this module (``Precision.load(path, model)``), never the other way."""
 from __future__ import annotations
 
 import hashlib
@@ -48,12 +52,33 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None, 
     first problem; ``strict=False`` keeps the blocks whose parameters all match, warns, and
     records ``skipped_params``, ``unconstrained_params`` and ``mismatch_problems`` in the metadata.
     """
-    from .precision import Precision
-
     adapters = find_lora_adapters(model, adapter_name)
     shapes = lora_param_shapes(adapters)
-    problems: list[str] = []
-    meta = precision.metadata
+    model_level = _model_problems(precision.metadata, model, tokenizer)
+    problems = list(model_level)
+    bad = _param_problems(precision, adapters, shapes, problems)
+    if not problems:
+        return precision
+    if strict:
+        # strict=False drops mismatched parameters; it cannot make a precision of another base model or
+        # tokenizer fit (the regularizer refuses it again), so it is suggested only for parameter problems
+        hint = ("; pass strict=False to keep what matches" if not model_level
+                else "; refit the precision on this model (strict=False cannot make a precision fitted on another "
+                     "base model or tokenizer fit it)")
+        raise ModelMismatchError(f"precision does not match the model: {problems[0]}"
+                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") + hint)
+    restricted = _without(precision, bad)
+    unconstrained = [n for n in shapes if n not in restricted.anchor]
+    skipped = sorted(set(precision.param_names) - set(restricted.param_names))
+    restricted.metadata.update(skipped_params=skipped, unconstrained_params=unconstrained, mismatch_problems=problems)
+    warnings.warn(f"lalora: precision applied partially: {len(skipped)} precision parameters skipped, "
+                  f"{len(unconstrained)} model LoRA weights unconstrained ({problems[0]})", stacklevel=3)
+    return restricted
+
+
+def _model_problems(meta: dict, model, tokenizer) -> list[str]:
+    """What differs between the model (and ``tokenizer``) and the one the precision was fitted on."""
+    problems = []
     want_vocab, have_vocab = meta.get("vocab_size"), _vocab_size(model)
     if isinstance(want_vocab, int) and have_vocab is not None and want_vocab != have_vocab:
         problems.append(f"the model embeds {have_vocab} tokens, the precision was fitted with {want_vocab} "
@@ -68,6 +93,13 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None, 
         if fitted_tok.get("size") != len(tokenizer) or fitted_tok.get("name") != name:
             problems.append(f"tokenizer {name!r} ({len(tokenizer)} tokens) differs from the one the precision was "
                             f"fitted with ({fitted_tok.get('name')!r}, {fitted_tok.get('size')} tokens)")
+    return problems
+
+
+def _param_problems(precision, adapters, shapes: dict, problems: list[str]) -> list[str]:
+    """Append to ``problems`` every precision parameter the model lacks or has in another shape, and every model
+    LoRA weight the precision leaves out; return the precision's parameters at fault."""
+    meta = precision.metadata
     bad = []
     for name, shape in precision.shapes.items():
         if name not in shapes:
@@ -86,24 +118,26 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None, 
                 "choose one with adapter_name=...)")
     # weights a strict=False mapping already declared unconstrained are not a mismatch again
     accepted = set(meta.get("unconstrained_params") or []) if isinstance(meta.get("unconstrained_params"), list) else set()
-    extra = [n for n in shapes if n not in precision.shapes and n not in accepted]
-    for n in extra:
-        problems.append(f"model LoRA weight {n!r} is not in the precision")
-    if not problems:
-        return precision
-    if strict:
-        raise ModelMismatchError(f"precision does not match the model: {problems[0]}"
-                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                                 + "; pass strict=False to keep what matches")
-    keep = [n for n in precision.param_names if n not in bad]
-    blocks = [b for b in precision.blocks if all(p in keep for p in b.params)]
-    dropped = sorted({p for b in precision.blocks if b not in blocks for p in b.params} | set(bad))
-    anchor = {n: precision.anchor[n] for n in keep if n not in dropped}
-    unconstrained = [n for n in shapes if n not in anchor]
-    meta = dict(precision.metadata, skipped_params=dropped, unconstrained_params=unconstrained, mismatch_problems=problems)
-    warnings.warn(f"lalora: precision applied partially: {len(dropped)} precision parameters skipped, "
-                  f"{len(unconstrained)} model LoRA weights unconstrained ({problems[0]})", stacklevel=3)
-    return Precision(blocks, anchor, metadata=meta, prior_precision=precision.prior_precision)
+    for n in shapes:
+        if n not in precision.shapes and n not in accepted:
+            problems.append(f"model LoRA weight {n!r} is not in the precision")
+    return bad
+
+
+def _without(precision, bad: list[str]):
+    """``precision`` without the parameters ``bad`` and every block touching one of them; a parameter of a
+    dropped block goes too (its curvature would be incomplete), which may drop further (overlapping) blocks.
+    A restriction of a valid precision: built without validating the blocks again."""
+    dropped = set(bad)
+    while True:
+        gone = {p for b in precision.blocks if dropped.intersection(b.params) for p in b.params} | dropped
+        if gone == dropped:
+            break
+        dropped = gone
+    blocks = [b for b in precision.blocks if not dropped.intersection(b.params)]
+    anchor = {n: t for n, t in precision.anchor.items() if n not in dropped}
+    return type(precision)(blocks, anchor, metadata=dict(precision.metadata), prior_precision=precision.prior_precision,
+                           validate=False)
 
 
 def clip_negative_eigenvalues(matrix, name: str, *, rtol: float = 1e-5):

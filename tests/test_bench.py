@@ -8,7 +8,9 @@ import torch
 
 from lalora.bench import tasks
 from lalora.bench.plot import pareto_plot
-from lalora.bench.run import BenchConfig, format_table, identity_precision, make_lora_model, run_benchmark
+from lalora.bench.precisions import identity_precision
+from lalora.bench.run import BenchConfig, format_table, make_lora_model, run_benchmark
+from lalora.textdata import completion_batches, text_batches
 from models import byte_tokenizer, tiny_llama
 
 
@@ -43,7 +45,7 @@ def test_source_split_is_disjoint():
 
 def test_completion_batches_label_only_the_completion(tok):
     pairs = [("Q: 1+1?\nAnswer:", " 2"), ("Q: 10+20?\nAnswer:", " 30")]
-    (b,) = tasks.completion_batches(tok, pairs, batch_size=2, max_length=64)
+    (b,) = completion_batches(tok, pairs, batch_size=2, max_length=64)
     for i, (p, c) in enumerate(pairs):
         n_p, n_c = len(tok(p)["input_ids"]), len(tok(c)["input_ids"]) + 1  # + eos
         lab = b["labels"][i]
@@ -54,7 +56,7 @@ def test_completion_batches_label_only_the_completion(tok):
 
 def test_source_metrics_match_hf_loss(tok):
     model = tiny_llama(vocab_size=257, max_position_embeddings=128)
-    batches = tasks.text_batches(tok, ["short text", "a somewhat longer text with padding"], 2, 64)
+    batches = text_batches(tok, ["short text", "a somewhat longer text with padding"], 2, 64)
     m = tasks.source_metrics(model, batches)
     b = batches[0]
     with torch.no_grad():
@@ -85,7 +87,7 @@ def test_run_benchmark_end_to_end_on_tiny_model(tok, tmp_path):
     methods = [r["method"] for r in rows]
     assert methods[:3] == ["lora", "l2", "diag"] and methods.count("l2") == methods.count("diag") == 2
     # kfac rows exist iff the backend is available; otherwise a note says why
-    from lalora.bench.run import backend_status
+    from lalora.bench.precisions import backend_status
 
     if backend_status("kfac")[0]:
         assert "kfac" in methods and "kfac-ew" in methods
@@ -121,12 +123,12 @@ def test_generation_stops_once_the_answer_is_stated_and_the_metric_is_unchanged(
 def test_labelled_head_loss_equals_the_models_loss(tok, dtype):
     """lm_head on the labelled positions only gives model(**batch).loss (padded, prompt masked),
     value and LoRA gradients; rel. err 1e-5 (float32) / 1e-2 (bf16)."""
-    from lalora.bench.train import _labelled_head_loss
+    from lalora.training import _labelled_head_loss
 
     model = make_lora_model(tiny_llama(dtype=dtype, vocab_size=257, max_position_embeddings=256), 2,
                             ("q_proj", "v_proj", "down_proj"), 0)
     pairs = [(p, c) for p, c, _ in tasks.arithmetic_set(5, 0)]
-    (batch,) = tasks.completion_batches(tok, pairs, 5, 128)
+    (batch,) = completion_batches(tok, pairs, 5, 128)
     params = [p for p in model.parameters() if p.requires_grad]
     ref = model(**batch).loss
     got = _labelled_head_loss(model, batch)

@@ -4,7 +4,8 @@ import warnings
 import torch
 
 import lalora
-from lalora.bench.run import BenchConfig, as_tri_kfac
+from lalora.bench.precisions import as_tri_kfac
+from lalora.bench.run import BenchConfig
 from lalora.cli import EXIT_USAGE, main
 from models import randomize_lora_B, tiny_lora_llama, token_batches
 

@@ -44,7 +44,7 @@ def test_block_ef_matches_dense_reference(b_nonzero):
     assert len(p.blocks) == 4 and all(len(b.params) == 2 for b in p.blocks)  # one block per adapter
     assert rel_err(p.to_dense(), ref * mask) <= TOL
     assert torch.count_nonzero(p.to_dense()[~mask]) == 0
-    assert p.metadata["curvature"] == "empirical_fisher" and p.metadata["num_examples"] == 6
+    assert p.metadata["curvature"] == "ef" and p.metadata["num_examples"] == 6
     # the A-B cross terms are there (and vanish exactly with B = 0, where all of A's gradients vanish)
     cross = p.blocks[0].to_dense()[:32, 32:]
     assert bool(cross.abs().max() > 0) == b_nonzero

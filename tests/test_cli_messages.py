@@ -13,13 +13,13 @@ import torch
 
 import lalora
 from cli_fixtures import LORA, data_files, model_dir, precision_file, run  # noqa: F401 (fixtures)
-from lalora import cli_vocab
+from lalora.cli import vocab as cli_vocab
 from lalora.cli import build_parser
 from lalora.validation import match_to_model
 from models import byte_tokenizer, tiny_llama
 
 # Python arguments of the library that must never reach a CLI user as such
-PYTHON_ARGS = re.compile(r"(?<![\w:-])(?<!--option )\b(strict|skip_nonfinite|prior_precision|check_anchor|fisher_type|mc_samples|max_rank|"
+PYTHON_ARGS = re.compile(r"(?<![\w:-])(?<!--option )\b(strict|skip_nonfinite|prior_precision|check_anchor|fisher_type|curvature|mc_samples|max_rank|"
                          r"init_lora_weights|max_batches|adapter_name|form|reference|max_reference_params)=|"
                          r"reset_to_anchor\(|LoraConfig\(|\bprior_precision\b|\bskip_nonfinite\b")
 
@@ -47,8 +47,8 @@ def test_library_messages_in_cli_words(capsys, tmp_path, model_dir, data_files, 
         ([*tune, "--precision", precision_file, "--targets", "q_proj"], 2, "pass --non-strict to keep what matches"),
         # LaLoRARegularizer: form='effective-weight' needs Kronecker blocks
         ([*tune, "--precision", precision_file, "--form", "effective-weight"], 2, "--form effective-weight needs"),
-        # kfac: "Use fisher_type='mc' ... raise mc_samples"
-        ([*fit, "--backend", "kfac", "--option", "fisher_type=type-2"], 2, "Use --option fisher_type=mc"),
+        # kfac: "Use curvature='mc' ... raise mc_samples"
+        ([*fit, "--backend", "kfac", "--option", "curvature=ggn"], 2, "Use --option curvature=mc"),
         ([*fit, "--backend", "kfac", "--option", "max_rank=0"], 2, "--option max_rank must be"),
     ]
     for argv, code, want in cases:
@@ -58,11 +58,11 @@ def test_library_messages_in_cli_words(capsys, tmp_path, model_dir, data_files, 
         assert not PYTHON_ARGS.search(err), err
     # compare: a backend's failure is a row of the table (and of --out), with BACKEND:KEY=VALUE options
     code, out, err = run(capsys, "compare", "--model", model_dir, "--data", src, "--backends", "diag", "kfac",
-                         "--option", "kfac:fisher_type=type-2", "--reference", "none", "--out", tmp_path / "c.json", *LORA, "-q")
+                         "--option", "kfac:curvature=ggn", "--reference", "none", "--out", tmp_path / "c.json", *LORA, "-q")
     assert code == 0, err
-    assert "Use --option kfac:fisher_type=mc" in out and "raise --option kfac:mc_samples" in out
+    assert "Use --option kfac:curvature=mc" in out and "raise --option kfac:mc_samples" in out
     row = next(r for r in json.loads((tmp_path / "c.json").read_text())["rows"] if r["name"] == "kfac")
-    assert "--option kfac:fisher_type=mc" in row["error"] and not PYTHON_ARGS.search(out + row["error"])
+    assert "--option kfac:curvature=mc" in row["error"] and not PYTHON_ARGS.search(out + row["error"])
     # warnings (how they look on a terminal: tests/test_cli_output.py): zero curvature at peft's default init (B = 0)
     with pytest.warns(lalora.ZeroCurvatureWarning) as caught:
         assert run(capsys, *fit, "--init", "gaussian")[0] == 0
@@ -113,8 +113,10 @@ def test_python_messages_and_hooks_untouched_after_the_cli(capsys, tmp_path, mod
     assert logging.getLogger("lalora").filters == filters
     from models import tiny_lora_llama
 
-    with pytest.raises(lalora.ModelMismatchError, match="pass strict=False"):
+    # another vocabulary: a model-level mismatch, for which the Python message names strict=False as what cannot help
+    with pytest.raises(lalora.ModelMismatchError, match="strict=False cannot") as e:
         match_to_model(lalora.Precision.load(precision_file), tiny_lora_llama())
+    assert "--non-strict" not in str(e.value)
 
 
 def help_examples() -> list[tuple[str, str]]:
@@ -147,3 +149,38 @@ def test_help_examples_cover_every_command():
     assert commands == set(_subparsers(build_parser())), commands
     assert len(examples) >= 20
     assert any("--option" in e for _, e in examples if e.startswith("lalora fit"))
+
+
+def test_uncovered_flag_and_strict_hint_only_where_it_helps(tmp_path):
+    """``--uncovered`` reaches fit_precision / the regularizer in CLI words; a precision of another base model is
+    not sent to strict=False (which cannot make it fit)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from models import tiny_llama, tiny_lora_llama, token_batches
+
+    ap = build_parser()
+    for cmd in (["fit", "--model", "m", "--data", "d", "--out", "o"],
+                ["finetune", "--model", "m", "--data", "d", "--out", "o"]):
+        assert ap.parse_args(cmd).uncovered == "warn"
+        assert ap.parse_args(cmd + ["--uncovered", "error"]).uncovered == "error"
+    # the message spells the CLI flag when the caller is a command
+    base = tiny_llama()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                            init_lora_weights="orthogonal"))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        lalora.fit_precision(model, token_batches(1), "diag", progress=False, _caller="lalora fit")
+    texts = [str(w.message) for w in rec if isinstance(w.message, lalora.UncoveredParameterWarning)]
+    assert texts and "lalora fit --uncovered ignore" in texts[0] and "lm_head" in texts[0]
+    # another base model: the hint is to refit, not strict=False
+    P = lalora.fit_precision(tiny_lora_llama(), token_batches(1), "diag", progress=False)
+    P.metadata["config_hash"] = "0" * 16  # as recorded by a fit on another base model
+    with pytest.raises(lalora.ModelMismatchError, match="refit the precision on this model") as e:
+        match_to_model(P, tiny_lora_llama(), strict=True)
+    assert "pass strict=False" not in str(e.value)
+    # a parameter-level mismatch (another target set) is what strict=False can drop: suggested
+    with pytest.raises(lalora.ModelMismatchError, match="pass strict=False to keep what matches"):
+        match_to_model(lalora.fit_precision(tiny_lora_llama(), token_batches(1), "diag", progress=False),
+                       tiny_lora_llama(targets=("q_proj", "v_proj", "o_proj")), strict=True)

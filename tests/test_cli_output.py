@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cli_fixtures import LORA, data_files, model_dir, precision_file, run  # noqa: F401 (fixtures)
-from lalora.cli_output import EXIT_PIPE
+from lalora.cli.output import EXIT_PIPE
 
 
 def _lalora(*argv, **kw):

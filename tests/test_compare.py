@@ -10,7 +10,7 @@ from torch import nn
 
 import lalora
 from lalora.blocks import DenseBlock
-from lalora.compare import CompareResult, cli_main, compare, compare_precisions, dense_reference
+from lalora.comparison import CompareResult, compare, compare_precisions, dense_reference
 from models import lora_mlp, randomize_lora_B, tiny_llama, tiny_lora_llama, token_batches
 from reference import dense_empirical_fisher, rel_err
 
@@ -64,23 +64,27 @@ def _assert_same_accuracy(a: dict, b: dict, tol=1e-12):
 
 
 # --- the references ------------------------------------------------------------------------------
-def test_ef_reference_matches_per_example_loop_both_implementations():
+def test_ef_reference_is_the_one_reference_with_the_streams_counts():
+    """``dense_reference`` wraps ``lalora.reference`` (checked against finite differences in test_reference.py)
+    with fit_precision's counts; the deprecated implementation='builtin' warns and gives the same matrix."""
     model, batches = _llama()
-    want = dense_empirical_fisher(model, batches)  # tests/reference.py: batch-of-one autograd
-    for impl in ("builtin", "auto"):
-        got = dense_reference(model, batches, "ef", implementation=impl)
-        assert rel_err(got.to_dense(), want) <= 1e-6, impl
-        assert got.metadata["num_examples"] == 6
+    want = dense_empirical_fisher(model, batches)  # lalora.reference via tests/reference.py
+    got = dense_reference(model, batches, "ef")
+    assert rel_err(got.to_dense(), want) <= 1e-6  # symmetrised: round-off only
+    assert got.metadata["num_examples"] == 6 and got.metadata["implementation"] == "lalora.reference"
+    with pytest.warns(lalora.LaloraDeprecationWarning, match="builtin"):
+        old = dense_reference(model, batches, "ef", implementation="builtin")
+    assert rel_err(old.to_dense(), want) <= 1e-6
 
 
-def test_ggn_reference_matches_finite_differences_and_lalora_reference():
+def test_ggn_reference_matches_finite_differences():
     """d^T G d = (1/N) sum_n (J d)^T H (J d) with J d from central differences (float64 MLP)."""
     model = lora_mlp().double()
     randomize_lora_B(model)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 5, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 2, 1, 1, 0])
-    ref = dense_reference(model, [(x, y)], "ggn", implementation="builtin")
+    ref = dense_reference(model, [(x, y)], "ggn")
     G = ref.to_dense()
     params = list(lalora.find_lora_adapters(model)[0].params().values()) + list(lalora.find_lora_adapters(model)[1].params().values())
     d = torch.randn(G.shape[0], generator=g, dtype=torch.float64)
@@ -100,9 +104,6 @@ def test_ggn_reference_matches_finite_differences_and_lalora_reference():
     p = torch.softmax(f0, -1)
     want = float(((p * jd ** 2).sum(-1) - (p * jd).sum(-1) ** 2).mean())
     assert abs(float(d @ G @ d) - want) <= 1e-7 * want
-    from lalora.reference import dense_ggn
-
-    assert rel_err(G, dense_ggn(model, [(x, y)])) <= 1e-6  # lalora.reference computes logits in float32
 
 
 # --- exactness --------------------------------------------------------------------------------------
@@ -139,11 +140,11 @@ def test_kfac_exact_on_single_linear_layer_mse_one_example(name):
     whole adapter including A-B cross terms (tri-kfac)."""
     cls = _backend_or_skip(name)
     options = {}
-    if "fisher_type" in cls.default_options:  # exact only with the type-2 / empirical factors, not MC
-        options["fisher_type"] = "empirical"
+    if "ef" in cls.curvatures():  # exact only with the type-2 / empirical factors, not MC
+        options["curvature"] = "ef"
     model, data = _single_linear_mse()
     kind = cls(**options).curvature_kind()
-    res = compare(model, data, backends=[(name, name, options)], reference="ef" if kind == "empirical_fisher" else "ggn",
+    res = compare(model, data, backends=[(name, name, options)], reference="ef" if kind == "ef" else "ggn",
                   loss="mse", directions=8)
     row = res.row(name)
     assert row["status"] == "ok", row.get("error")
@@ -227,7 +228,11 @@ def test_unavailable_backend_and_unaffordable_reference_do_not_abort():
     row = res.row("diag")
     assert row["status"] == "ok" and row["num_bytes"] > 0 and "rel_err_random_mean" not in row
     assert "no-such-backend" in res.table()
-    # the lazy export: lalora.compare is callable whether or not the submodule was imported
+    # lalora.compare is the function itself (the package is lalora.comparison): importing the package does
+    # not rebind it
+    import lalora.comparison
+
+    assert lalora.compare is compare and lalora.compare_precisions is compare_precisions
     res = lalora.compare(model, batches, backends=["diag"], reference=None)
     assert res.reference is None and res.rows[0]["status"] == "ok"
 
@@ -263,7 +268,7 @@ def test_cli_stored_precisions_equal_python(tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "p_spectra.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "diag" in out and "exact dense ggn over" in out
-    assert cli_main([*args, "--out", str(tmp_path / "r.md")]) == 0  # the same through lalora.compare.cli_main
+    assert main(["compare", *args, "--out", str(tmp_path / "r.md")]) == 0  # a Markdown --out
     assert "| diag |" in (tmp_path / "r.md").read_text()
     capsys.readouterr()
     for bad, named in [([str(tmp_path / "absent.lalora")], "absent.lalora"),

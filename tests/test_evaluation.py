@@ -19,6 +19,7 @@ from lalora.bench import tasks as bt  # noqa: E402
 from lalora.cli import main  # noqa: E402
 from lalora.errors import DataError, LaloraError  # noqa: E402
 from lalora.evaluation import data as task_data  # noqa: E402
+from lalora.textdata import text_batches  # noqa: E402
 from models import byte_tokenizer, randomize_lora_B, tiny_llama  # noqa: E402
 
 # eos = pad = 256 in the model's config too: lm-eval stops a generated row at generation_config.eos_token_id
@@ -95,7 +96,7 @@ def test_conditional_source_task_is_the_benchmarks_perplexity(model, tok, data_d
         assert samples[t] == pytest.approx(float(ref.sum()), rel=1e-5)
         ll, n = ll + float(ref.sum()), n + len(ref)
     res = results["results"]["lalora_source_conditional"]
-    bench = bt.source_metrics(model, bt.text_batches(tok, texts, 16, MAX_LEN))["source_ppl"]
+    bench = bt.source_metrics(model, text_batches(tok, texts, 16, MAX_LEN))["source_ppl"]
     assert res["token_perplexity,none"] == pytest.approx(math.exp(-ll / n), rel=1e-5)
     assert res["token_perplexity,none"] == pytest.approx(bench, rel=1e-5)
 
@@ -236,7 +237,7 @@ def test_benchmark_through_lm_eval(tok):
     report = run_benchmark(cfg, model=tiny_llama(**MODEL_KW), tokenizer=tok)
     base = tiny_llama(**MODEL_KW)
     texts = bt.split_source(bt.source_texts("pydoc", 0), 2, 3)[1]
-    expected = bt.source_metrics(base, bt.text_batches(tok, texts, 16, 24))["source_ppl"]
+    expected = bt.source_metrics(base, text_batches(tok, texts, 16, 24))["source_ppl"]
     assert report["baseline"]["source_ppl"] == pytest.approx(expected, rel=1e-5)
     (row,) = report["results"]
     assert row["source_acc"] is None and row["source_ppl"] > 1 and "lm_eval_source" in row["extra"]

@@ -145,8 +145,13 @@ def test_custom_backend_plugin(installed_plugin, tmp_path, capsys):
     from lalora.cli import main as cli
 
     assert cli(["backends", "--json"]) == 0
-    listed = json.loads(capsys.readouterr().out)
-    assert name in json.dumps(listed) and "damping" in json.dumps(listed)
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    details = {d["name"]: d for d in listed[name]["option_details"]}  # from the plugin's declaration
+    assert listed[name]["curvature"] == "ef" and listed[name]["curvatures"] == ["ef"]
+    assert details["damping"]["type"] == "float >= 0" and details["damping"]["default"] == 0.0
+    assert details["granularity"]["type"] == "matrix | model" and details["granularity"]["doc"]
+    assert cli(["backends", name]) == 0
+    assert "damping: float >= 0 = 0.0  Tikhonov term" in capsys.readouterr().out
 
     model = tiny_lora_llama(targets=("q_proj", "v_proj", "down_proj"))
     randomize_lora_B(model)  # B != 0
@@ -158,13 +163,32 @@ def test_custom_backend_plugin(installed_plugin, tmp_path, capsys):
     for n, v in iso.diagonal().items():
         assert torch.allclose(v.double(), want[n].expand(v.shape), rtol=1e-5, atol=0), n
     assert iso.metadata["backend"] == name and iso.metadata["num_examples"] == diag.metadata["num_examples"]
+    assert iso.metadata["curvature"] == "ef"
+    # what `lalora fit --dry-run` reports, from the plugin's stored_bytes, is the file's size of tensors
+    from lalora.estimate import stored_bytes
 
-    damped = lalora.fit_precision(model, data, backend=name, progress=False, damping=0.5, granularity="model")
+    assert stored_bytes(model, name) == iso.num_bytes
+
+    # options as the CLI gives them (--option damping=0.5): read by the declared type
+    from lalora.cli.inputs import parse_options
+
+    damped = lalora.fit_precision(model, data, backend=name, progress=False,
+                                  options=parse_options(["damping=0.5", "granularity=model"]))
+    assert damped.metadata["backend_options"] == {"damping": 0.5, "granularity": "model"}
     total = sum(v.double().sum() for v in diag.diagonal().values()) / diag.num_params
     for v in damped.diagonal().values():
         assert torch.allclose(v.double(), (total + 0.5).expand(v.shape), rtol=1e-5, atol=0)
-    with pytest.raises(lalora.BackendError, match="'damping'"):
-        lalora.fit_precision(model, data, backend=name, progress=False, damping=-1.0)
+    options_cls = lalora.get_backend(name).Options
+    same = lalora.fit_precision(model, data, backend=name, progress=False,
+                                options=options_cls(damping=0.5, granularity="model"))
+    assert torch.allclose(same.to_dense(), damped.to_dense(), rtol=1e-6, atol=0)  # same computation, run twice
+    with pytest.warns(lalora.LaloraDeprecationWarning, match="keyword arguments"):  # lalora 0.1's form
+        old = lalora.fit_precision(model, data, backend=name, progress=False, damping=0.5, granularity="model")
+    assert torch.allclose(old.to_dense(), damped.to_dense(), rtol=1e-6, atol=0)
+    with pytest.raises(lalora.BackendError, match="option damping must be a number >= 0, got -1.0"):
+        lalora.fit_precision(model, data, backend=name, progress=False, options={"damping": -1.0})
+    with pytest.raises(lalora.BackendError, match="did you mean 'damping'"):
+        lalora.fit_precision(model, data, backend=name, progress=False, options={"dampin": 1.0})
 
     # the file holds DiagBlocks: it reads back without the plugin, and regularizes like any precision
     path = tmp_path / "iso.lalora"

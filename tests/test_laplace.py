@@ -1,4 +1,5 @@
-"""Backend `laplace` and Precision.from_laplace / to_laplace: laplace-torch's summed H vs lalora's mean."""
+"""Backend `laplace` and the conversions precision_from_laplace / precision_to_laplace: laplace-torch's summed H vs
+lalora's mean."""
 import warnings
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 import lalora
+from lalora.backends.laplace_conversion import precision_from_laplace, precision_to_laplace
 from lalora.reference import dense_ggn, rel_err
 from models import randomize_lora_B, tiny_lora_llama, token_batches
 from test_backpack import class_batches, seq_lora_mlp
@@ -60,9 +62,9 @@ def test_from_laplace_and_to_laplace_round_trip(model_and_data):
 
     model, data = model_and_data
     ours = _fit(model, data, "backpack")
-    la = ours.to_laplace(model, prior_precision=2.0)
+    la = precision_to_laplace(ours, model, prior_precision=2.0)
     assert la.n_data == 10 and torch.allclose(la.H, torch.diagonal(ours.to_dense()).float() * 10)
-    back = lalora.Precision.from_laplace(la, model)
+    back = precision_from_laplace(la, model)
     assert rel_err(back.to_dense(), ours.to_dense()) <= TOL
     assert all(torch.equal(back.anchor[n], ours.anchor[n]) for n in ours.param_names)
     x = data[0][0]
@@ -74,18 +76,33 @@ def test_from_laplace_and_to_laplace_round_trip(model_and_data):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all, y_all), batch_size=4)
     la2 = Laplace(model.get_base_model(), "classification", subset_of_weights="all", hessian_structure="diag")
     la2.fit(loader)
-    from_user = lalora.Precision.from_laplace(la2, model)
+    from_user = precision_from_laplace(la2, model)
     assert rel_err(from_user.to_dense(), ours.to_dense()) <= TOL
 
 
 def test_kfac_precision_to_kron_laplace(model_and_data):
     model, data = model_and_data
     ours = _fit(model, data, "kfac", fisher_type="type-2")
-    la = ours.to_laplace(model)
+    la = precision_to_laplace(ours, model)
     assert type(la).__name__ == "KronLaplace"
-    assert rel_err(lalora.Precision.from_laplace(la, model).to_dense(), ours.to_dense()) <= TOL
+    assert rel_err(precision_from_laplace(la, model).to_dense(), ours.to_dense()) <= TOL
     probs = la(data[0][0], pred_type="glm", link_approx="probit")
     assert probs.shape == (6, 4) and bool(torch.isfinite(probs).all())
+
+
+def test_precision_methods_are_deprecated_aliases_through_the_registry(model_and_data):
+    """``Precision.to_laplace`` / ``from_laplace`` (the 0.1 names) warn and reach the backend's conversions
+    through the registry: the same Laplace object and precision as the functions (F32: the same computation on
+    the same inputs; only the prior and the path differ)."""
+    model, data = model_and_data
+    ours = _fit(model, data, "backpack")
+    assert lalora.get_backend("laplace").to_laplace is precision_to_laplace
+    with pytest.warns(DeprecationWarning, match="precision_to_laplace"):
+        la = ours.to_laplace(model, prior_precision=2.0)
+    assert rel_close(la.H, precision_to_laplace(ours, model, prior_precision=2.0).H, F32)
+    with pytest.warns(DeprecationWarning, match="precision_from_laplace"):
+        back = lalora.Precision.from_laplace(la, model)
+    assert rel_close(back.to_dense(), precision_from_laplace(la, model).to_dense(), F32)
 
 
 def test_to_laplace_needs_n_and_lora_only():
@@ -93,10 +110,10 @@ def test_to_laplace_needs_n_and_lora_only():
     p = _fit(model, class_batches(n_batches=1), "backpack")
     p.metadata.pop("num_examples")
     with pytest.raises(lalora.BackendError, match="num_examples"):
-        p.to_laplace(model)
+        precision_to_laplace(p, model)
     model.get_base_model()[0].base_layer.weight.requires_grad_(True)
     with pytest.raises(lalora.BackendError, match="not a LoRA weight"):
-        p.to_laplace(model, num_examples=5)
+        precision_to_laplace(p, model, num_examples=5)
 
 
 @pytest.mark.parametrize("b_nonzero", [False, True], ids=["B=0", "B!=0"])

@@ -22,6 +22,7 @@ from lalora.errors import BackendError
 from lalora.estimate import estimate_fit, stored_bytes
 from models import randomize_lora_B, tiny_lora_llama, token_batches
 from numerics import F32, rel_close
+from reference import effective_weight_dense
 
 TOL = 1e-5
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")  # factor sides 8, 16, 24
@@ -118,7 +119,7 @@ def test_compressed_block_algebra_matches_dense(precisions, kind):
         a_name, b_name = b.params
         A, B = b.A0 + 0.1 * torch.randn_like(b.A0), b.B0 + 0.1 * torch.randn_like(b.B0)
         Delta = (b.scaling * (B.double() @ A.double() - b.B0.double() @ b.A0.double())).reshape(-1)
-        ref = Delta @ _uncompressed(b).effective_dense().double() @ Delta
+        ref = Delta @ effective_weight_dense(_uncompressed(b)).double() @ Delta
         assert rel(b.effective_quadratic({a_name: A, b_name: B}), ref) <= TOL
 
 
@@ -186,7 +187,7 @@ def test_regularizer_penalty_and_gradient(model, precisions, form):
             for b in C.blocks:
                 a_name, b_name = b.params
                 Delta = b.scaling * (theta[b_name] @ theta[a_name] - b.B0.double() @ b.A0.double())
-                K = _uncompressed(b).effective_dense().double()
+                K = effective_weight_dense(_uncompressed(b)).double()
                 ref = ref + Delta.reshape(-1) @ K @ Delta.reshape(-1)
             ref = 0.5 * lam * ref
             ref_grads = torch.autograd.grad(ref, [theta[n] for n in names])

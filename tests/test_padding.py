@@ -6,9 +6,10 @@ left padding the last pad position does not "predict" the first real token; befo
 left-padded example had one target too many and the precisions were 7-90% off on these data
 (relative Frobenius error per backend, Llama and GPT-2).
 
-References (tests/reference.py): per-example plain autograd on *unpadded singletons* (every example
-run alone with its pad positions removed, its own position_ids kept), never the padded batch, and
-with their own target rule (a singleton's first token is never a target). Layouts: left padding,
+References (tests/reference.py: the one reference ``lalora.reference`` and the K-FAC factor references):
+per-example plain autograd on *unpadded singletons* (every example run alone with its pad positions
+removed, its own position_ids kept), never the padded batch, and with their own loss and target rule (a
+singleton's first token is never a target), not ``lalora.losses``'. Layouts: left padding,
 right padding, explicit position_ids (from the first real token, or with an offset), labels -100
 inside a sequence, the first real token labelled, pad labels that are not -100, and an example
 whose only labelled token is its first (it has no loss: N counts it out).
@@ -200,17 +201,14 @@ def test_bf16_left_padded_close_to_float32_unpadded_reference(backend, options):
 
 
 @pytest.mark.parametrize("kind", ["ef", "ggn"])
-def test_lalora_reference_uses_unpadded_singletons(kind):
-    """``lalora.reference`` (behind ``lalora.compare``) cuts every example out of its batch unpadded: on
-    left-padded batches it equals this suite's own reference (another target rule, another loss code)."""
-    from lalora import reference as lalora_reference
-
+def test_reference_cuts_examples_out_unpadded(kind):
+    """The one reference (``lalora.reference``: behind ``lalora.compare`` and every test here) cuts each example
+    out of its batch unpadded: on left-padded batches it equals the same examples given as unpadded batches of
+    one (``singleton_batches`` builds them from the example list: nothing is cut). Kept pad positions would
+    make the first real token a target again (0.11-0.46 off, module docstring)."""
     model = tiny_lora_gpt2(vocab_size=8)
-    batches = _batches("left+pos", vocab=8)
-    if kind == "ef":
-        got, want = lalora_reference.dense_empirical_fisher(model, batches), dense_empirical_fisher(model, batches)
-    else:
-        got, want = lalora_reference.dense_ggn(model, batches), dense_ggn(model, batches)
+    ref = dense_empirical_fisher if kind == "ef" else dense_ggn
+    got, want = ref(model, _batches("left+pos", vocab=8)), ref(model, singleton_batches(labelled_sequences(vocab=8)))
     assert rel_err(got, want) <= 1e-6  # batch-of-one float32 forwards in both, float64 sums: round-off only
 
 

@@ -177,7 +177,7 @@ def test_summary_mentions_structure_and_zero_blocks():
     with pytest.warns(lalora.ZeroCurvatureWarning):
         P = lalora.fit_precision(model, token_batches(), backend="diag", progress=False)
     text = P.summary()
-    assert "structure diag" in text and "ZERO curvature" in text and "empirical_fisher" in text
+    assert "structure diag" in text and "ZERO curvature" in text and "curvature=ef" in text
 
 
 def test_hf_sequence_classification_batches():

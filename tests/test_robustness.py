@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import lalora
-from lalora import fileformat
+from lalora import atomic_file, fileformat
 from lalora.blocks import DenseBlock, DiagBlock
 from models import lora_mlp, randomize_lora_B, tiny_lora_llama, token_batches
 from numerics import F32, rel_close
@@ -227,7 +227,7 @@ def test_atomic_save_exception_between_write_and_rename(tmp_path, monkeypatch):
         assert Path(src).exists() and Path(src).stat().st_size > 0  # the new file was fully written
         raise KeyboardInterrupt("simulated kill between write and rename")
 
-    monkeypatch.setattr(fileformat.os, "replace", boom)
+    monkeypatch.setattr(atomic_file.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
         other.save(path)
     monkeypatch.undo()
@@ -240,11 +240,11 @@ _KILL_SCRIPT = r"""
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import lalora
-from lalora import fileformat
+from lalora import atomic_file
 p = lalora.Precision.load({src!r})
 def die(src, dst):
     os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup handler runs
-fileformat.os.replace = die
+atomic_file.os.replace = die
 (p * 3.0).save({dst!r})
 """
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import BackendError, LaloraError
+from ..errors import LaloraError
+from .precisions import fit_precisions, log
 
 METHODS = ("lora", "l2", "diag", "kfac", "tri-kfac", "kfac-ew")
 METHOD_BACKEND = {"diag": "diag", "kfac": "kfac", "tri-kfac": "tri-kfac", "kfac-ew": "kfac"}
@@ -71,17 +71,12 @@ class Result:
     strength: float
     target_em: float
     source_ppl: float
-    source_acc: float
+    source_acc: float | None          # None: not measured (--eval lm-eval)
     train_seconds: float
     fit_seconds: float = 0.0
     final_task_loss: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def log(msg: str, progress: bool = True) -> None:
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def make_lora_model(base, rank: int, targets, seed: int):
@@ -96,99 +91,29 @@ def make_lora_model(base, rank: int, targets, seed: int):
     return get_peft_model(base, cfg)
 
 
-def identity_precision(model):
-    """``P = I`` over all LoRA weights (isotropic L2 to theta0)."""
-    from .. import DiagBlock, Precision
-    from ..adapters import find_lora_adapters, lora_state
-
-    adapters = find_lora_adapters(model)
-    anchor = lora_state(adapters)
-    blocks = [DiagBlock(n, torch.ones_like(t, dtype=torch.float32)) for n, t in anchor.items()]
-    return Precision(blocks, anchor, metadata={"backend": "identity", "curvature": "identity"})
-
-
-def as_tri_kfac(precision):
-    """The B-Tri-KFAC precision with the factors of a ``kfac`` precision (both store X, G per adapter)."""
-    from .. import Precision
-    from ..blocks.kronecker import KFACBlock, TriKFACBlock
-
-    blocks = [TriKFACBlock(b.params, b.X, b.G, b.scaling) if isinstance(b, KFACBlock) else b
-              for b in precision.blocks]
-    meta = dict(precision.metadata, backend="tri-kfac")
-    return Precision(blocks, precision.anchor, metadata=meta, prior_precision=precision.prior_precision)
-
-
-def mean_diagonal(precision) -> float:
-    d = precision.diagonal()
-    total = sum(float(v.double().sum()) for v in d.values())
-    return total / max(1, sum(v.numel() for v in d.values()))
-
-
-def backend_status(name: str) -> tuple[bool, str]:
-    from .. import get_backend
-
-    try:
-        cls = get_backend(name)
-    except BackendError as e:
-        return False, str(e)
-    return cls.available()
-
-
 def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) -> dict:
     """Run every (method, strength); ``on_result(partial_report)`` after each run. Returns ``{"config", "baseline", "results", "notes"}``."""
-    from .. import LaLoRARegularizer, fit_precision
-    from ..adapters import find_lora_adapters, lora_state
-    from . import tasks
-    from .train import train_lora
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise LaloraError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    if any(not (s >= 0) for s in cfg.strengths):
-        raise LaloraError(f"--strengths must be >= 0, got {list(cfg.strengths)}")
-    notes = []
+    _check_config(cfg)
+    notes: list[str] = []
     if model is None:
-        from .models import load_model
-        from .smollm2 import ensure_cached, jemalloc_note
-
-        note = jemalloc_note()
-        if note:
-            log(note, cfg.progress)
-            notes.append(note)
-        path = cfg.model or ensure_cached(progress=cfg.progress)
-        model, tokenizer = load_model(path)
-        if tokenizer is None:
-            raise LaloraError(f"--model {path}: the benchmark needs a tokenizer in the model directory")
+        model, tokenizer = _default_model(cfg, notes)
     torch.manual_seed(cfg.seed)
-
-    # data
-    texts = tasks.source_texts(cfg.source, cfg.seed)
-    fit_texts, eval_texts = tasks.split_source(texts, cfg.n_source_fit, cfg.n_source_eval)
-    src_fit = tasks.text_batches(tokenizer, fit_texts, cfg.batch_size, cfg.max_length)
-    src_eval = tasks.text_batches(tokenizer, eval_texts, 16, cfg.max_length)
-    train = tasks.arithmetic_set(cfg.n_train, cfg.seed + 1)
-    test = tasks.arithmetic_set(cfg.n_target_eval, cfg.seed + 2)
-    train_batches = tasks.completion_batches(tokenizer, [(p, c) for p, c, _ in train], cfg.batch_size, 128)
-
-    def evaluate(m):
-        r = tasks.source_metrics(m, src_eval)
-        r["target_em"] = tasks.target_exact_match(m, tokenizer, test)
-        return r
-
-    if cfg.evaluator == "lm-eval":  # lalora/evaluation/bench.py
-        from ..evaluation.bench import BenchEvaluator
-
-        evaluate = BenchEvaluator(tokenizer, eval_texts, test, cfg.max_length, extra_tasks=cfg.eval_tasks,
-                                  limit=cfg.eval_limit)
+    data = _Data.of(cfg, tokenizer)
+    if data.evaluator is not None:
         notes.append("evaluated by lm-eval (tasks lalora_source_conditional, lalora_arithmetic); token accuracy "
                      "is not measured there (-)")
-    elif cfg.evaluator != "lalora" or cfg.eval_tasks:
-        raise LaloraError(f"--eval {cfg.evaluator!r}: use 'lalora' or 'lm-eval' (--eval-tasks needs --eval lm-eval)")
+    try:
+        return _run_methods(cfg, model, data, notes, on_result)
+    finally:
+        data.close()
+
+
+def _run_methods(cfg: BenchConfig, model, data: "_Data", notes: list[str], on_result) -> dict:
+    """The base model's metrics, then one training run per (method, strength) from the same theta0."""
+    from ..adapters import find_lora_adapters, lora_state
 
     t = time.perf_counter()
-    base_metrics = evaluate(model)
+    base_metrics = data.evaluate(model)
     baseline = {"method": "base model", **base_metrics, "eval_seconds": time.perf_counter() - t}
     log(f"base model: target EM {base_metrics['target_em']:.3f}, source ppl {base_metrics['source_ppl']:.2f}, "
         f"acc {_acc(base_metrics['source_acc'])}", cfg.progress)
@@ -203,78 +128,136 @@ def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) 
             for n, p in params.items():
                 p.copy_(theta0[n].to(p.dtype))
 
-    # precisions, one per backend needed
-    precisions, fit_seconds = {}, {}
-    if "l2" in cfg.methods:
-        precisions["identity"], fit_seconds["identity"] = identity_precision(model), 0.0
-    for backend in dict.fromkeys(METHOD_BACKEND[m] for m in cfg.methods if m in METHOD_BACKEND):
-        if backend == "tri-kfac" and "kfac" in precisions:  # same factors X, G: no second fit
-            precisions[backend] = as_tri_kfac(precisions["kfac"])
-            fit_seconds[backend] = fit_seconds["kfac"]
-            log("tri-kfac: built from the kfac factors (same X, G; no second fit)", cfg.progress)
-            continue
-        ok, why = backend_status(backend)
-        if not ok:
-            notes.append(f"backend {backend!r} skipped: {why}")
-            log(f"note: backend {backend!r} skipped: {why}", cfg.progress)
-            continue
-        reset()
-        t = time.perf_counter()
-        try:
-            P = fit_precision(model, src_fit, backend=backend, progress=cfg.progress)
-        except Exception as e:  # a backend under construction must not sink the whole run
-            notes.append(f"backend {backend!r} failed: {type(e).__name__}: {e}")
-            log(f"note: backend {backend!r} failed: {e}", cfg.progress)
-            continue
-        fit_seconds[backend] = time.perf_counter() - t
-        scale = mean_diagonal(P)
-        if not scale > 0:
-            notes.append(f"backend {backend!r} gave a zero precision; skipped")
-            continue
-        P = P * (1.0 / scale)
-        P.metadata["precision_scale"] = scale
-        precisions[backend] = P
-        log(f"fitted {backend}: {fit_seconds[backend]:.1f} s, mean diagonal {scale:.3g}", cfg.progress)
-
+    backends = dict.fromkeys(METHOD_BACKEND[m] for m in cfg.methods if m in METHOD_BACKEND)
+    fits = fit_precisions(backends, model, data.src_fit, reset, notes, identity="l2" in cfg.methods,
+                          progress=cfg.progress)
     results: list[Result] = []
     cfg_d = dataclasses.asdict(cfg)
-    # plain LoRA first, then every method at each strength (partial reports stay comparable)
-    runs = [("lora", 0.0)] if "lora" in cfg.methods else []
-    runs += [(m, s) for s in cfg.strengths for m in cfg.methods if m != "lora"]
-    skipped = set()
-    for method, strength in runs:
-        key = "identity" if method == "l2" else METHOD_BACKEND.get(method)
-        if (key is not None and key not in precisions) or method in skipped:
+    skipped: set[str] = set()
+    for method, strength in _runs(cfg):
+        r = _train_run(cfg, model, method, strength, fits, data, reset, notes, skipped)
+        if r is None:
             continue
-        reset()
-        reg = None
-        if method != "lora":
-            form = "effective-weight" if method == "kfac-ew" else "linearized"
-            try:
-                reg = LaLoRARegularizer(model, precisions[key], strength=strength, form=form)
-            except LaloraError as e:
-                notes.append(f"method {method!r} skipped: {e}")
-                skipped.add(method)
-                continue
-        t = time.perf_counter()
-        losses = train_lora(model, train_batches, cfg.steps, cfg.lr, reg=reg, progress=cfg.progress,
-                            desc=f"{method} {strength:g}")
-        train_s = time.perf_counter() - t
-        m = evaluate(model)
-        r = Result(method, strength, m["target_em"], m["source_ppl"], m["source_acc"], train_s,
-                   fit_seconds.get(key, 0.0) if key else 0.0, losses[-1],
-                   extra=({"precision_scale": precisions[key].metadata.get("precision_scale")} if key else {})
-                   | m.get("extra", {}))
         results.append(r)
-        log(f"{method:9s} strength {strength:<8g} target EM {r.target_em:.3f}  source ppl {r.source_ppl:.2f}  "
-            f"acc {_acc(r.source_acc)}  train {train_s:.0f} s", cfg.progress)
         if on_result is not None:
             on_result({"config": cfg_d, "baseline": baseline, "results": [dataclasses.asdict(x) for x in results],
                        "notes": notes})
     reset()
-    if hasattr(evaluate, "close"):
-        evaluate.close()
     return {"config": cfg_d, "baseline": baseline, "results": [dataclasses.asdict(r) for r in results], "notes": notes}
+
+
+def _check_config(cfg: BenchConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise LaloraError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if any(not (s >= 0) for s in cfg.strengths):
+        raise LaloraError(f"--strengths must be >= 0, got {list(cfg.strengths)}")
+    if cfg.evaluator not in ("lalora", "lm-eval") or (cfg.eval_tasks and cfg.evaluator != "lm-eval"):
+        raise LaloraError(f"--eval {cfg.evaluator!r}: use 'lalora' or 'lm-eval' (--eval-tasks needs --eval lm-eval)")
+
+
+def _default_model(cfg: BenchConfig, notes: list[str]):
+    """``(model, tokenizer)`` of ``cfg.model``, or SmolLM2 from its local cache; the jemalloc note goes to ``notes``."""
+    from ..allocator import jemalloc_note
+    from ..local_model import load_model
+    from .smollm2 import ensure_cached
+
+    note = jemalloc_note()
+    if note:
+        log(note, cfg.progress)
+        notes.append(note)
+    path = cfg.model or ensure_cached(progress=cfg.progress)
+    model, tokenizer = load_model(path)
+    if tokenizer is None:
+        raise LaloraError(f"--model {path}: the benchmark needs a tokenizer in the model directory")
+    return model, tokenizer
+
+
+@dataclass
+class _Data:
+    """The benchmark's batches: source (surrogate for the fit, held out for evaluation) and target; with
+    ``--eval lm-eval``, the ``evaluator`` that computes the columns through lm-eval (lalora/evaluation/bench.py)."""
+
+    tokenizer: object
+    src_fit: list
+    src_eval: list
+    train_batches: list
+    test: list
+    evaluator: object = None
+
+    @classmethod
+    def of(cls, cfg: BenchConfig, tokenizer) -> "_Data":
+        from ..textdata import completion_batches, text_batches
+        from . import tasks
+
+        texts = tasks.source_texts(cfg.source, cfg.seed)
+        fit_texts, eval_texts = tasks.split_source(texts, cfg.n_source_fit, cfg.n_source_eval)
+        train = tasks.arithmetic_set(cfg.n_train, cfg.seed + 1)
+        test = tasks.arithmetic_set(cfg.n_target_eval, cfg.seed + 2)
+        evaluator = None
+        if cfg.evaluator == "lm-eval":
+            from ..evaluation.bench import BenchEvaluator
+
+            evaluator = BenchEvaluator(tokenizer, eval_texts, test, cfg.max_length, extra_tasks=cfg.eval_tasks,
+                                       limit=cfg.eval_limit)
+        return cls(tokenizer, text_batches(tokenizer, fit_texts, cfg.batch_size, cfg.max_length),
+                   text_batches(tokenizer, eval_texts, 16, cfg.max_length),
+                   completion_batches(tokenizer, [(p, c) for p, c, _ in train], cfg.batch_size, 128), test, evaluator)
+
+    def evaluate(self, model) -> dict:
+        """``{"target_em", "source_ppl", "source_acc"}`` (+ ``"extra"`` from lm-eval) of ``model``."""
+        if self.evaluator is not None:
+            return self.evaluator(model)
+        from . import tasks
+
+        r = tasks.source_metrics(model, self.src_eval)
+        r["target_em"] = tasks.target_exact_match(model, self.tokenizer, self.test)
+        return r
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
+
+
+def _runs(cfg: BenchConfig) -> list[tuple[str, float]]:
+    """Plain LoRA first, then every method at each strength (partial reports stay comparable)."""
+    runs = [("lora", 0.0)] if "lora" in cfg.methods else []
+    return runs + [(m, s) for s in cfg.strengths for m in cfg.methods if m != "lora"]
+
+
+def _train_run(cfg: BenchConfig, model, method: str, strength: float, fits: dict, data: _Data, reset,
+               notes: list[str], skipped: set[str]) -> Result | None:
+    """Train from theta0 with ``method`` at ``strength`` and evaluate; None if the method cannot run."""
+    from ..regularizer import LaLoRARegularizer
+    from ..training import train_lora
+
+    key = "identity" if method == "l2" else METHOD_BACKEND.get(method)
+    if (key is not None and key not in fits) or method in skipped:
+        return None
+    reset()
+    reg = None
+    if method != "lora":
+        form = "effective-weight" if method == "kfac-ew" else "linearized"
+        try:
+            reg = LaLoRARegularizer(model, fits[key][0], strength=strength, form=form)
+        except LaloraError as e:
+            notes.append(f"method {method!r} skipped: {e}")
+            skipped.add(method)
+            return None
+    t = time.perf_counter()
+    losses = train_lora(model, data.train_batches, cfg.steps, cfg.lr, reg=reg, progress=cfg.progress,
+                        desc=f"{method} {strength:g}")
+    train_s = time.perf_counter() - t
+    m = data.evaluate(model)
+    r = Result(method, strength, m["target_em"], m["source_ppl"], m["source_acc"], train_s,
+               fits[key][1] if key else 0.0, losses[-1],
+               extra=({"precision_scale": fits[key][0].metadata.get("precision_scale")} if key else {})
+               | m.get("extra", {}))
+    log(f"{method:9s} strength {strength:<8g} target EM {r.target_em:.3f}  source ppl {r.source_ppl:.2f}  "
+        f"acc {_acc(r.source_acc)}  train {train_s:.0f} s", cfg.progress)
+    return r
 
 
 def _acc(x) -> str:

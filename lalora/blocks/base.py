@@ -32,22 +32,11 @@ def register_block(kind: str):
 
 
 def block_class(kind: str) -> type["Block"]:
-    if kind not in _BLOCK_KINDS:
-        _import_builtin_block_kinds()
+    """The class registered for ``kind`` (the built-in kinds register when ``lalora.blocks`` is imported)."""
     try:
         return _BLOCK_KINDS[kind]
     except KeyError:
         raise KeyError(f"unknown block kind {kind!r}; known: {sorted(_BLOCK_KINDS)}") from None
-
-
-def _import_builtin_block_kinds() -> None:
-    import importlib
-    import pkgutil
-
-    import lalora.blocks as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"lalora.blocks.{mod.name}")
 
 
 def all_finite(t: Tensor) -> bool:

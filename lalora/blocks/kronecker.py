@@ -94,10 +94,6 @@ class KroneckerBlock(Block):
     def effective_quadratic(self, theta):
         return self.term.effective(*self._dA_dB(theta))[0]
 
-    def effective_dense(self) -> Tensor:
-        """``kron(G, X)``: the effective-weight form is ``vec(Delta)^T kron(G, X) vec(Delta)``."""
-        return self.term.effective_dense()
-
     def scaled(self, factor):
         return type(self)(self.params, self.X, self.G.scaled(factor), self.scaling, A0=self.A0, B0=self.B0)
 

@@ -105,10 +105,6 @@ class KroneckerTerm:
         (``df/dDelta = 2 G Delta X``; no ``d_out x d_in`` matrix)."""
         return c * (B.mT @ GU) @ XV.mT, c * GU @ (XV.mT @ A.mT)
 
-    def effective_dense(self) -> Tensor:
-        """``kron(G, X)``: ``f = vec(Delta)^T kron(G, X) vec(Delta)`` (one adapter, small blocks only)."""
-        return _kron(self.G.dense(), self.X.dense())
-
 
 def _kron(a: Tensor, b: Tensor) -> Tensor:
     """``torch.kron`` on contiguous copies: torch 2.14's kron raises "view size is not compatible"

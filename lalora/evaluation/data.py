@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from ..atomic_file import atomic_write_text
 from ..errors import DataError
 
 SOURCE_FILE = "source.jsonl"
@@ -32,18 +31,6 @@ CONDITIONAL_FILE = "source_conditional.jsonl"
 ARITHMETIC_FILE = "arithmetic.jsonl"
 INFO_FILE = "lalora-task-data.json"
 DATA_DIR_KEY = "lalora_data_dir"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonl(records) -> str:
@@ -62,7 +49,7 @@ def fingerprint(texts) -> str:
 
 def truncate_texts(texts, tokenizer, max_length: int) -> list[str]:
     """Each text cut to what ``tokenizer(text, truncation=True, max_length=max_length)`` keeps, as text:
-    the benchmark scores exactly those tokens (``lalora.bench.tasks.text_batches``). The cut text is the
+    the benchmark scores exactly those tokens (``lalora.textdata.text_batches``). The cut text is the
     decoded token prefix, and only when re-encoding it gives the same tokens back (else the shortest
     longer character prefix that does; the full text if none does)."""
     out = []
@@ -119,13 +106,13 @@ def write_task_data(directory, source_texts=None, problems=None, tokenizer=None,
         texts = [str(t) for t in source_texts]
         if not texts:
             raise DataError("write_task_data: source_texts is empty")
-        _atomic_write_text(d / SOURCE_FILE, _jsonl({"text": t} for t in texts))
+        atomic_write_text(d / SOURCE_FILE, _jsonl({"text": t} for t in texts))
         summary["source"] = {"file": SOURCE_FILE, "n": len(texts), "text_fingerprint": fingerprint(texts)}
         if tokenizer is not None:
             recs, dropped = conditional_records(texts, tokenizer)
             if not recs:
                 raise DataError("write_task_data: no source text splits into first token + rest for this tokenizer")
-            _atomic_write_text(d / CONDITIONAL_FILE, _jsonl(recs))
+            atomic_write_text(d / CONDITIONAL_FILE, _jsonl(recs))
             summary["source_conditional"] = {"file": CONDITIONAL_FILE, "n": len(recs), "left_out": dropped,
                                              "tokenizer": getattr(tokenizer, "name_or_path", None) or None,
                                              "num_tokens": sum(r["num_tokens"] for r in recs)}
@@ -133,10 +120,10 @@ def write_task_data(directory, source_texts=None, problems=None, tokenizer=None,
         recs = [{"prompt": p, "completion": c, "answer": int(a)} for p, c, a in problems]
         if not recs:
             raise DataError("write_task_data: problems is empty")
-        _atomic_write_text(d / ARITHMETIC_FILE, _jsonl(recs))
+        atomic_write_text(d / ARITHMETIC_FILE, _jsonl(recs))
         summary["arithmetic"] = {"file": ARITHMETIC_FILE, "n": len(recs),
                                  "text_fingerprint": fingerprint(r["prompt"] for r in recs)}
-    _atomic_write_text(d / INFO_FILE, json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(d / INFO_FILE, json.dumps(summary, indent=1) + "\n")
     return summary
 
 

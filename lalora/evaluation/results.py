@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .data import _atomic_write_text
+from ..atomic_file import atomic_write_text
 
 FORGETTING_TASKS = ("hellaswag", "arc_challenge", "winogrande")
 FORGETTING_METRIC = "acc"
@@ -47,7 +47,7 @@ def write_results(results: dict, path) -> Path:
 
     p = Path(path)
     out = {k: v for k, v in results.items() if k != "samples"}
-    _atomic_write_text(p, json.dumps(out, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    atomic_write_text(p, json.dumps(out, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
     return p
 
 
@@ -59,7 +59,7 @@ def write_samples(results: dict, path) -> list[Path]:
     out = []
     for name, samples in (results.get("samples") or {}).items():
         q = p.with_name(f"{p.stem}_samples_{name}.jsonl")
-        _atomic_write_text(q, "".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n"
+        atomic_write_text(q, "".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n"
                                                 for s in samples))
         out.append(q)
     return out

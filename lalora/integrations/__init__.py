@@ -1,5 +1,6 @@
 """Training-loop integrations: the Hugging Face ``Trainer`` (``LaLoRATrainer``, imported lazily
-so that ``import lalora`` does not import transformers' Trainer) and plain PyTorch (``regularized``)."""
+so that ``import lalora`` does not import transformers' Trainer), TRL's trainers (``lalora.integrations.trl``)
+and plain PyTorch (``regularized``)."""
 from .torch_loop import regularized
 
 __all__ = ["LaLoRATrainer", "regularized"]

@@ -4,105 +4,130 @@
                                    precision=precision, strength=1e3)
     trainer.train()
 
+or, fitting the precision at the start of training on the model the trainer trains (what TRL's
+``peft_config=`` needs: TRL wraps the model itself), ``source_data=ds_or_batches, backend="kfac"``
+instead of ``precision=``.
+
 How the penalty enters: the task loss goes through the Trainer unchanged (so its scaling for
 gradient accumulation, ``num_items_in_batch`` and data parallelism is the Trainer's own). On
 the first micro-batch of every optimizer step the penalty ``reg()`` (float32) gets its own
 backward pass through ``accelerator.backward``, so the accumulated gradient is
-``grad(task) + grad(reg)`` whatever ``gradient_accumulation_steps`` is. Under DDP every rank
-adds the same penalty gradient, which DDP's averaging leaves unchanged.
+``grad(task) + grad(reg)`` whatever ``gradient_accumulation_steps`` is. Under DDP and FSDP2 every
+rank adds the same penalty gradient (FSDP2: to its shard), which the averaging over ranks leaves
+unchanged. Under DeepSpeed (whose ``backward`` also steps the engine, and whose ZeRO-3 weights exist
+only inside forward and backward) the penalty joins that micro-batch's loss instead, multiplied by
+what ``training_step`` divides the loss by and with zero value (``loss + (c*reg - (c*reg).detach())``),
+so the gradient is the same and the logged loss stays the task loss. FSDP1 is refused
+(``lalora.sharding``).
 
 Logging: ``loss`` is the task loss only (as in a plain Trainer); ``lalora_penalty`` (mean over
 the optimizer steps since the last log) and ``task_loss`` are logged next to it.
 
-Checkpoints: every save writes ``lalora_precision.safetensors`` (``Precision.save``, no
-pickle) and ``lalora_regularizer.json`` (strength, prior precision, form) next to the
-adapter weights; ``train(resume_from_checkpoint=...)`` reloads them, so training continues with
-the same anchor (with ``precision=None`` the checkpoint's precision is used).
+Checkpoints (``trainer_checkpoint``): every save writes ``lalora_precision.safetensors`` and
+``lalora_regularizer.json`` next to the adapter weights; ``train(resume_from_checkpoint=...)``
+reloads them (and skips the ``source_data=`` fit).
 
-For other Trainer subclasses (e.g. TRL's ``SFTTrainer``) use the mixin:
-``class MySFT(LaLoRATrainerMixin, SFTTrainer): pass``. DeepSpeed and FSDP are not supported
-(the regularizer needs the unsharded LoRA parameters).
+For other Trainer subclasses use the mixin, ``class MyTrainer(LaLoRATrainerMixin, SomeTrainer): pass``;
+TRL's trainers come ready-made in ``lalora.integrations.trl``.
 """
 from __future__ import annotations
 
-import json
+import inspect
 import logging
 import os
-import warnings
-from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import Trainer
 
 from ..coverage import check_uncovered_mode
-from ..errors import AnchorMismatchError
 from ..precision import Precision
 from ..regularizer import LaLoRARegularizer
+from ..sharding import sharding_of
+from .trainer_checkpoint import PRECISION_FILE, STATE_FILE, CheckpointMixin, _same_precision
+from .trainer_setup import (accept_trainer_config_changes, align_special_tokens, config_snapshot, launcher_of,
+                            loss_divisor)
 
 logger = logging.getLogger("lalora")
 
-PRECISION_FILE = "lalora_precision.safetensors"
-STATE_FILE = "lalora_regularizer.json"
 ANCHOR_MODES = ("check", "reset", "ignore")
+__all__ = ["LaLoRATrainer", "LaLoRATrainerMixin", "PRECISION_FILE", "STATE_FILE", "_same_precision"]
 
 
-def _same_precision(a: Precision, b: Precision) -> str | None:
-    """None if ``a`` and ``b`` hold the same anchor and curvature; else what differs."""
-    if a.param_names != b.param_names:
-        return "parameter names"
-    for n in a.param_names:
-        if not torch.equal(a.anchor[n].detach().float().cpu(), b.anchor[n].detach().float().cpu()):
-            return f"anchor of {n!r}"
-    if len(a.blocks) != len(b.blocks):
-        return "number of blocks"
-    for i, (x, y) in enumerate(zip(a.blocks, b.blocks)):
-        tx, ty = x.tensors(), y.tensors()
-        if x.kind != y.kind or tuple(x.params) != tuple(y.params) or set(tx) != set(ty):
-            return f"block {i} structure"
-        for role in tx:
-            if not torch.equal(tx[role].detach().float().cpu(), ty[role].detach().float().cpu()):
-                return f"block {i} tensor {role!r}"
-    if a.prior_precision != b.prior_precision:
-        return "prior precision"
-    return None
+def _split_fit_options(fit_precision, options: dict) -> dict:
+    """``fit_options`` as ``fit_precision`` takes them: where it has an ``options=`` parameter for the backend's
+    options, the keys that are not its own arguments go there (merged with a given ``options``)."""
+    params = inspect.signature(fit_precision).parameters
+    if "options" not in params:
+        return dict(options)
+    own = {k: v for k, v in options.items() if k in params}
+    backend = {k: v for k, v in options.items() if k not in params}
+    if backend:
+        given = own.get("options")
+        if given is not None and not isinstance(given, dict):
+            raise TypeError(f"fit_options: give the backend options {sorted(backend)} inside fit_options['options'] "
+                            f"(a {type(given).__name__}), not next to it")
+        own["options"] = {**(given or {}), **backend}
+    return own
 
 
-class LaLoRATrainerMixin:
-    """Adds ``precision=`` (a ``Precision`` or a path to a precision file), ``strength=``
-    (lambda), ``prior_precision=``, ``form=``, ``anchor=`` ("check": raise
-    ``AnchorMismatchError`` unless the LoRA weights equal theta0; "reset": copy theta0 into
-    them; "ignore") and ``uncovered=`` ("warn", "error" or "ignore": what to do about trainable
-    tensors the precision does not cover, see docs/concepts.md#coverage) to a
-    ``transformers.Trainer`` subclass."""
+class LaLoRATrainerMixin(CheckpointMixin):
+    """Adds to a ``transformers.Trainer`` subclass: ``precision=`` (a ``Precision`` or a path to a precision
+    file) or ``source_data=`` (fit one at the start of ``train()``, see below), ``strength=`` (lambda),
+    ``prior_precision=``, ``form=``, ``adapter_name=``, ``anchor=`` ("check": raise ``AnchorMismatchError``
+    unless the LoRA weights equal theta0; "reset": copy theta0 into them; "ignore") and ``uncovered=``
+    ("warn", "error" or "ignore": trainable tensors the precision does not cover, docs/concepts.md#coverage).
+
+    ``source_data=`` (what ``lalora.fit_precision`` takes: a DataLoader or an iterable of batches), ``backend=``
+    (default "diag") and ``fit_options=`` (a dict of further ``fit_precision`` arguments and backend
+    options): ``train()`` fits the precision on ``self.model`` -- the model as the trainer wrapped it, e.g.
+    by TRL's ``peft_config=`` -- before the first step, on every rank (each takes its share of the same
+    ``source_data``), unless it resumes from a checkpoint that holds a precision."""
 
     def __init__(self, *args, precision: Precision | str | os.PathLike | None = None, strength: float | None = None,
                  prior_precision: float | None = None, form: str = "linearized", adapter_name=None,
-                 anchor: str = "check", uncovered: str = "warn", **kwargs):
+                 anchor: str = "check", uncovered: str = "warn", source_data=None, backend: str = "diag",
+                 fit_options: dict | None = None, **kwargs):
+        name = type(self).__name__
         if anchor not in ANCHOR_MODES:
             raise ValueError(f"anchor={anchor!r} is unknown; use one of {ANCHOR_MODES}")
-        check_uncovered_mode(uncovered, type(self).__name__)
-        if precision is not None and strength is None:
-            raise ValueError("LaLoRATrainer needs strength= (lambda) together with precision=")
+        check_uncovered_mode(uncovered, name)
+        if precision is not None and source_data is not None:
+            raise ValueError(f"{name} takes precision= (fitted beforehand) or source_data= (fitted at the start of "
+                             "training), not both")
+        if (precision is not None or source_data is not None) and strength is None:
+            raise ValueError(f"{name} needs strength= (lambda) together with "
+                             f"{'precision=' if precision is not None else 'source_data='}")
+        if fit_options is not None and not isinstance(fit_options, dict):
+            raise TypeError(f"{name}(fit_options=...) must be a dict of fit_precision arguments, "
+                            f"got {type(fit_options).__name__}")
+        model_arg = kwargs.get("model", args[0] if args else None)
+        before = config_snapshot(model_arg if isinstance(model_arg, nn.Module) else None)
         super().__init__(*args, **kwargs)
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            raise NotImplementedError("LaLoRATrainer supports single-process and DDP training; DeepSpeed and FSDP "
-                                      "shard the LoRA parameters the regularizer needs")
+        self._lalora_launcher = launcher_of(self)
         self._lalora_options = {"prior_precision": prior_precision, "form": form, "adapter_name": adapter_name,
                                 "uncovered": uncovered}
+        self._lalora_strength = None if strength is None else float(strength)
+        self._lalora_fit = None if source_data is None else (source_data, backend, dict(fit_options or {}))
         self.regularizer: LaLoRARegularizer | None = None
         self._lalora_step: int | None = None
+        self._lalora_fuse = False
+        self._lalora_bound = False
         self._lalora_penalty_sum = 0.0
         self._lalora_penalty_count = 0
         if precision is not None:
             if isinstance(precision, (str, os.PathLike)):
-                precision = Precision.load(precision, self.model, adapter_name=adapter_name)
+                precision = Precision.load(precision)  # checked against the model by the regularizer
+            precision = accept_trainer_config_changes(precision, before, self.model)
+            self._build_regularizer(precision, strength, check_anchor=anchor == "check")
             if anchor == "reset":
-                self._build_regularizer(precision, strength, check_anchor=False)
                 self.regularizer.reset_to_anchor()
-            else:
-                self._build_regularizer(precision, strength, check_anchor=anchor == "check")
 
     # --- regularizer -----------------------------------------------------------------
+    def _anchor_context(self) -> str | None:
+        """Why the LoRA weights may differ from theta0 for this trainer (``lalora.anchor_check``)."""
+        return None
+
     def _build_regularizer(self, precision: Precision, strength: float, *, check_anchor: bool,
                            uncovered: str | None = None) -> None:
         """The regularizer on ``self.model``; its errors and warnings name this trainer's arguments
@@ -110,23 +135,90 @@ class LaLoRATrainerMixin:
         opts = self._lalora_options
         self.regularizer = LaLoRARegularizer(self.model, precision, strength, prior_precision=opts["prior_precision"],
                                              form=opts["form"], adapter_name=opts["adapter_name"],
-                                             check_anchor=check_anchor,
+                                             check_anchor=False,
                                              uncovered=opts["uncovered"] if uncovered is None else uncovered,
                                              _caller=type(self).__name__)
+        if check_anchor:
+            self.regularizer.check_anchor(context=self._anchor_context())
 
+    def _fit_at_start(self) -> None:
+        from ..fit import fit_precision
+
+        data, backend, options = self._lalora_fit
+        name = type(self).__name__
+        adapters_sharding = sharding_of(p for p in self.model.parameters() if p.requires_grad)
+        if adapters_sharding is not None:
+            raise NotImplementedError(
+                f"{name}(source_data=...): the model's weights are already sharded ({adapters_sharding}, e.g. "
+                "loaded under a DeepSpeed ZeRO-3 config through deepspeed.zero.Init), so the fit cannot run its "
+                "forward passes; fit on the model loaded without sharding and pass precision= instead")
+        options = _split_fit_options(fit_precision, options)
+        options.setdefault("progress", False)
+        options.setdefault("adapter_name", self._lalora_options["adapter_name"])
+        options.setdefault("uncovered", self._lalora_options["uncovered"])
+        logger.info("lalora: %s fits the precision (%s) before the first step", name, backend)
+        precision = fit_precision(self.model, data, backend, _caller=name, **options)
+        # fitted at the current weights: theta0 is where training starts
+        self._build_regularizer(precision, self._lalora_strength, check_anchor=False, uncovered="ignore")
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        before = config_snapshot(self.model)
+        align_special_tokens(self)
+        if self.regularizer is not None:  # record the aligned config, as the checkpoints will have it
+            accepted = accept_trainer_config_changes(self.regularizer.precision, before, self.model)
+            self.regularizer.precision.metadata.update(accepted.metadata)
+        elif self._lalora_fit is not None and self._checkpoint_precision(resume_from_checkpoint) is None:
+            self._fit_at_start()
+        self._lalora_bound = False  # accelerate's prepare (FSDP2, DeepSpeed) may replace the LoRA Parameters
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _bind_regularizer(self) -> LaLoRARegularizer:
+        reg = self.regularizer
+        if reg is None:
+            raise ValueError(f"{type(self).__name__} has no precision: pass precision= and strength=, or "
+                             f"source_data= and strength=, or resume from a checkpoint that holds {PRECISION_FILE}")
+        if not self._lalora_bound:
+            reg.rebind(self.model)
+            device = next(iter(reg._params.values())).device
+            if reg.precision.anchor[reg.precision.param_names[0]].device != device:
+                reg.to(device)
+            self._lalora_bound = True
+        return reg
+
+    def _penalty(self) -> torch.Tensor:
+        penalty = self.regularizer()
+        self._lalora_penalty_sum += float(penalty.detach())
+        self._lalora_penalty_count += 1
+        return penalty
+
+    # --- the penalty, once per optimizer step ------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.regularizer is None:
-            raise ValueError("LaLoRATrainer has no precision: pass precision= and strength=, or resume from a "
-                             f"checkpoint that holds {PRECISION_FILE}")
+        self._bind_regularizer()
+        first = self._lalora_step != self.state.global_step  # first micro-batch of this optimizer step
+        self._lalora_step = self.state.global_step
+        if self._lalora_launcher == "deepspeed":
+            self._lalora_fuse = first  # compute_loss adds the penalty to this micro-batch's loss
+            try:
+                return super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._lalora_fuse = False
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._lalora_step != self.state.global_step:  # first micro-batch of this optimizer step
-            self._lalora_step = self.state.global_step
-            penalty = self.regularizer()
+        if first:
             # accelerator.backward divides by its own accumulation steps (1 under Trainer): undo it.
-            self.accelerator.backward(penalty * self.accelerator.gradient_accumulation_steps)
-            self._lalora_penalty_sum += float(penalty.detach())
-            self._lalora_penalty_count += 1
+            self.accelerator.backward(self._penalty() * self.accelerator.gradient_accumulation_steps)
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not self._lalora_fuse:
+            return out
+        self._lalora_fuse = False
+        scaled = self._penalty() * loss_divisor(self, num_items_in_batch)
+        extra = scaled - scaled.detach()  # exactly 0: the loss keeps its value, the gradient gets grad(reg)
+        if return_outputs:
+            loss, outputs = out
+            return loss + extra.to(loss.dtype), outputs
+        return out + extra.to(out.dtype)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._lalora_penalty_count:
@@ -135,62 +227,7 @@ class LaLoRATrainerMixin:
             self._lalora_penalty_sum, self._lalora_penalty_count = 0.0, 0
         super().log(logs, *args, **kwargs)
 
-    # --- checkpoints -------------------------------------------------------------------
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.regularizer is None or not self.args.should_save:
-            return
-        out = Path(output_dir)
-        self.regularizer.precision.save(out / PRECISION_FILE)
-        state = {"strength": self.regularizer.strength, "prior_precision": self.regularizer.prior_precision,
-                 "form": self.regularizer.form, "global_step": self.state.global_step}
-        tmp = out / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, out / STATE_FILE)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        ckpt = Path(resume_from_checkpoint)
-        path = ckpt / PRECISION_FILE
-        if not path.is_file():
-            if self.regularizer is None:
-                raise ValueError(f"checkpoint {str(ckpt)!r} has no {PRECISION_FILE} and LaLoRATrainer got no "
-                                 "precision=: pass the precision the run was started with")
-            warnings.warn(f"checkpoint {str(ckpt)!r} has no {PRECISION_FILE}; continuing with the precision given "
-                          "to LaLoRATrainer", stacklevel=2)
-            self._rebuild_after_load()
-            return
-        saved = Precision.load(path, self.model, adapter_name=self._lalora_options["adapter_name"])
-        state_path = ckpt / STATE_FILE
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-        if self.regularizer is None:
-            if "strength" not in state:
-                raise ValueError(f"{state_path} is missing or has no 'strength'; pass strength= to LaLoRATrainer")
-            if self._lalora_options["prior_precision"] is None and "prior_precision" in state:
-                self._lalora_options["prior_precision"] = float(state["prior_precision"])
-            if "form" in state:
-                self._lalora_options["form"] = state["form"]
-            self._build_regularizer(saved, float(state["strength"]), check_anchor=False)
-            return
-        diff = _same_precision(self.regularizer.precision, saved)
-        if diff is not None:
-            raise AnchorMismatchError(
-                f"the precision given to LaLoRATrainer differs from the one saved in {str(path)!r} ({diff}): resuming "
-                "would regularize towards another anchor. Pass precision=None to continue with the checkpoint's")
-        if "strength" in state and float(state["strength"]) != self.regularizer.strength:
-            warnings.warn(f"strength={self.regularizer.strength:g} differs from the checkpoint's "
-                          f"{float(state['strength']):g} ({state_path}); using {self.regularizer.strength:g}",
-                          stacklevel=2)
-        self._rebuild_after_load()
-
-    def _rebuild_after_load(self) -> None:
-        """Loading adapter weights may replace the Parameter objects: re-resolve them."""
-        reg = self.regularizer
-        self._lalora_options["prior_precision"] = reg.prior_precision
-        # coverage was reported when the regularizer was first built on this model
-        self._build_regularizer(reg.precision, reg.strength, check_anchor=False, uncovered="ignore")
-
 
 class LaLoRATrainer(LaLoRATrainerMixin, Trainer):
     """``transformers.Trainer`` with the LaLoRA penalty; see the module docstring."""
+

@@ -15,31 +15,40 @@ so precision files written with this plugin load without the plugin installed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 import lalora
 from lalora.blocks import DiagBlock
 from lalora.capture import PerExampleGrads
 
-__all__ = ["IsotropicBackend"]
+__all__ = ["IsotropicBackend", "IsotropicOptions"]
+
+
+@dataclass(frozen=True)
+class IsotropicOptions(lalora.BackendOptions):
+    """The options, declared once: type, default, doc, allowed values or range. lalora checks them (a wrong
+    value raises BackendError naming the option, a misspelt name gets a "did you mean"), reads
+    ``--option damping=1e-3`` by the declared type and lists them in ``lalora backends``."""
+
+    damping: float = lalora.option(0.0, "Tikhonov term added to every tau", ge=0)
+    granularity: Literal["matrix", "model"] = lalora.option("matrix", "matrix: one tau per LoRA matrix; model: one "
+                                                            "tau for all")
 
 
 class IsotropicBackend(lalora.CurvatureBackend):
     """Scalar-per-matrix empirical Fisher. Registered as ``isotropic`` by the entry point."""
 
-    curvature = "empirical_fisher"
+    curvature = lalora.Curvature.EF  # what it estimates: shown by `lalora backends`, stored in the metadata
+    Options = IsotropicOptions
     requires = ()  # import names of extra libraries; `lalora backends` reports missing ones
-    default_options = {"damping": 0.0, "granularity": "matrix"}
-    option_help = {"damping": "Tikhonov term added to every tau (>= 0)",
-                   "granularity": "'matrix': one tau per LoRA matrix; 'model': one tau for all"}
 
-    def check_options(self) -> None:
-        damping = self.options["damping"]
-        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
-            raise lalora.BackendError(f"backend 'isotropic': option 'damping' must be a number >= 0, got {damping!r}")
-        if self.options["granularity"] not in ("matrix", "model"):
-            raise lalora.BackendError("backend 'isotropic': option 'granularity' must be 'matrix' or 'model', "
-                                      f"got {self.options['granularity']!r}")
+    @classmethod
+    def stored_bytes(cls, adapters, options) -> int:
+        """What `lalora fit --dry-run` reports: one float32 per LoRA weight (DiagBlocks)."""
+        return 4 * sum(a.A.numel() + a.B.numel() for a in adapters)
 
     def fit(self, ctx: lalora.FitContext) -> list[lalora.Block]:
         params = ctx.params()  # canonical name -> LoRA parameter
@@ -55,11 +64,11 @@ class IsotropicBackend(lalora.CurvatureBackend):
                     g = capture.grads.get(n)  # (N_batch, out, in); None if the matrix got no gradient
                     if g is not None:
                         sums[n] += g.double().square().sum()
-        num_examples = ctx.num_examples  # examples with >= 1 labelled token, over all ranks
+        num_examples = ctx.global_num_examples()  # examples with >= 1 labelled token, over all ranks (a collective)
         # sum over ranks (identity in one process), then divide by N: the trace of F_m
         traces = {n: ctx.all_reduce(sums[n]) / num_examples for n in names}
-        damping = float(self.options["damping"])
-        if self.options["granularity"] == "model":
+        damping = self.options.damping  # validated: a float >= 0
+        if self.options.granularity == "model":
             total = sum(p.numel() for p in tensors)
             tau = float(sum(traces.values()) / total) + damping
             taus = {n: tau for n in names}

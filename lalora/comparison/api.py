@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..errors import BackendError
+from ..options import curvature_name
 from .displacement import displacement_vector
 from .exact import dense_reference
 from .memory import MemoryMeter
@@ -67,11 +68,7 @@ def compare(model, data, backends: Sequence = ("diag",), reference: str | None =
     ``save_dir``: keep each fitted precision as ``<label>.lalora`` (and ``reference-<kind>.lalora``).
     """
     from ..adapters import find_lora_adapters, lora_parameters, lora_state
-    from ..backend import get_backend
-    from ..fit import fit_precision
 
-    if reference not in ("auto", "ggn", "ef", None):
-        raise ValueError(f"reference={reference!r}: use 'ggn', 'ef', 'auto' or None")
     specs = [_backend_spec(b) for b in backends]
     labels = [s[0] for s in specs]
     if len(set(labels)) != len(labels):
@@ -84,23 +81,7 @@ def compare(model, data, backends: Sequence = ("diag",), reference: str | None =
     anchor = lora_state(adapters)
     num_params = sum(torch.Size(s).numel() for s in shapes.values())
     device = adapters[0].A.device
-    kinds = {}
-    for label, name, opts in specs:
-        try:
-            kinds[label] = get_backend(name)(**opts).curvature_kind()
-        except Exception:  # reported in the backend's row below
-            kinds[label] = None
-    kind = reference
-    if reference == "auto":
-        known = [k for k in kinds.values() if k]
-        kind = "ef" if all(k == "empirical_fisher" for k in known) else "ggn"  # none known: the cheap EF
-    note = None
-    if reference is None:
-        note = "reference=None"
-    elif not _affordable(num_params, max_reference_params):
-        note = f"{num_params} LoRA weights > max_reference_params={max_reference_params}: no exact reference"
-        logger.warning("lalora compare: %s", note)
-        kind = None
+    kinds, kind, note = _reference_choice(specs, reference, num_params, max_reference_params)  # checks reference
     tmp = tempfile.TemporaryDirectory(prefix="lalora-compare-") if save_dir is None else None
     out_dir = Path(save_dir if save_dir is not None else tmp.name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,8 +90,7 @@ def compare(model, data, backends: Sequence = ("diag",), reference: str | None =
                 "backends": labels, "mode": "fit"}
     try:
         disp = displacement_vector(displacement, names, shapes, anchor)
-        ref = None
-        ref_row = None
+        ref = ref_row = None
         if kind is not None:
             with MemoryMeter(device) as mem:
                 t0 = time.perf_counter()
@@ -122,33 +102,9 @@ def compare(model, data, backends: Sequence = ("diag",), reference: str | None =
             ref_row = {"seconds": round(secs, 3), "peak_memory_bytes": mem.peak_bytes, "memory_method": mem.method,
                        "file_bytes": ref_path.stat().st_size, "path": str(ref_path) if save_dir is not None else None}
             settings["num_random"] = int(ref.Z.shape[0])
-        rows = []
-        for label, name, options in specs:
-            row = {"name": label, "backend": name, "options": options, "curvature": kinds[label], "status": "ok", "notes": []}
-            try:
-                get_backend(name)
-            except BackendError as e:
-                row.update(status="unavailable", error=str(e))
-                rows.append(row)
-                continue
-            try:
-                with MemoryMeter(device) as mem:
-                    t0 = time.perf_counter()
-                    with _quiet_zero_warning(row):
-                        prec = fit_precision(model, data, backend=name, loss=loss, progress=progress,
-                                             adapter_name=adapter_name, max_batches=max_batches, **options)
-                    secs = time.perf_counter() - t0
-            except Exception as e:  # one failing backend must not sink the comparison
-                logger.warning("lalora compare: backend %r failed: %s", name, e)
-                row.update(status="failed", error=f"{type(e).__name__}: {e}")
-                rows.append(row)
-                continue
-            path = out_dir / f"{_safe(label)}.lalora"
-            prec.save(path)
-            row.update(seconds=round(secs, 3), peak_memory_bytes=mem.peak_bytes, memory_method=mem.method,
-                       **_storage(prec, path, keep=save_dir is not None))
-            row.update(evaluate(prec, ref, disp, names, shapes))
-            rows.append(row)
+        fit = dict(loss=loss, progress=progress, adapter_name=adapter_name, max_batches=max_batches)
+        rows = [_fitted_row(model, data, spec, kinds[spec[0]], fit, device, out_dir / f"{_safe(spec[0])}.lalora",
+                            save_dir is not None, (ref, disp, names, shapes)) for spec in specs]
         result = _finish(rows, ref, names, shapes, disp, settings, note)
         if result.reference is not None:
             result.reference.update(ref_row)
@@ -156,6 +112,62 @@ def compare(model, data, backends: Sequence = ("diag",), reference: str | None =
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _reference_choice(specs, reference, num_params: int, max_reference_params):
+    """(label -> curvature kind or None, the reference kind to compute or None, the note why none)."""
+    from ..backend import get_backend
+
+    if reference not in ("auto", "ggn", "ef", None):
+        raise ValueError(f"reference={reference!r}: use 'ggn', 'ef', 'auto' or None")
+    kinds = {}
+    for label, name, opts in specs:
+        try:
+            kinds[label] = curvature_name(get_backend(name)(opts).curvature_kind())
+        except Exception:  # reported in the backend's row below
+            kinds[label] = None
+    kind = reference
+    if reference == "auto":
+        known = [k for k in kinds.values() if k]
+        kind = "ef" if all(k == "ef" for k in known) else "ggn"  # none known: the cheap EF
+    note = None
+    if reference is None:
+        note = "reference=None"
+    elif not _affordable(num_params, max_reference_params):
+        note = f"{num_params} LoRA weights > max_reference_params={max_reference_params}: no exact reference"
+        logger.warning("lalora compare: %s", note)
+        kind = None
+    return kinds, kind, note
+
+
+def _fitted_row(model, data, spec, curvature, fit: dict, device, path: Path, keep: bool, against) -> dict:
+    """One backend's row: fit it (time, peak memory), save it to ``path``, evaluate it ``against`` the
+    reference ``(ref, disp, names, shapes)``; a backend that is missing or fails gives a row saying so."""
+    from ..backend import get_backend
+    from ..fit import fit_precision
+
+    label, name, options = spec
+    row = {"name": label, "backend": name, "options": options, "curvature": curvature, "status": "ok", "notes": []}
+    try:
+        get_backend(name)
+    except BackendError as e:
+        row.update(status="unavailable", error=str(e))
+        return row
+    try:
+        with MemoryMeter(device) as mem:
+            t0 = time.perf_counter()
+            with _quiet_zero_warning(row):
+                prec = fit_precision(model, data, backend=name, **fit, options=options)
+            secs = time.perf_counter() - t0
+    except Exception as e:  # one failing backend must not sink the comparison
+        logger.warning("lalora compare: backend %r failed: %s", name, e)
+        row.update(status="failed", error=f"{type(e).__name__}: {e}")
+        return row
+    prec.save(path)
+    row.update(seconds=round(secs, 3), peak_memory_bytes=mem.peak_bytes, memory_method=mem.method,
+               **_storage(prec, path, keep=keep))
+    row.update(evaluate(prec, *against))
+    return row
 
 
 @contextlib.contextmanager
@@ -241,28 +253,34 @@ def compare_precisions(precisions, reference=None, directions=16, *, labels: Seq
     settings = {"num_random": None if ref is None else int(ref.Z.shape[0]), "top_k": top_k, "seed": seed,
                 "max_reference_params": max_reference_params, "num_lora_weights": first.num_params,
                 "backends": labels, "mode": "stored"}
-    rows = []
     with tempfile.TemporaryDirectory(prefix="lalora-compare-") as tmp:
-        for label, (prec, path) in zip(labels, loaded):
-            check_params(prec, names, shapes, f"precision {label!r}")
-            row = {"name": label, "backend": prec.metadata.get("backend"), "options": prec.metadata.get("backend_options", {}),
-                   "curvature": prec.metadata.get("curvature"), "status": "ok", "notes": [],
-                   "seconds": prec.metadata.get("fit_seconds"), "peak_memory_bytes": None, "memory_method": None}
-            if path is None:
-                path_ = Path(tmp) / f"{_safe(label)}.lalora"
-                prec.save(path_)
-                row.update(_storage(prec, path_, keep=False))
-            else:
-                row.update(_storage(prec, path, keep=True))
-            if ref_prec is not None and any(not torch.equal(prec.anchor[n].float().cpu(), ref_prec.anchor[n].float().cpu())
-                                            for n in names):
-                row["notes"].append("anchor differs from the reference's (different theta0)")
-            zeros = prec.zero_params()
-            if zeros:
-                row["notes"].append(f"{len(zeros)} of {len(names)} LoRA matrices have exactly zero curvature")
-            row.update(evaluate(prec, ref, disp, names, shapes))
-            rows.append(row)
+        rows = [_stored_row(label, prec, path, Path(tmp), ref_prec, (ref, disp, names, shapes))
+                for label, (prec, path) in zip(labels, loaded)]
     result = _finish(rows, ref, names, shapes, disp, settings, note)
     if result.reference is not None:
         result.reference.update(seconds=ref_prec.metadata.get("fit_seconds"), peak_memory_bytes=None, memory_method=None)
     return result
+
+
+def _stored_row(label: str, prec, path: Path | None, tmp: Path, ref_prec, against) -> dict:
+    """The row of a stored precision (its file, or a temporary one, for the storage columns), evaluated
+    ``against`` the reference ``(ref, disp, names, shapes)``; notes a theta0 other than the reference's."""
+    ref, disp, names, shapes = against
+    check_params(prec, names, shapes, f"precision {label!r}")
+    row = {"name": label, "backend": prec.metadata.get("backend"), "options": prec.metadata.get("backend_options", {}),
+           "curvature": prec.metadata.get("curvature"), "status": "ok", "notes": [],
+           "seconds": prec.metadata.get("fit_seconds"), "peak_memory_bytes": None, "memory_method": None}
+    if path is None:
+        path_ = tmp / f"{_safe(label)}.lalora"
+        prec.save(path_)
+        row.update(_storage(prec, path_, keep=False))
+    else:
+        row.update(_storage(prec, path, keep=True))
+    if ref_prec is not None and any(not torch.equal(prec.anchor[n].float().cpu(), ref_prec.anchor[n].float().cpu())
+                                    for n in names):
+        row["notes"].append("anchor differs from the reference's (different theta0)")
+    zeros = prec.zero_params()
+    if zeros:
+        row["notes"].append(f"{len(zeros)} of {len(names)} LoRA matrices have exactly zero curvature")
+    row.update(evaluate(prec, *against))
+    return row

@@ -9,9 +9,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-
-class UsageError(Exception):
-    """A bad argument, path or input file (exit code 2)."""
+from .common import UsageError
 
 
 def read_records(path) -> list[dict]:
@@ -61,23 +59,23 @@ def read_records(path) -> list[dict]:
 
 def make_batches(tokenizer, records: list[dict], batch_size: int, max_length: int) -> list[dict]:
     """``text`` records: every token labelled; ``prompt``/``completion``: completion tokens only."""
-    from .bench import tasks
+    from ..textdata import completion_batches, text_batches
 
     texts = [r["text"] for r in records if "text" in r]
     pairs = [(r["prompt"], r["completion"]) for r in records if "text" not in r]
     out = []
     if texts:
-        out += tasks.text_batches(tokenizer, texts, batch_size, max_length)
+        out += text_batches(tokenizer, texts, batch_size, max_length)
     if pairs:
-        out += tasks.completion_batches(tokenizer, pairs, batch_size, max_length)
+        out += completion_batches(tokenizer, pairs, batch_size, max_length)
     if not out:
         raise UsageError("--data: every record tokenized to fewer than 2 tokens")
     return out
 
 
 def load_model(path, dtype="float32"):
-    from .bench.models import load_model as _load
-    from .errors import LaloraError
+    from ..errors import LaloraError
+    from ..local_model import load_model as _load
 
     try:
         model, tok = _load(path, dtype)
@@ -137,7 +135,7 @@ def _module_of(param: str) -> str:
 def check_precision_model(precision, model, precision_flag: str, model_path) -> None:
     """Refuse a precision fitted on another base model (config hash or layer names differ) before the model is
     wrapped with the precision's LoRA setup, where it would show up as target modules that are not found."""
-    from .validation import config_hash
+    from ..validation import config_hash
 
     meta = precision.metadata
     modules = {name for name, _ in model.named_modules()}
@@ -154,17 +152,13 @@ def check_precision_model(precision, model, precision_flag: str, model_path) -> 
 
 
 def parse_options(items) -> dict:
-    """``--option key=value`` pairs; values are parsed as JSON when possible (numbers, true, null)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UsageError(f"--option {item!r}: use key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    """``--option key=value`` pairs; each value is read by the option's declared type (``lalora.options``)."""
+    from ..options import parse_option_items
+
+    try:
+        return parse_option_items(items)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_out(path, what="--out") -> Path:

@@ -1,39 +1,41 @@
 """``lalora compare``: stored precisions (``lalora compare a.lalora b.lalora``) or backends fitted now
 (``--model DIR --data FILE --backends diag,kfac``), against an exact dense reference when affordable.
 
-Registered in ``lalora.cli`` (``add_parser``); shares its model, LoRA and data flags and its exit codes
-(0 ok, 1 every method failed, 2 bad arguments/paths/files).
+Shares the model, LoRA and data flags of the other commands and their exit codes (0 ok, 1 every method
+failed, 2 bad arguments/paths/files).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .. import cli as lcli
-from ..cli_vocab import to_cli
-from ..errors import LaloraError
-from .api import DEFAULT_MAX_REFERENCE_PARAMS, compare, compare_precisions
+from ..backend import get_backend
+from ..comparison import DEFAULT_MAX_REFERENCE_PARAMS, compare, compare_precisions
+from ..errors import BackendError, LaloraError
+from ..precision import Precision
+from .common import EXIT_FAIL, EXIT_OK, UsageError, add_command, data_flags, lora_flags
+from .inputs import add_lora, check_out, check_precision_model, load_model, make_batches, parse_options, read_records
+from .vocab import Vocabulary, to_cli
 
 EXAMPLES = """
     lalora compare diag.lalora kfac.lalora                                   # cost and storage only
     lalora compare diag.lalora kfac.lalora --reference reference-ef.lalora --out res.json --plot res.png
     lalora compare --model ./base --data source.jsonl --backends diag,kfac,tri-kfac,block \\
                    --rank 2 --targets q_proj,v_proj --reference ef --save-dir runs/cmp --out res.md
-    lalora compare --model ./base --data source.jsonl --backends diag kfac --option kfac:fisher_type=empirical \\
+    lalora compare --model ./base --data source.jsonl --backends diag kfac --option kfac:curvature=ef \\
                    --rank 2 --targets q_proj --displacement ./adapter-after-finetuning
 """
 
 
 def add_parser(sub, fmt) -> None:
     """Add the ``compare`` subcommand to ``lalora``'s subparsers."""
-    p = lcli.add_command(sub, "compare", cmd_compare, fmt, EXAMPLES,
-                         help="compare curvature approximations: cost, storage, error vs the exact curvature",
-                         description="Per method: wall time, peak memory, stored bytes and file size, and against an "
-                                     "exact dense GGN/EF (when #LoRA weights <= --max-reference-params) the relative "
-                                     "error of d'Pd along random directions, the reference's top eigenvectors and a "
-                                     "real displacement, the relative Frobenius error per LoRA matrix and the |cos| "
-                                     "between top eigenvectors.",
-                         extra="exit codes: 0 ok, 1 every method failed, 2 bad arguments/paths/files",
-                         check=check_compare_args)
+    p = add_command(sub, "compare", run, fmt, EXAMPLES, vocabulary=vocabulary, check=check,
+                    help="compare curvature approximations: cost, storage, error vs the exact curvature",
+                    description="Per method: wall time, peak memory, stored bytes and file size, and against an "
+                                "exact dense GGN/EF (when #LoRA weights <= --max-reference-params) the relative "
+                                "error of d'Pd along random directions, the reference's top eigenvectors and a "
+                                "real displacement, the relative Frobenius error per LoRA matrix and the |cos| "
+                                "between top eigenvectors.",
+                    extra="exit codes: 0 ok, 1 every method failed, 2 bad arguments/paths/files")
     p.add_argument("precisions", nargs="*", help="precision files to compare without recomputing")
     p.add_argument("--model", help="local model directory (with tokenizer): fit --backends on it now")
     p.add_argument("--data", help="source data file (.jsonl/.json records with 'text' or 'prompt'+'completion')")
@@ -54,8 +56,8 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--save-dir", help="keep the fitted precisions (and the reference) here as .lalora files")
     p.add_argument("--out", help="write the result as .json or .md")
     p.add_argument("--plot", help="PNG of the errors per method; the spectra go to <stem>_spectra.png")
-    lcli._lora_flags(p)
-    lcli._data_flags(p)
+    lora_flags(p)
+    data_flags(p)
     for action in p._actions:
         if action.dest == "seed":
             action.help = "seed of the LoRA init and of the random directions (default 0)"
@@ -67,10 +69,10 @@ def parse_backend_options(items, names) -> dict[str, dict]:
     for item in items:
         backend, sep, kv = item.partition(":")
         if not sep or "=" not in kv:
-            raise lcli.UsageError(f"--option {item!r}: use BACKEND:KEY=VALUE, e.g. kfac:fisher_type=empirical")
+            raise UsageError(f"--option {item!r}: use BACKEND:KEY=VALUE, e.g. kfac:curvature=ef")
         if backend not in names:
-            raise lcli.UsageError(f"--option {item!r}: backend {backend!r} is not in --backends ({', '.join(names)})")
-        out.setdefault(backend, {}).update(lcli.parse_options([kv]))
+            raise UsageError(f"--option {item!r}: backend {backend!r} is not in --backends ({', '.join(names)})")
+        out.setdefault(backend, {}).update(parse_options([kv]))
     return out
 
 
@@ -78,23 +80,25 @@ def _backend_names(args) -> list[str]:
     return [n for item in (args.backends or ["diag"]) for n in item.split(",") if n]
 
 
-def check_compare_args(args) -> None:
-    """The checks that need no file: flag values, backend names and options (run before anything is loaded)."""
-    from ..backend import get_backend
-    from ..errors import BackendError
+def vocabulary(args, flags) -> Vocabulary:
+    """Library messages name options as ``--option BACKEND:KEY=VALUE`` of the backends compared."""
+    return Vocabulary("compare", flags, backends=_backend_names(args), option_form="backend:key")
 
+
+def check(args) -> None:
+    """The checks that need no file: flag values, backend names and options (run before anything is loaded)."""
     if args.out and Path(args.out).suffix.lower() not in (".json", ".md"):
-        raise lcli.UsageError(f"--out {args.out}: use a .json or .md file name")
+        raise UsageError(f"--out {args.out}: use a .json or .md file name")
     for flag in ("directions", "top_k"):
         if getattr(args, flag) < 1:
-            raise lcli.UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.precisions:
         if args.backends:
-            raise lcli.UsageError("give either precision files or --backends, not both")
+            raise UsageError("give either precision files or --backends, not both")
         return
     names = _backend_names(args)
     if len(set(names)) != len(names):
-        raise lcli.UsageError(f"--backends {' '.join(names)}: a backend is named twice")
+        raise UsageError(f"--backends {' '.join(names)}: a backend is named twice")
     options = parse_backend_options(args.option, names)
     for name in names:  # an unknown or unavailable backend is a row of the table; wrong options are refused now
         try:
@@ -104,34 +108,34 @@ def check_compare_args(args) -> None:
         try:
             cls(**options.get(name, {}))
         except BackendError as e:
-            raise lcli.UsageError(f"--option: {to_cli(e, backend=name)}") from None
+            raise UsageError(f"--option: {to_cli(e, backend=name)}") from None
 
 
 def _check_inputs(args) -> None:
     for f in args.precisions:
         if not Path(f).is_file():
-            raise lcli.UsageError(f"{f}: no such precision file")
+            raise UsageError(f"{f}: no such precision file")
     if args.displacement and not Path(args.displacement).exists():
-        raise lcli.UsageError(f"--displacement {args.displacement}: no such file or directory")
+        raise UsageError(f"--displacement {args.displacement}: no such file or directory")
     if args.out:
-        lcli.check_out(args.out)
+        check_out(args.out)
     if args.plot:
-        lcli.check_out(args.plot, "--plot")
+        check_out(args.plot, "--plot")
 
 
 def _model_and_data(args, precision=None):
     """The model with LoRA (the flags, defaulting to ``precision``'s LoRA setup) and the batches."""
-    records = lcli.read_records(args.data)
-    model, tok = lcli.load_model(args.model, args.dtype)
+    records = read_records(args.data)
+    model, tok = load_model(args.model, args.dtype)
     lora_config = None
     if precision is not None:
-        lcli.check_precision_model(precision, model, f"precision {args.precisions[0]}", args.model)
+        check_precision_model(precision, model, f"precision {args.precisions[0]}", args.model)
         lora_config = (precision.metadata.get("lora_config") or {}).get("default")
-    model = lcli.add_lora(model, args, lora_config)
-    return model, lcli.make_batches(tok, records, args.batch_size, args.max_length)
+    model = add_lora(model, args, lora_config)
+    return model, make_batches(tok, records, args.batch_size, args.max_length)
 
 
-def _run(args):
+def _compare(args):
     max_ref = args.max_reference_params or None
     ref = str(args.reference)
     ref = None if ref.lower() == "none" else ref
@@ -141,20 +145,18 @@ def _run(args):
         model = data = None
         if ref in ("ggn", "ef"):
             if not (args.model and args.data):
-                raise lcli.UsageError(f"--reference {ref} with precision files needs --model and --data "
+                raise UsageError(f"--reference {ref} with precision files needs --model and --data "
                                       "(the same model and LoRA setup the precisions were fitted on)")
-            from ..precision import Precision
-
             model, data = _model_and_data(args, Precision.load(args.precisions[0]))  # its LoRA setup by default
         elif ref == "auto":
             ref = None
         elif ref is not None and not Path(ref).is_file():
-            raise lcli.UsageError(f"--reference {ref}: use ggn, ef, auto, none or an existing precision file")
+            raise UsageError(f"--reference {ref}: use ggn, ef, auto, none or an existing precision file")
         return compare_precisions(args.precisions, reference=ref, model=model, data=data, **common)
     if not (args.model and args.data):
-        raise lcli.UsageError("give precision files, or --model and --data (with --backends)")
+        raise UsageError("give precision files, or --model and --data (with --backends)")
     if ref not in ("ggn", "ef", "auto", None):
-        raise lcli.UsageError(f"--reference {ref!r}: with --model use ggn, ef, auto or none")
+        raise UsageError(f"--reference {ref!r}: with --model use ggn, ef, auto or none")
     names = _backend_names(args)
     options = parse_backend_options(args.option, names)
     model, data = _model_and_data(args)
@@ -162,13 +164,13 @@ def _run(args):
                    save_dir=args.save_dir, progress=not args.quiet, **common)
 
 
-def cmd_compare(args) -> int:
+def run(args) -> int:
     """Run the comparison, print the table, write --out / --plot."""
     _check_inputs(args)
     try:
-        result = _run(args)
+        result = _compare(args)
     except LaloraError as e:  # mismatched precisions, unreadable displacement, ...: the input is at fault
-        raise lcli.UsageError(to_cli(e)) from None
+        raise UsageError(to_cli(e)) from None
     for row in result.rows:  # a backend's failure, in CLI words (table and --out)
         if row.get("error"):
             row["error"] = to_cli(row["error"], backend=row.get("backend"))
@@ -183,16 +185,9 @@ def cmd_compare(args) -> int:
             result.to_json(out)
         print(f"wrote {out}")
     if args.plot:
-        from ..compare_plot import plot_result
+        from ..comparison.plot import plot_result
 
         for path in plot_result(result, args.plot):
             print(f"wrote {path}")
-    return lcli.EXIT_OK if any(r.get("status", "ok") == "ok" for r in result.rows) else lcli.EXIT_FAIL
-
-
-def cli_main(argv=None) -> int:
-    """``lalora compare ARGS`` as a function; returns the exit code."""
-    import sys
-
-    return lcli.main(["compare", *(sys.argv[1:] if argv is None else argv)])
+    return EXIT_OK if any(r.get("status", "ok") == "ok" for r in result.rows) else EXIT_FAIL
 

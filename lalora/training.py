@@ -1,35 +1,48 @@
-"""A plain PyTorch LoRA training loop with an optional LaLoRA penalty (``loss = task + reg()``)."""
+"""A plain PyTorch LoRA training loop with an optional LaLoRA penalty (``loss = task + reg()``).
+
+The task loss goes through the one loss path (``lalora.losses.CausalLMLoss``): the mean over the batch's
+targets of the per-example summed next-token cross-entropy, the targets those of every backend (label
+-100 and padding excluded, a target needs a real input position before it).
+"""
 from __future__ import annotations
 
 import itertools
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .losses import CausalLMLoss, call_model
 
 # decoder-only models whose logits are exactly ``lm_head(last hidden state)`` (no soft-capping or scaling)
 _PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_LOSS = CausalLMLoss()
+
+
+def _token_mean(per_example: torch.Tensor, batch) -> torch.Tensor:
+    return per_example.sum() / _LOSS.labelled_counts(batch).sum().clamp_min(1).to(per_example.device)
 
 
 def _labelled_head_loss(model, batch: dict):
-    """The model's mean next-token cross-entropy with ``lm_head`` applied to the labelled positions
-    only, or None where that is not known to be exact. The arithmetic prompts are ~2/3 of the
-    tokens and unlabelled; on SmolLM2 (49,152-word vocabulary) the head is ~1/5 of a step's work."""
+    """``task_loss`` with ``lm_head`` applied to the labelled positions only
+    (``CausalLMLoss.per_example_from_hidden``), or None where that is not known to be exact. The
+    arithmetic prompts are ~2/3 of the tokens and unlabelled; on SmolLM2 (49,152-word vocabulary) the
+    head is ~1/5 of a step's work."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(base, "config", None), "model_type", None) not in _PLAIN_HEAD_TYPES or "labels" not in batch:
+    if getattr(getattr(base, "config", None), "model_type", None) not in _PLAIN_HEAD_TYPES:
         return None
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = base.model(**inputs).last_hidden_state[:, :-1]
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    logits = base.lm_head(hidden[keep]).float()
-    return F.cross_entropy(logits, targets[keep])
+    b = _LOSS.prepare(batch)
+    hidden = base.model(**b.inputs).last_hidden_state
+    return _token_mean(_LOSS.per_example_from_hidden(hidden, base.lm_head, b), b)
 
 
 def task_loss(model, batch: dict):
-    """Mean token cross-entropy on ``labels`` (-100 ignored), as ``model(**batch).loss``."""
+    """Mean token cross-entropy on ``labels`` (-100 ignored; without labels: the input ids), as
+    ``model(**batch).loss`` on right-padded batches whose pad labels are -100."""
     loss = _labelled_head_loss(model, batch)
-    return model(**batch).loss if loss is None else loss
+    if loss is None:
+        b = _LOSS.prepare(batch)
+        loss = _token_mean(_LOSS.per_example(call_model(model, b), b), b)
+    return loss
 
 
 def train_lora(model, batches: list[dict], steps: int, lr: float = 1e-3, reg=None, progress: bool = True,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LaloraError
+from .errors import LaloraError
 
 
 def load_model(path, dtype: str = "float32"):

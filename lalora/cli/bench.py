@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_inputs import UsageError
-from .cli_vocab import to_cli
+from ..errors import LaloraError
+from .common import EXIT_OK, UsageError, add_command
+from .vocab import to_cli
 
 
 def bench_config(args):
     """The ``BenchConfig`` of the flags (no file is read)."""
-    from .bench.run import METHODS, BenchConfig
+    from ..bench.run import METHODS, BenchConfig
 
     kw = {}
     if args.methods:
@@ -29,10 +30,19 @@ def bench_config(args):
     if args.model:
         kw["model"] = args.model
     kw["source"] = args.source
-    kw["evaluator"] = args.eval
-    if args.eval == "lm-eval":  # before the model loads: is lm-eval installed?
-        from .errors import LaloraError
-        from .evaluation.harness import require_lm_eval
+    kw.update(_evaluator(args))
+    kw["progress"] = not args.quiet
+    if args.quick and args.full:
+        raise UsageError("--quick and --full exclude each other")
+    return BenchConfig.quick(**kw) if args.quick else BenchConfig.full(**kw) if args.full else BenchConfig(**kw)
+
+
+def _evaluator(args) -> dict:
+    """``--eval``, ``--eval-tasks``, ``--eval-limit`` as ``BenchConfig`` fields; with ``--eval lm-eval``, checks that
+    lm-eval is installed (before the model loads)."""
+    kw = {"evaluator": args.eval}
+    if args.eval == "lm-eval":
+        from ..evaluation.harness import require_lm_eval
 
         try:
             require_lm_eval()
@@ -41,17 +51,16 @@ def bench_config(args):
     if args.eval_tasks or args.eval_limit is not None:
         if args.eval != "lm-eval":
             raise UsageError("--eval-tasks and --eval-limit need --eval lm-eval")
-        kw["eval_tasks"], kw["eval_limit"] = tuple(t for t in (args.eval_tasks or "").split(",") if t.strip()), args.eval_limit
-    kw["progress"] = not args.quiet
-    if args.quick and args.full:
-        raise UsageError("--quick and --full exclude each other")
-    return BenchConfig.quick(**kw) if args.quick else BenchConfig.full(**kw) if args.full else BenchConfig(**kw)
+        if args.eval_limit is not None and args.eval_limit < 1:
+            raise UsageError(f"--eval-limit must be >= 1, got {args.eval_limit}")
+        kw["eval_tasks"] = tuple(t.strip() for t in (args.eval_tasks or "").split(",") if t.strip())
+        kw["eval_limit"] = args.eval_limit
+    return kw
 
 
-def cmd_bench(args) -> int:
-    from .bench.plot import pareto_plot
-    from .bench.run import format_table, run_benchmark, save_report
-    from .errors import LaloraError
+def run(args) -> int:
+    from ..bench.plot import pareto_plot
+    from ..bench.run import format_table, run_benchmark, save_report
 
     cfg = bench_config(args)
     if args.model and not Path(args.model).is_dir():
@@ -73,14 +82,11 @@ def cmd_bench(args) -> int:
     pareto_plot(report, outdir / "pareto.png")
     print(table)
     print(f"\nwrote {outdir / 'results.md'}, {outdir / 'results.json'}, {outdir / 'pareto.png'}")
-    return 0
+    return EXIT_OK
 
 
-def add_bench_parser(sub, fmt) -> None:
-    """Add the ``bench`` subcommand to ``lalora``'s subparsers."""
-    from . import cli as lcli
-
-    p = lcli.add_command(sub, "bench", cmd_bench, fmt, """
+def add_parser(sub, fmt) -> None:
+    p = add_command(sub, "bench", run, fmt, """
                         lalora bench                       # the default: 6 methods at strength 1 (~15 min on 2 cores)
                         lalora bench --strengths 0.1,1     # with a strength sweep (~25 min)
                         lalora bench --quick               # CI-sized (a few minutes)

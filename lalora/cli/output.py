@@ -78,7 +78,7 @@ def stdout_closed() -> int:
 
 def jemalloc_hint(progress: bool = True) -> None:
     """On CPU without jemalloc, say how to get it (DESIGN.md: LoRA steps are ~20x slower under glibc malloc)."""
-    from .bench.smollm2 import jemalloc_note
+    from ..allocator import jemalloc_note
 
     note = jemalloc_note()
     if note and progress:

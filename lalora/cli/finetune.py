@@ -16,14 +16,56 @@ import math
 import sys
 from pathlib import Path
 
-from .cli_inputs import UsageError, add_lora, check_out, check_precision_model, load_model, make_batches, read_records
-from .cli_output import jemalloc_hint
-from .cli_vocab import to_cli
+from ..errors import BackendError, ModelMismatchError, PrecisionFileError
+from ..precision import Precision
+from ..regularizer import LaLoRARegularizer
+from ..validation import match_to_model
+from .common import EXIT_OK, UsageError, add_command, data_flags, lora_flags
+from .inputs import add_lora, check_out, check_precision_model, load_model, make_batches, read_records
+from .output import jemalloc_hint
+from .vocab import to_cli
 
 ANCHOR_MODES = ("keep", "reset", "check")
 
 
-def check_finetune_args(args) -> None:
+EXAMPLES = """
+    lalora finetune --model ./base --data task.jsonl --precision p.lalora --strength 1e3 --out adapter/
+    lalora finetune --model ./base --data task.jsonl --out adapter/ --steps 200   # plain LoRA
+    lalora finetune --model ./base --data more.jsonl --precision p.lalora --adapter adapter/ --out adapter2/   # train on
+"""
+
+
+def add_parser(sub, fmt) -> None:
+    p = add_command(sub, "finetune", run, fmt, EXAMPLES, check=check,
+                    help="LoRA fine-tuning with the LaLoRA penalty (plain PyTorch loop)",
+                    description="Train LoRA on the target data with loss = task + (strength/2) d^T P d, starting "
+                                "from the precision's theta0 (or, with --adapter, from the adapter: see --anchor); "
+                                "saves the peft adapter. Without --precision: plain LoRA.")
+    p.add_argument("--model", required=True, help="local model directory (with tokenizer)")
+    p.add_argument("--data", required=True, help="target data file (.jsonl/.json)")
+    p.add_argument("--precision", help="precision file from `lalora fit` (LoRA settings default to the ones it was fitted with)")
+    p.add_argument("--strength", type=float, default=1e3, help="penalty strength lambda (default 1e3)")
+    p.add_argument("--form", default="linearized", choices=["linearized", "effective-weight"], help="penalty form")
+    p.add_argument("--anchor", choices=ANCHOR_MODES,
+                   help="where training starts (the penalty always pulls towards the precision's theta0): keep: the "
+                        "loaded weights (default with --adapter), reset: theta0 (default without), check: refuse "
+                        "loaded weights that are not theta0")
+    p.add_argument("--non-strict", action="store_true",
+                   help="apply the precision to the LoRA matrices that match the model and leave the others "
+                        "unconstrained (default: refuse any mismatch)")
+    p.add_argument("--prior-precision", type=float,
+                   help="delta added to the precision in the penalty (default: the precision's own)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--uncovered", choices=["warn", "error", "ignore"], default="warn",
+                   help="trainable tensors the precision does not cover (embedding LoRA, modules_to_save, ...): "
+                        "warn naming them (default), stop with an error, or ignore them")
+    lora_flags(p)
+    data_flags(p)
+
+
+def check(args) -> None:
     """The checks that need no file (run before anything is loaded)."""
     if not (args.strength >= 0 and math.isfinite(args.strength)):
         raise UsageError(f"--strength must be a finite number >= 0, got {args.strength}")
@@ -41,26 +83,22 @@ def check_finetune_args(args) -> None:
 
 
 def _load_precision(path):
-    import lalora
-
     if not Path(path).is_file():
         raise UsageError(f"--precision {path}: no such file")
     try:
-        return lalora.Precision.load(path)
-    except (lalora.PrecisionFileError, ValueError, OSError) as e:
+        return Precision.load(path)
+    except (PrecisionFileError, ValueError, OSError) as e:
         raise UsageError(f"--precision {path}: not a readable precision file ({to_cli(e)})") from None
 
 
 def _regularizer(model, precision, args):
-    import lalora
-    from .validation import match_to_model
-
     try:
         if args.non_strict:  # keep the blocks that match; lalora warns what is left out
             precision = match_to_model(precision, model, strict=False)
-        return lalora.LaLoRARegularizer(model, precision, strength=args.strength, form=args.form,
-                                        prior_precision=args.prior_precision, check_anchor=False)
-    except (lalora.ModelMismatchError, lalora.BackendError, ValueError) as e:
+        return LaLoRARegularizer(model, precision, strength=args.strength, form=args.form,
+                                 prior_precision=args.prior_precision, check_anchor=False, uncovered=args.uncovered,
+                                 _caller="lalora finetune")
+    except (ModelMismatchError, BackendError, ValueError) as e:
         raise UsageError(f"--precision {args.precision} does not fit this model/LoRA setup: {to_cli(e)}") from None
 
 
@@ -104,10 +142,10 @@ def start_point(reg, precision, args) -> str | None:
             "Pass --anchor reset to start from theta0 instead")
 
 
-def cmd_finetune(args) -> int:
+def run(args) -> int:
     import torch
 
-    from .bench.train import train_lora
+    from ..training import train_lora
 
     out = check_out(args.out)
     records = read_records(args.data)
@@ -135,24 +173,5 @@ def cmd_finetune(args) -> int:
             msg += f"; penalty {float(reg()):.4g}"
     print(msg)
     print(f"wrote adapter to {out}")
-    return 0
+    return EXIT_OK
 
-
-def add_finetune_flags(p) -> None:
-    p.add_argument("--model", required=True, help="local model directory (with tokenizer)")
-    p.add_argument("--data", required=True, help="target data file (.jsonl/.json)")
-    p.add_argument("--precision", help="precision file from `lalora fit` (LoRA settings default to the ones it was fitted with)")
-    p.add_argument("--strength", type=float, default=1e3, help="penalty strength lambda (default 1e3)")
-    p.add_argument("--form", default="linearized", choices=["linearized", "effective-weight"], help="penalty form")
-    p.add_argument("--anchor", choices=ANCHOR_MODES,
-                   help="where training starts (the penalty always pulls towards the precision's theta0): keep: the "
-                        "loaded weights (default with --adapter), reset: theta0 (default without), check: refuse "
-                        "loaded weights that are not theta0")
-    p.add_argument("--non-strict", action="store_true",
-                   help="apply the precision to the LoRA matrices that match the model and leave the others "
-                        "unconstrained (default: refuse any mismatch)")
-    p.add_argument("--prior-precision", type=float,
-                   help="delta added to the precision in the penalty (default: the precision's own)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--out", required=True, help="output adapter directory")

@@ -111,11 +111,11 @@ class Vocabulary:
 
 
 def _backend_options(name: str) -> list[str]:
-    from .backend import get_backend
-    from .errors import BackendError
+    from ..backend import get_backend
+    from ..errors import BackendError
 
     try:
-        return list(get_backend(name).default_options)
+        return list(get_backend(name).Options.accepted_names())  # deprecated names too: their warnings are CLI words
     except BackendError:
         return []
 

@@ -1,16 +1,17 @@
 """``lalora eval``: a model directory, with or without a peft adapter, through lm-evaluation-harness
-(``lalora.evaluation.evaluate``); writes lm-eval's results JSON and prints its table.
-
-Self-contained: ``add_parser(subparsers, formatter_class)`` adds the subcommand, whose ``run(args)``
-returns the exit code; errors are ``UsageError`` (exit 2) naming the flag at fault.
+(``lalora.evaluation.evaluate``); writes lm-eval's results JSON and prints its table. lm-eval (the ``eval``
+extra) is imported only when the command runs.
 """
 from __future__ import annotations
 
 import logging
 import os
-import textwrap
+import re
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..errors import DataError, LaloraError
+from .common import EXIT_OK, UsageError, add_command
 
 EXAMPLES = """
     lalora eval --model ./base --tasks lalora_source,lalora_arithmetic          # offline: the benchmark's data
@@ -20,19 +21,14 @@ EXAMPLES = """
 """
 
 
-def add_parser(sub, fmt=None):
-    """Add ``eval`` to ``lalora``'s subparsers; returns the parser."""
-    import argparse
-
-    epilog = "examples:\n" + textwrap.indent(textwrap.dedent(EXAMPLES).strip(), "  ")
-    p = sub.add_parser("eval", help="evaluate a model (+ peft adapter) with lm-evaluation-harness tasks",
-                       formatter_class=fmt or argparse.RawDescriptionHelpFormatter, epilog=epilog,
-                       description="Run lm-evaluation-harness (pip install \"lalora[eval]\") on a base model, with or "
-                                   "without a peft adapter: lalora's own offline tasks (lalora_source: perplexity of "
-                                   "held-out source text; lalora_arithmetic: the benchmark's target task), any lm-eval "
-                                   "task by name, or 'forgetting' (hellaswag, arc_challenge, winogrande: Biderman et "
-                                   "al. 2024). Writes lm-eval's results JSON.")
-    p.set_defaults(func=run, check=check)
+def add_parser(sub, fmt) -> None:
+    p = add_command(sub, "eval", run, fmt, EXAMPLES, check=check,
+                    help="evaluate a model (+ peft adapter) with lm-evaluation-harness tasks",
+                    description="Run lm-evaluation-harness (pip install \"lalora[eval]\") on a base model, with or "
+                                "without a peft adapter: lalora's own offline tasks (lalora_source: perplexity of "
+                                "held-out source text; lalora_arithmetic: the benchmark's target task), any lm-eval "
+                                "task by name, or 'forgetting' (hellaswag, arc_challenge, winogrande: Biderman et "
+                                "al. 2024). Writes lm-eval's results JSON.")
     p.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
     p.add_argument("--adapter", help="peft adapter directory to evaluate on top of --model")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names; 'forgetting' = "
@@ -55,33 +51,25 @@ def add_parser(sub, fmt=None):
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16, float16")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no info logs")
-    return p
-
-
-def _usage(msg):
-    from ..cli_inputs import UsageError
-
-    return UsageError(msg)
 
 
 def check(args) -> None:
     """The checks that need no file (run before anything is loaded)."""
-    from .harness import task_names
-    from ..errors import LaloraError
+    from ..evaluation.harness import task_names
 
     try:
         task_names(args.tasks)
     except LaloraError as e:
-        raise _usage(_cli_words(str(e))) from None
+        raise UsageError(_cli_words(str(e))) from None
     for flag, v in (("--batch-size", args.batch_size), ("--n-source-eval", args.n_source_eval),
                     ("--n-target-eval", args.n_target_eval), ("--source-max-length", args.source_max_length),
                     ("--max-length", args.max_length)):
         if v is not None and v < 1:
-            raise _usage(f"{flag} must be >= 1, got {v}")
+            raise UsageError(f"{flag} must be >= 1, got {v}")
     if args.limit is not None and not args.limit > 0:
-        raise _usage(f"--limit must be > 0, got {args.limit}")
+        raise UsageError(f"--limit must be > 0, got {args.limit}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise _usage(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+        raise UsageError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
 
 
 @contextmanager
@@ -107,30 +95,29 @@ def _quiet_lm_eval(enabled: bool):
 def check_paths(args) -> None:
     """The model, adapter, task folders and output path exist where they must."""
     if not Path(args.model).is_dir():
-        raise _usage(f"--model {args.model}: no such directory")
+        raise UsageError(f"--model {args.model}: no such directory")
     if not (Path(args.model) / "config.json").is_file():
-        raise _usage(f"--model {args.model}: not a model directory (no config.json); save one with save_pretrained")
+        raise UsageError(f"--model {args.model}: not a model directory (no config.json); save one with save_pretrained")
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise _usage(f"--adapter {args.adapter}: not a peft adapter directory (no adapter_config.json)")
+        raise UsageError(f"--adapter {args.adapter}: not a peft adapter directory (no adapter_config.json)")
     for d in args.include_path or []:
         if not Path(d).is_dir():
-            raise _usage(f"--include-path {d}: no such directory")
+            raise UsageError(f"--include-path {d}: no such directory")
     out = Path(args.out)
     if out.is_dir():
-        raise _usage(f"--out {args.out} is a directory; name the results file")
+        raise UsageError(f"--out {args.out} is a directory; name the results file")
     if not out.parent.exists():
-        raise _usage(f"--out {args.out}: folder {out.parent} does not exist")
+        raise UsageError(f"--out {args.out}: folder {out.parent} does not exist")
 
 
 def run(args) -> int:
-    from ..errors import DataError, LaloraError
-    from .harness import evaluate, require_lm_eval
+    from ..evaluation.harness import evaluate, require_lm_eval
 
     check_paths(args)
     try:
         require_lm_eval()
     except LaloraError as e:
-        raise _usage(str(e)) from None
+        raise UsageError(str(e)) from None
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
     kwargs = {k: v for k, v in (("limit", limit), ("num_fewshot", args.num_fewshot)) if v is not None}
     options = {"source": args.source, "seed": args.seed, "n_source_eval": args.n_source_eval,
@@ -142,7 +129,7 @@ def run(args) -> int:
                                log_samples=args.log_samples, batch_size=args.batch_size, device=args.device,
                                dtype=args.dtype, max_length=args.max_length, **kwargs)
         except (DataError, LaloraError) as e:
-            raise _usage(_cli_words(str(e))) from None
+            raise UsageError(_cli_words(str(e))) from None
     from lm_eval.utils import make_table
 
     print(make_table(results))
@@ -151,7 +138,7 @@ def run(args) -> int:
         print(f"forgetting protocol (Biderman et al. 2024): mean {score['metric']} {score['mean']:.4f} over "
               + ", ".join(f"{t} {v:.4f}" for t, v in score["tasks"].items()))
     print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
 
 
 _FLAGS = {"data_dir": "--data-dir", "include_path": "--include-path", "tasks": "--tasks", "adapter": "--adapter",
@@ -161,6 +148,4 @@ _FLAGS = {"data_dir": "--data-dir", "include_path": "--include-path", "tasks": "
 def _cli_words(msg: str) -> str:
     """lalora.evaluate's argument names (``data_dir``, ``include_path=``, ...) at the start of the message or
     of a clause, as this command's flags."""
-    import re
-
     return re.sub(r"(^|; |: )(" + "|".join(_FLAGS) + r")=?(?=[ :])", lambda m: m.group(1) + _FLAGS[m.group(2)], msg)

@@ -8,6 +8,11 @@ import json
 import math
 from pathlib import Path
 
+from ..atomic_file import atomic_write_text
+from ..errors import DataError
+from .common import UsageError
+from .inputs import make_batches
+
 GEN_FLAGS = ("--source-prompts", "--temperature", "--source-length", "--source-seed", "--save-source")
 
 
@@ -25,36 +30,30 @@ def add_source_flags(p) -> None:
     g.add_argument("--save-source", metavar="FILE", help="also write the generated texts as .jsonl (reusable with --data)")
 
 
-def _usage_error(msg):
-    from ..cli_inputs import UsageError
-
-    return UsageError(msg)
-
-
-def check_source_flags(args, usage_error=_usage_error) -> None:
+def check_source_flags(args) -> None:
     """Exactly one of --data / --source-from-model; generation flags only with --source-from-model."""
     n = getattr(args, "source_from_model", None)
     if args.data is None and n is None:
-        raise usage_error("give the source data: --data FILE or --source-from-model N")
+        raise UsageError("give the source data: --data FILE or --source-from-model N")
     if args.data is not None and n is not None:
-        raise usage_error("--data and --source-from-model exclude each other")
+        raise UsageError("--data and --source-from-model exclude each other")
     if n is None:
         given = [f for f in GEN_FLAGS if getattr(args, f[2:].replace("-", "_"), None) is not None]
         if given:
-            raise usage_error(f"{given[0]} needs --source-from-model N")
+            raise UsageError(f"{given[0]} needs --source-from-model N")
         return
     if n < 1:
-        raise usage_error(f"--source-from-model must be >= 1, got {n}")
+        raise UsageError(f"--source-from-model must be >= 1, got {n}")
     t = args.temperature
     if t is not None and not (t >= 0 and math.isfinite(t)):
-        raise usage_error(f"--temperature must be a finite number >= 0, got {t}")
+        raise UsageError(f"--temperature must be a finite number >= 0, got {t}")
     if args.source_length is not None and args.source_length < 1:
-        raise usage_error(f"--source-length must be >= 1, got {args.source_length}")
+        raise UsageError(f"--source-length must be >= 1, got {args.source_length}")
     if args.source_prompts is not None and not Path(args.source_prompts).is_file():
-        raise usage_error(f"--source-prompts {args.source_prompts}: no such file")
+        raise UsageError(f"--source-prompts {args.source_prompts}: no such file")
 
 
-def read_prompts(path, usage_error=_usage_error) -> list[str]:
+def read_prompts(path) -> list[str]:
     """Prompts from a .txt file (one per non-empty line) or a .jsonl file ('prompt' or 'text' per record)."""
     p = Path(path)
     lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -66,13 +65,13 @@ def read_prompts(path, usage_error=_usage_error) -> list[str]:
             try:
                 rec = json.loads(ln)
             except json.JSONDecodeError as e:
-                raise usage_error(f"--source-prompts {path}: line {i} is not valid JSON ({e.msg})") from None
+                raise UsageError(f"--source-prompts {path}: line {i} is not valid JSON ({e.msg})") from None
             value = rec.get("prompt", rec.get("text")) if isinstance(rec, dict) else None
             if not isinstance(value, str):
-                raise usage_error(f"--source-prompts {path}: record {i} needs a string 'prompt' or 'text' field")
+                raise UsageError(f"--source-prompts {path}: record {i} needs a string 'prompt' or 'text' field")
             prompts.append(value)
     if not prompts:
-        raise usage_error(f"--source-prompts {path}: no prompts")
+        raise UsageError(f"--source-prompts {path}: no prompts")
     return prompts
 
 
@@ -86,19 +85,15 @@ def file_source(path, records) -> dict:
 def source_batches(args, model, tokenizer, records):
     """``(batches, metadata["source"])``: of the ``--data`` records, or generated (``--source-from-model``)."""
     if records is not None:
-        from ..cli_inputs import make_batches
-
         return make_batches(tokenizer, records, args.batch_size, args.max_length), file_source(args.data, records)
     return generated_source_batches(args, model, tokenizer)
 
 
-def generated_source_batches(args, model, tokenizer, usage_error=_usage_error):
+def generated_source_batches(args, model, tokenizer):
     """``(batches, metadata["source"])`` for ``--source-from-model N``; writes ``--save-source`` if given."""
-    from ..errors import DataError
-    from ..evaluation.data import _atomic_write_text
-    from .generate import generate_source
+    from ..surrogate import generate_source
 
-    prompts = read_prompts(args.source_prompts, usage_error) if args.source_prompts else None
+    prompts = read_prompts(args.source_prompts) if args.source_prompts else None
     try:
         src = generate_source(model, tokenizer, args.source_from_model, prompts,
                               temperature=1.0 if args.temperature is None else args.temperature,
@@ -106,16 +101,16 @@ def generated_source_batches(args, model, tokenizer, usage_error=_usage_error):
                               seed=args.seed if args.source_seed is None else args.source_seed,
                               batch_size=args.batch_size)
     except DataError as e:
-        raise usage_error(str(e).replace("generate_source: ", "--source-from-model: ")) from None
+        raise UsageError(str(e).replace("generate_source: ", "--source-from-model: ")) from None
     batches = src.batches(args.batch_size, max_length=args.max_length)
     if not batches:
-        raise usage_error("--source-from-model: every generated text is empty (the model ended at once); "
+        raise UsageError("--source-from-model: every generated text is empty (the model ended at once); "
                           "try --source-prompts or another --temperature")
     info = dict(src.provenance)
     if args.source_prompts:
         info["prompts_file"] = str(Path(args.source_prompts).resolve())
     if args.save_source:
         out = Path(args.save_source)
-        _atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in src.records()))
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in src.records()))
         info["saved_to"] = str(out.resolve())
     return batches, info

@@ -1,0 +1,165 @@
+"""Option values: types in words, text from the command line read by the declared type, checks
+(used by ``lalora.options``)."""
+from __future__ import annotations
+
+import difflib
+import enum
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class OptionText(str):
+    """An option value as typed on a command line: parsed by the declared type when the options are built."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    doc: str = ""
+    choices: tuple | None = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    check: typing.Callable | None = None  # check(value, "option NAME") raises ValueError with a message
+    renamed_from: tuple[str, ...] = ()
+    value_aliases: Mapping = field(default_factory=dict)  # old value -> new value (deprecated)
+
+
+def did_you_mean(name: str, candidates) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``candidates`` (difflib), else ``""``."""
+    match = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+# --- types: readable names, text parsing, checks ----------------------------------------------
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               tuple: "a tuple", dict: "a dict"}
+_CONTAINERS = (list, tuple, dict)
+
+
+def split_optional(hint) -> tuple[object, bool]:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, getattr(types, "UnionType", None)) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return hint, False
+
+
+def is_enum(hint, base=enum.Enum) -> bool:
+    hint, _ = split_optional(hint)
+    return isinstance(hint, type) and issubclass(hint, base)
+
+
+def choices_of(hint, spec: OptionSpec):
+    hint, _ = split_optional(hint)
+    if spec.choices is not None:
+        return spec.choices
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return tuple(hint)
+    return None
+
+
+def type_text(hint, spec: OptionSpec) -> str:
+    """``"int >= 1 or None"``, ``"mc | ef | ggn"``, ``"float > 0"``, ``"any"``..."""
+    base, optional = split_optional(hint)
+    choices = choices_of(hint, spec)
+    if choices:
+        text = " | ".join(str(plain(c)) for c in choices)
+    elif base is typing.Any:
+        text = "any"
+    else:
+        text = getattr(base, "__name__", str(base))
+        bounds = [f"{op} {v:g}" for op, v in ((">=", spec.ge), (">", spec.gt), ("<=", spec.le)) if v is not None]
+        text = " ".join([text, ", ".join(bounds)]) if bounds else text
+    return f"{text} or None" if optional and base is not typing.Any else text
+
+
+def coerce(value, hint, spec: OptionSpec, name: str):
+    """``value`` checked (and converted: text, enum value, int -> float) for ``hint``; ``ValueError`` naming it."""
+    base, optional = split_optional(hint)
+    if isinstance(value, OptionText):
+        value = _from_text(str(value), base, optional, spec, name)
+    if base is typing.Any or (value is None and optional):
+        return value
+    choices = choices_of(hint, spec)
+    if choices is not None:
+        same = [c for c in choices if value == c and isinstance(value, bool) == isinstance(c, bool)]
+        if not same:
+            shown = ", ".join(show(c) for c in choices)
+            raise ValueError(f"option {name}={show(value)} is unknown{did_you_mean(plain(value), map(plain, choices))}"
+                             f"; use one of {shown}")
+        return same[0]
+    origin = typing.get_origin(base)  # list[int] -> list (the items are not checked)
+    expected = base if isinstance(base, type) else origin if isinstance(origin, type) else None
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(expected, lambda v: expected is None or isinstance(v, expected))
+    if not ok(value):
+        raise ValueError(f"option {name} must be {_type_phrase(hint, spec)}, got {show(value)}")
+    if expected is float:
+        value = float(value)
+    for op, bound, good in ((">=", spec.ge, lambda v, b: v >= b), (">", spec.gt, lambda v, b: v > b),
+                            ("<=", spec.le, lambda v, b: v <= b)):
+        if bound is not None and not good(value, bound):
+            raise ValueError(f"option {name} must be {_type_phrase(hint, spec)}, got {show(value)}")
+    if spec.check is not None:
+        spec.check(value, f"option {name}")
+    return value
+
+
+def _type_phrase(hint, spec) -> str:
+    base, optional = split_optional(hint)
+    words = _TYPE_WORDS.get(typing.get_origin(base) or base, getattr(base, "__name__", str(base)))
+    bounds = [f"{op} {v:g}" for op, v in ((">=", spec.ge), (">", spec.gt), ("<=", spec.le)) if v is not None]
+    text = " ".join([words, " and ".join(bounds)]) if bounds else words
+    return text + ((", or None" if bounds else " or None") if optional else "")
+
+
+def _from_text(text: str, base, optional: bool, spec: OptionSpec, name: str):
+    """A command-line value read by the declared type."""
+    t = text.strip()
+    if optional and t.lower() in ("none", "null"):
+        return None
+    if base is typing.Any:  # undeclared type: JSON when it parses (numbers, true, null), else the text
+        try:
+            return json.loads(t)
+        except json.JSONDecodeError:
+            return text
+    if base is bool:
+        words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+        if t.lower() in words:
+            return words[t.lower()]
+        raise ValueError(f"option {name} must be true or false, got {text!r}")
+    if base is int:
+        try:
+            return int(t)
+        except ValueError:
+            raise ValueError(f"option {name} must be {_type_phrase(base, spec)}, got {text!r}") from None
+    if base is float:
+        try:
+            return float(t)
+        except ValueError:
+            raise ValueError(f"option {name} must be {_type_phrase(base, spec)}, got {text!r}") from None
+    container = next((c for c in _CONTAINERS if base is c or typing.get_origin(base) is c), None)
+    if container is not None:  # a list, tuple or dict: JSON text
+        try:
+            value = json.loads(t)
+        except json.JSONDecodeError:
+            raise ValueError(f"option {name} must be {_type_phrase(base, spec)} in JSON, got {text!r}") from None
+        return tuple(value) if container is tuple and isinstance(value, list) else value
+    choices = choices_of(base, spec)
+    if choices:  # the choice whose text is this (numbers and enums too)
+        return next((c for c in choices if str(plain(c)) == t), t)
+    return t
+
+
+def plain(value):
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def show(value) -> str:
+    return repr(plain(value))
