@@ -185,3 +185,15 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def fit_quiet(model, data, backend, **kw):
+    """``lalora.fit_precision`` without a progress bar and without the zero-curvature warning (for tests that
+    compare two fits of the same model, not its initialization)."""
+    import warnings
+
+    import lalora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lalora.ZeroCurvatureWarning)
+        return lalora.fit_precision(model, data, backend=backend, progress=False, **kw)

@@ -32,3 +32,12 @@ def rel_close(a, b, tol: float = F32) -> bool:
     """Same shape and ``rel_diff(a, b) <= tol`` (see the module docstring for the choice of ``tol``)."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     return tuple(a.shape) == tuple(b.shape) and rel_diff(a, b) <= tol
+
+
+def assert_same_precision(p, q, tol: float = F32) -> None:
+    """Two fits of the same data that must agree (the same options spelled two ways, or one computation run
+    twice): same recorded options and curvature, dense matrices equal to round-off, compared norm-wise."""
+    assert p.metadata["backend_options"] == q.metadata["backend_options"]
+    assert p.metadata["curvature"] == q.metadata["curvature"]
+    a, b = p.to_dense(), q.to_dense()
+    assert a.abs().max() > 0 and rel_close(a, b, tol), rel_diff(a, b)

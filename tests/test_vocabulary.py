@@ -3,7 +3,6 @@ files and the comparison; lalora 0.1's names still work with a deprecation warni
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -12,24 +11,9 @@ import lalora
 from lalora import Curvature, LaloraDeprecationWarning
 from lalora.backends.backpack import BackPACKOptions
 from lalora.backends.kfac import KFACOptions
-from models import randomize_lora_B, tiny_lora_llama, token_batches
+from numerics import assert_same_precision
+from models import fit_quiet, randomize_lora_B, tiny_lora_llama, token_batches
 from test_backpack import class_batches, seq_lora_mlp
-
-# the same computation run twice in one process: only a reordered reduction could differ, by round-off
-SAME = 1e-6
-
-
-def _fit(model, data, backend, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", lalora.ZeroCurvatureWarning)
-        return lalora.fit_precision(model, data, backend=backend, progress=False, **kw)
-
-
-def _same(p, q):
-    assert p.metadata["backend_options"] == q.metadata["backend_options"]
-    assert p.metadata["curvature"] == q.metadata["curvature"]
-    a, b = p.to_dense(), q.to_dense()
-    assert a.abs().max() > 0 and torch.allclose(a, b, rtol=SAME, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +62,9 @@ def test_lalora_backends_lists_curvature_and_typed_options(capsys):
 def test_block_and_backpack_old_names_same_result(llama):
     data = token_batches(1, pad=True, mask_prompt=True)
     with pytest.warns(LaloraDeprecationWarning) as caught:
-        old = _fit(llama, data, "block", options={"curvature": "empirical_fisher", "form": "factored"})
+        old = fit_quiet(llama, data, "block", options={"curvature": "empirical_fisher", "form": "factored"})
     assert any("option form is deprecated, use storage" in str(w.message) for w in caught)
-    _same(old, _fit(llama, data, "block", options={"curvature": "ef", "storage": "factored"}))
+    assert_same_precision(old, fit_quiet(llama, data, "block", options={"curvature": "ef", "storage": "factored"}))
     assert old.metadata["block_forms"] and set(old.metadata["block_forms"].values()) == {"factored"}
 
     model = seq_lora_mlp(init="orthogonal")
@@ -93,8 +77,8 @@ def test_block_and_backpack_old_names_same_result(llama):
              ({"curvature": "ggn", "kron_block": "kfac"}, {"curvature": "ggn"})]  # 0.1: kron_block ignored for a diagonal
     for old_opts, new_opts in pairs:
         with pytest.warns(LaloraDeprecationWarning):
-            old = _fit(model, cdata, "backpack", loss="classification", options=old_opts)
-        _same(old, _fit(model, cdata, "backpack", loss="classification", options=new_opts))
+            old = fit_quiet(model, cdata, "backpack", loss="classification", options=old_opts)
+        assert_same_precision(old, fit_quiet(model, cdata, "backpack", loss="classification", options=new_opts))
     assert BackPACKOptions(curvature="mc").to_dict() == {"curvature": "mc", "structure": "diag", "mc_samples": 1, "seed": 0}
     with pytest.raises(lalora.BackendError, match="kron_block"):
         lalora.get_backend("backpack")(curvature="ggn", kron_block="tri-kfac")
