@@ -10,7 +10,7 @@ included: tests/test_layering.py checks both): the foundations (``errors``, ``bl
 ``losses``, ``data``, ``options``, ...), the precision (``fileformat``, ``validation``, ``backend``, then ``precision``),
 what uses a precision (``fit``, ``regularizer``, ``penalty``, ``integrations``, ...), the backends
 (``lalora.backends``, reached through the registry only) and the tools (``comparison``, ``bench``, ``evaluation``,
-``surrogate``, ``cli``).
+``surrogate``, ``sweep``, ``cli``).
 """
 from .adapters import LoraAdapter, find_lora_adapters
 from .backend import CurvatureBackend, FitContext, get_backend, list_backends, register_backend
@@ -31,7 +31,7 @@ __all__ = [
     "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
     "PrecisionFileError", "UncoveredParameterError", "UncoveredParameterWarning", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
     "list_backends", "register_backend", "register_block", "__version__", "compress", "LaLoRATrainer", "regularized", "compare", "compare_precisions",
-    "evaluate",
+    "evaluate", "sweep_strengths",
 ]
 
 
@@ -45,4 +45,8 @@ def __getattr__(name):
         from .evaluation import evaluate
 
         return evaluate
+    if name == "sweep_strengths":  # choosing the strength (docs/strength.md)
+        from .sweep import sweep_strengths
+
+        return sweep_strengths
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

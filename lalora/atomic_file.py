@@ -57,6 +57,11 @@ def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding=encoding))
 
 
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write a binary file (a PNG plot) atomically, as ``atomic_save_file`` does (temp file, fsync, rename)."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def _atomic_write(path, write) -> None:
     """``write(tmp)`` fills a temp file next to ``path``, which is then synced and renamed over ``path``."""
     path = Path(path)
