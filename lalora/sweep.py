@@ -3,7 +3,7 @@ target and the held-out source loss after each run, and report the front and the
 source loss rose by at most a tolerance.
 
     report = lalora.sweep_strengths(model, precision, train_batches, source_eval=src_heldout,
-                                    target_eval=tgt_heldout, strengths=(0.1, 1, 10, 100), steps=50,
+                                    target_eval=tgt_heldout, strengths=(0, 0.01, 0.1, 1, 10), steps=50,
                                     max_source_increase=0.05)
     report["best"]["strength"]      # then train for real at that strength (normalize="mean-diagonal")
 
@@ -46,7 +46,7 @@ class SweepPoint:
 def _check(strengths, steps, max_source_increase) -> list[float]:
     out = [float(s) for s in strengths]
     if not out:
-        raise ValueError("strengths is empty: give a few, e.g. (0.1, 1, 10, 100)")
+        raise ValueError("strengths is empty: give a few, e.g. (0, 0.01, 0.1, 1, 10)")
     bad = [s for s in out if not (s >= 0 and math.isfinite(s))]
     if bad:
         raise ValueError(f"strengths must be finite numbers >= 0, got {bad[0]}")
@@ -58,7 +58,7 @@ def _check(strengths, steps, max_source_increase) -> list[float]:
 
 
 def sweep_strengths(model, precision, train_batches, *, source_eval, target_eval=None, target_metric=None,
-                    strengths=(0.1, 1.0, 10.0, 100.0), steps: int = 50, lr: float = 1e-3,
+                    strengths=(0.0, 0.01, 0.1, 1.0, 10.0), steps: int = 50, lr: float = 1e-3,
                     normalize: str | None = "mean-diagonal", form: str = "linearized", prior_precision=None,
                     max_source_increase: float = 0.05, seed: int = 0, progress: bool = False,
                     uncovered: str = "warn") -> dict:
