@@ -36,7 +36,7 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--source-eval", required=True,
                    help="held-out source data (.jsonl/.json; not the data the precision was fitted on)")
     p.add_argument("--strengths", default="0,0.01,0.1,1,10",
-                   help="comma-separated strengths (default 0,0.1,1,10,100; 0 = plain LoRA, the reference)")
+                   help="comma-separated strengths (default 0,0.01,0.1,1,10; 0 = plain LoRA, the reference)")
     p.add_argument("--normalize", choices=["none", "mean-diagonal"], default="mean-diagonal",
                    help="mean-diagonal (default): strengths in multiples of the precision's mean diagonal; none: raw "
                         "lambdas")
