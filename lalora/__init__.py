@@ -9,7 +9,8 @@ Behind it, bottom to top (a module imports its own group or lower ones; no impor
 included: tests/test_layering.py checks both): the foundations (``errors``, ``blocks``, ``adapters``,
 ``losses``, ``data``, ``options``, ...), the precision (``fileformat``, ``validation``, ``backend``, then ``precision``),
 what uses a precision (``fit``, ``regularizer``, ``penalty``, ``integrations``, ...), the backends
-(``lalora.backends``, reached through the registry only) and the tools (``comparison``, ``bench``, ``cli``).
+(``lalora.backends``, reached through the registry only) and the tools (``comparison``, ``bench``, ``evaluation``,
+``surrogate``, ``sweep``, ``cli``).
 """
 from .adapters import LoraAdapter, find_lora_adapters
 from .backend import CurvatureBackend, FitContext, get_backend, list_backends, register_backend
@@ -30,6 +31,7 @@ __all__ = [
     "FitContext", "LaLoRARegularizer", "LaloraError", "LoraAdapter", "ModelMismatchError", "Precision",
     "PrecisionFileError", "UncoveredParameterError", "UncoveredParameterWarning", "ZeroCurvatureWarning", "find_lora_adapters", "fit_precision", "get_backend",
     "list_backends", "register_backend", "register_block", "__version__", "compress", "LaLoRATrainer", "regularized", "compare", "compare_precisions",
+    "evaluate", "sweep_strengths",
 ]
 
 
@@ -39,4 +41,12 @@ def __getattr__(name):
         from .integrations.trainer import LaLoRATrainer
 
         return LaLoRATrainer
+    if name == "evaluate":  # lm-evaluation-harness (the 'eval' extra) is imported when it runs
+        from .evaluation import evaluate
+
+        return evaluate
+    if name == "sweep_strengths":  # choosing the strength (docs/strength.md)
+        from .sweep import sweep_strengths
+
+        return sweep_strengths
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,7 @@
-"""Atomic writes of safetensors files (precision files, fit checkpoints): nothing on disk is lost when a
-write is interrupted. The new file is written next to the target, synced and renamed over it; temp files of
-writers that were killed are removed by the next write."""
+"""Atomic writes of safetensors files (precision files, fit checkpoints) and text files (lm-eval task data
+and results, generated source data): nothing on disk is lost when a write is interrupted. The new file is
+written next to the target, synced and renamed over it; temp files of writers that were killed are removed
+by the next write."""
 from __future__ import annotations
 
 import os
@@ -47,14 +48,29 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     """Write a safetensors file atomically: temp file ``.<name>.<pid>.*.tmp`` in the same
     folder, fsync, ``os.replace`` over ``path``. An exception removes the temp file; a killed
     process leaves it, and the next save to ``path`` deletes it (its pid is no longer alive)."""
+    tensors = _unaliased(tensors)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
+    """Write a text file atomically, as ``atomic_save_file`` does (temp file, fsync, rename)."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding=encoding))
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write a binary file (a PNG plot) atomically, as ``atomic_save_file`` does (temp file, fsync, rename)."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _atomic_write(path, write) -> None:
+    """``write(tmp)`` fills a temp file next to ``path``, which is then synced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
-    tensors = _unaliased(tensors)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

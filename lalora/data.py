@@ -7,6 +7,7 @@ are not counted in N (reported as ``skipped_examples``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from typing import Iterable, Iterator
 
@@ -22,6 +23,20 @@ logger = logging.getLogger("lalora")
 def _is_single_batch(data) -> bool:
     return isinstance(data, (dict, Tensor)) or (
         isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data))
+
+
+def source_metadata(source, caller: str = "fit_precision") -> dict | None:
+    """``fit_precision(source=...)`` (where the source data came from) as stored in ``metadata["source"]``: a
+    copy through JSON, so the precision file can hold it; ``DataError`` if it is not a JSON-able dict."""
+    if source is None:
+        return None
+    try:
+        copy = json.loads(json.dumps(source, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{caller}(source=...) must be a JSON-able dict: {e}") from None
+    if not isinstance(copy, dict):
+        raise DataError(f"{caller}(source=...) must be a dict, got {type(source).__name__}")
+    return copy
 
 
 def _to_device(obj, device):

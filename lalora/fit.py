@@ -14,7 +14,7 @@ from torch import nn
 from .adapters import base_model_of, find_lora_adapters, lora_config_summary, lora_parameters, lora_state
 from .backend import CurvatureBackend, FitContext, _distributed, make_backend
 from .coverage import check_coverage, check_uncovered_mode
-from .data import BatchStream, _hash_update, _is_single_batch
+from .data import BatchStream, _hash_update, _is_single_batch, source_metadata
 from .errors import BackendError, DataError
 from .losses import resolve_loss
 from .options import curvature_name
@@ -169,8 +169,8 @@ def _arguments(fn) -> list[str]:
 def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "diag", *, options=None, loss="auto",
                   progress: bool = True, adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
                   shard: str | bool = "auto", skip_nonfinite: bool = False, checkpoint_dir=None,
-                  checkpoint_every: int = 100, tokenizer=None, uncovered: str = "warn", _caller: str = "fit_precision",
-                  **backend_options) -> Precision:
+                  checkpoint_every: int = 100, tokenizer=None, uncovered: str = "warn", source: dict | None = None,
+                  _caller: str = "fit_precision", **backend_options) -> Precision:
     """Estimate the source-loss curvature w.r.t. the LoRA weights at their current values (theta0).
 
     ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``).
@@ -203,11 +203,15 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     train without the penalty: ``uncovered="warn"`` (default) warns with an
     ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
     ``"ignore"`` says nothing.
+
+    ``source``: where the source data came from (a JSON-able dict, e.g. ``SurrogateSource.provenance`` of
+    ``lalora.surrogate.generate_source``), stored as ``metadata["source"]``.
     """
     instance = make_backend(backend, options, backend_options, caller="fit_precision", caller_args=_arguments(fit_precision))
     if prior_precision < 0:
         raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
     check_uncovered_mode(uncovered, _caller)
+    source = source_metadata(source, _caller)
     if skip_nonfinite and not instance.supports_skip_nonfinite:
         raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
                            "(it does not handle skipped batches); drop the option")
@@ -275,6 +279,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         "fit_seconds": round(elapsed, 3),
         **robustness,
         **ctx.metadata,
+        **({"source": source} if source is not None else {}),
     }
     shard = ctx.metadata.get("factor_shard")  # shard_factors: this rank holds the blocks it owns
     if shard is not None:

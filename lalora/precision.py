@@ -100,6 +100,15 @@ class Precision:
                 out[n] = out[n] + v.detach().float().cpu()
         return out
 
+    def mean_diagonal(self, *, include_prior: bool = False) -> float:
+        """The mean of the curvature's diagonal over all LoRA weights in ``param_names`` (weights no block touches
+        count as 0); ``include_prior=True`` adds ``prior_precision`` (the mean diagonal of ``F + delta I``). This is
+        the scale ``LaLoRARegularizer(normalize="mean-diagonal")`` divides the strength by (docs/strength.md)."""
+        d = self.diagonal()
+        n = sum(v.numel() for v in d.values())
+        mean = sum(float(v.double().sum()) for v in d.values()) / max(1, n)
+        return mean + (self.prior_precision if include_prior else 0.0)
+
     def to_dense(self) -> Tensor:
         """Dense ``(n, n)`` matrix over all LoRA weights in ``param_names`` order (small models only)."""
         offsets, i = {}, 0

@@ -26,10 +26,13 @@ from .sharding import FSDP1_REFUSAL, copy_full_, full_value, gathered, sharding_
 from .validation import match_to_model
 
 FORMS = ("linearized", "effective-weight")
+#: ``normalize=``: None (``strength`` is lambda itself) or "mean-diagonal" (lambda = strength / mean diag(P + delta I))
+NORMALIZATIONS = (None, "mean-diagonal")
 
 
 def _rebuild_after_load(module: "LaLoRARegularizer", incompatible_keys) -> None:
     module._set_grouped(module._grouped.rebuilt(module._buffers))
+    module._curvature_mean = module.precision.mean_diagonal()
 
 
 class LaLoRARegularizer(nn.Module):
@@ -42,6 +45,13 @@ class LaLoRARegularizer(nn.Module):
     must be at the precision's anchor when the regularizer is built (``check_anchor``), since
     a precision is only meaningful around the point it was fitted at; ``reset_to_anchor()``
     moves them there.
+
+    Normalization (docs/strength.md): with ``normalize="mean-diagonal"`` the strength is in multiples of the
+    average curvature: the penalty uses ``lambda = strength / scale``, ``scale`` = the mean diagonal of
+    ``P + delta I`` over the LoRA weights the precision covers (``Precision.mean_diagonal``), so the normalized
+    matrix has mean diagonal 1, as ``P = I`` has, and precisions that differ only by a factor (EF vs MC Fisher,
+    sum vs mean, another backend's convention) give the same penalty for the same strength. ``normalize=None``
+    (the default): ``strength`` is lambda. ``reg.scale`` and ``reg.raw_strength`` (lambda) tell the values.
 
     Coverage (docs/concepts.md#coverage): the LoRA weights the precision covers must be trainable
     (all frozen: ``ModelMismatchError``; some frozen: a warning naming them), and every other
@@ -61,12 +71,14 @@ class LaLoRARegularizer(nn.Module):
 
     def __init__(self, model: nn.Module, precision: Precision, strength: float, *, prior_precision: float | None = None,
                  form: str = "linearized", adapter_name=None, check_anchor: bool = True, uncovered: str = "warn",
-                 _caller: str = "LaLoRARegularizer"):
+                 normalize: str | None = None, _caller: str = "LaLoRARegularizer"):
         super().__init__()
         if not isinstance(precision, Precision):
             raise TypeError(f"precision must be a lalora.Precision, got {type(precision).__name__}")
         if form not in FORMS:
             raise ValueError(f"form={form!r} is unknown; use one of {FORMS}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={normalize!r} is unknown; use None or 'mean-diagonal'")
         strength = float(strength)
         if not strength >= 0 or strength == float("inf"):
             raise ValueError(f"strength must be a finite number >= 0, got {strength}")
@@ -94,6 +106,8 @@ class LaLoRARegularizer(nn.Module):
         if self.prior_precision < 0:
             raise ValueError(f"prior_precision must be >= 0, got {self.prior_precision}")
         self.form = form
+        self.normalize = normalize
+        self._curvature_mean = self.precision.mean_diagonal()
         if form == "effective-weight":
             bad = [b.kind for b in self.precision.blocks if not b.supports_effective_weight]
             if bad:
@@ -194,10 +208,23 @@ class LaLoRARegularizer(nn.Module):
         q = self.curvature_term(delta, theta=theta)
         if self.prior_precision:
             q = q + self.prior_precision * sum(d.square().sum() for d in delta.values())
-        return 0.5 * self.strength * q
+        return 0.5 * self.raw_strength * q
+
+    @property
+    def scale(self) -> float:
+        """What the strength is divided by: the mean diagonal of ``P + delta I`` with ``normalize="mean-diagonal"``,
+        else 1."""
+        return self._curvature_mean + self.prior_precision if self.normalize == "mean-diagonal" else 1.0
+
+    @property
+    def raw_strength(self) -> float:
+        """lambda, the factor of ``(1/2) [d^T P d + delta |d|^2]`` in the penalty: ``strength / scale``."""
+        return self.strength / self.scale
 
     def extra_repr(self) -> str:
-        return f"strength={self.strength:g}, form={self.form!r}, prior_precision={self.prior_precision:g}, {self.precision!r}"
+        norm = f", normalize={self.normalize!r} (lambda={self.raw_strength:.4g})" if self.normalize else ""
+        return (f"strength={self.strength:g}{norm}, form={self.form!r}, prior_precision={self.prior_precision:g}, "
+                f"{self.precision!r}")
 
 
 def _active_adapters(model: nn.Module) -> list[str] | None:

@@ -45,6 +45,31 @@ def task_loss(model, batch: dict):
     return loss
 
 
+@torch.no_grad()
+def heldout_loss(model, data, loss="auto") -> float:
+    """The loss on held-out data: the sum over every labelled position of ``data`` (batches as ``fit_precision``
+    takes them) divided by their number -- for a causal LM the mean next-token cross-entropy per token in nats
+    over the whole set (not a mean of batch means), ``log`` of the token perplexity. Eval mode (dropout off); the
+    model's training mode is restored. ``loss`` as in ``fit_precision`` ("auto": inferred from the first batch)."""
+    from .data import BatchStream
+    from .losses import resolve_loss
+
+    device = next(model.parameters()).device
+    stream = BatchStream(data, resolve_loss(loss), device, progress=False, desc="held-out loss")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for b in stream:
+            total += float(stream.loss.per_example(call_model(model, b), b).double().sum())
+            count += int(stream.loss.labelled_counts(b).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the held-out data has no labelled positions (every label is -100?)")
+    return total / count
+
+
 def train_lora(model, batches: list[dict], steps: int, lr: float = 1e-3, reg=None, progress: bool = True,
                desc: str = "train", weight_decay: float = 0.0) -> list[float]:
     """AdamW on the trainable (LoRA) weights for ``steps`` steps, cycling over ``batches``.

@@ -338,3 +338,35 @@ def test_sft_two_processes_equal_hand_computed(tmp_path):
     step, pen, task_part = expected_update(ref, precision, task)
     assert max_abs(pen) > 1e-3 and max_abs(task_part) > 1e-3
     assert diff(got, step) < TOL, diff(got, step)
+
+
+def test_sft_normalized_strength_and_source_loss(tmp_path):
+    """``normalize="mean-diagonal"``: the update equals the hand-computed one with the precision divided by its mean
+    diagonal (the benchmark's rescaling); ``source_eval_dataset=`` logs the held-out source loss."""
+    from lalora.training import heldout_loss
+
+    model, ref, precision = start("kfac", options={"curvature": "ef"})
+    held_out = source_batches(n=2, seed=12)
+    mean = precision.mean_diagonal()
+    # strength STRENGTH * mean: lambda = STRENGTH, so the updates have the other tests' size (TOL's justification)
+    trainer = recording(LaLoRASFTTrainer)(
+        model=model, args=SFTConfig(**common(tmp_path, 1, 4), shuffle_dataset=False), train_dataset=sft_dataset(),
+        processing_class=tokenizer(), precision=precision, strength=STRENGTH * mean, anchor="ignore",
+        normalize="mean-diagonal", source_eval_dataset=held_out)
+    assert trainer.regularizer.raw_strength == pytest.approx(STRENGTH, rel=1e-6)
+    at_start = heldout_loss(model, held_out)
+    before = weights(model)
+    trainer.train()
+    (inputs, _), = trainer.recorded
+
+    def task(m):
+        mask = inputs["labels"][:, 1:] != -100
+        return -(token_logps(m, inputs["input_ids"], inputs["attention_mask"]) * mask).sum() / mask.sum()
+
+    got = {n: w - before[n] for n, w in weights(model).items()}
+    step, pen, _ = expected_update(ref, precision * (1.0 / mean), task, strength=STRENGTH * mean)
+    assert max_abs(pen) > 1e-3 and diff(got, step) < TOL, diff(got, step)
+    logged = [(h["step"], h["source_loss"]) for h in trainer.state.log_history if "source_loss" in h]
+    assert [s for s, _ in logged] == [0, 1]
+    assert logged[0][1] == pytest.approx(at_start, rel=1e-6) and logged[1][1] == pytest.approx(
+        heldout_loss(model, held_out), rel=1e-6)

@@ -1,5 +1,6 @@
 """The precisions the benchmark compares: ``P = I`` (isotropic L2), one fitted precision per backend, each
-rescaled to mean diagonal 1 so that one strength grid is comparable across methods."""
+rescaled to mean diagonal 1 so that one strength grid is comparable across methods: the same as training with
+``LaLoRARegularizer(normalize="mean-diagonal")`` on the fitted precision (docs/strength.md)."""
 from __future__ import annotations
 
 import sys
@@ -41,9 +42,9 @@ def as_tri_kfac(precision):
 
 
 def mean_diagonal(precision) -> float:
-    d = precision.diagonal()
-    total = sum(float(v.double().sum()) for v in d.values())
-    return total / max(1, sum(v.numel() for v in d.values()))
+    """The scale of ``LaLoRARegularizer(normalize="mean-diagonal")`` (``Precision.mean_diagonal``; the benchmark's
+    precisions have no prior precision)."""
+    return precision.mean_diagonal(include_prior=True)
 
 
 def backend_status(name: str) -> tuple[bool, str]:

@@ -45,6 +45,9 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    evaluator: str = "lalora"         # "lm-eval": the same columns computed by lm-evaluation-harness
+    eval_tasks: tuple = ()            # with "lm-eval": more lm-eval tasks per row (e.g. ("forgetting",))
+    eval_limit: int | None = None     # examples per extra task
 
     @classmethod
     def full(cls, **kw):
@@ -68,7 +71,7 @@ class Result:
     strength: float
     target_em: float
     source_ppl: float
-    source_acc: float
+    source_acc: float | None          # None: not measured (--eval lm-eval)
     train_seconds: float
     fit_seconds: float = 0.0
     final_task_loss: float | None = None
@@ -90,19 +93,30 @@ def make_lora_model(base, rank: int, targets, seed: int):
 
 def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) -> dict:
     """Run every (method, strength); ``on_result(partial_report)`` after each run. Returns ``{"config", "baseline", "results", "notes"}``."""
-    from ..adapters import find_lora_adapters, lora_state
-
     _check_config(cfg)
     notes: list[str] = []
     if model is None:
         model, tokenizer = _default_model(cfg, notes)
     torch.manual_seed(cfg.seed)
     data = _Data.of(cfg, tokenizer)
+    if data.evaluator is not None:
+        notes.append("evaluated by lm-eval (tasks lalora_source_conditional, lalora_arithmetic); token accuracy "
+                     "is not measured there (-)")
+    try:
+        return _run_methods(cfg, model, data, notes, on_result)
+    finally:
+        data.close()
+
+
+def _run_methods(cfg: BenchConfig, model, data: "_Data", notes: list[str], on_result) -> dict:
+    """The base model's metrics, then one training run per (method, strength) from the same theta0."""
+    from ..adapters import find_lora_adapters, lora_state
+
     t = time.perf_counter()
     base_metrics = data.evaluate(model)
     baseline = {"method": "base model", **base_metrics, "eval_seconds": time.perf_counter() - t}
     log(f"base model: target EM {base_metrics['target_em']:.3f}, source ppl {base_metrics['source_ppl']:.2f}, "
-        f"acc {base_metrics['source_acc']:.4f}", cfg.progress)
+        f"acc {_acc(base_metrics['source_acc'])}", cfg.progress)
 
     model = make_lora_model(model, cfg.rank, cfg.targets, cfg.seed)
     adapters = find_lora_adapters(model)
@@ -140,6 +154,8 @@ def _check_config(cfg: BenchConfig) -> None:
         raise LaloraError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     if any(not (s >= 0) for s in cfg.strengths):
         raise LaloraError(f"--strengths must be >= 0, got {list(cfg.strengths)}")
+    if cfg.evaluator not in ("lalora", "lm-eval") or (cfg.eval_tasks and cfg.evaluator != "lm-eval"):
+        raise LaloraError(f"--eval {cfg.evaluator!r}: use 'lalora' or 'lm-eval' (--eval-tasks needs --eval lm-eval)")
 
 
 def _default_model(cfg: BenchConfig, notes: list[str]):
@@ -161,13 +177,15 @@ def _default_model(cfg: BenchConfig, notes: list[str]):
 
 @dataclass
 class _Data:
-    """The benchmark's batches: source (surrogate for the fit, held out for evaluation) and target."""
+    """The benchmark's batches: source (surrogate for the fit, held out for evaluation) and target; with
+    ``--eval lm-eval``, the ``evaluator`` that computes the columns through lm-eval (lalora/evaluation/bench.py)."""
 
     tokenizer: object
     src_fit: list
     src_eval: list
     train_batches: list
     test: list
+    evaluator: object = None
 
     @classmethod
     def of(cls, cfg: BenchConfig, tokenizer) -> "_Data":
@@ -177,17 +195,30 @@ class _Data:
         texts = tasks.source_texts(cfg.source, cfg.seed)
         fit_texts, eval_texts = tasks.split_source(texts, cfg.n_source_fit, cfg.n_source_eval)
         train = tasks.arithmetic_set(cfg.n_train, cfg.seed + 1)
+        test = tasks.arithmetic_set(cfg.n_target_eval, cfg.seed + 2)
+        evaluator = None
+        if cfg.evaluator == "lm-eval":
+            from ..evaluation.bench import BenchEvaluator
+
+            evaluator = BenchEvaluator(tokenizer, eval_texts, test, cfg.max_length, extra_tasks=cfg.eval_tasks,
+                                       limit=cfg.eval_limit)
         return cls(tokenizer, text_batches(tokenizer, fit_texts, cfg.batch_size, cfg.max_length),
                    text_batches(tokenizer, eval_texts, 16, cfg.max_length),
-                   completion_batches(tokenizer, [(p, c) for p, c, _ in train], cfg.batch_size, 128),
-                   tasks.arithmetic_set(cfg.n_target_eval, cfg.seed + 2))
+                   completion_batches(tokenizer, [(p, c) for p, c, _ in train], cfg.batch_size, 128), test, evaluator)
 
     def evaluate(self, model) -> dict:
+        """``{"target_em", "source_ppl", "source_acc"}`` (+ ``"extra"`` from lm-eval) of ``model``."""
+        if self.evaluator is not None:
+            return self.evaluator(model)
         from . import tasks
 
         r = tasks.source_metrics(model, self.src_eval)
         r["target_em"] = tasks.target_exact_match(model, self.tokenizer, self.test)
         return r
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
 
 
 def _runs(cfg: BenchConfig) -> list[tuple[str, float]]:
@@ -222,10 +253,16 @@ def _train_run(cfg: BenchConfig, model, method: str, strength: float, fits: dict
     m = data.evaluate(model)
     r = Result(method, strength, m["target_em"], m["source_ppl"], m["source_acc"], train_s,
                fits[key][1] if key else 0.0, losses[-1],
-               extra={"precision_scale": fits[key][0].metadata.get("precision_scale")} if key else {})
+               extra=({"precision_scale": fits[key][0].metadata.get("precision_scale")} if key else {})
+               | m.get("extra", {}))
     log(f"{method:9s} strength {strength:<8g} target EM {r.target_em:.3f}  source ppl {r.source_ppl:.2f}  "
-        f"acc {r.source_acc:.4f}  train {train_s:.0f} s", cfg.progress)
+        f"acc {_acc(r.source_acc)}  train {train_s:.0f} s", cfg.progress)
     return r
+
+
+def _acc(x) -> str:
+    """Token accuracy for the table and logs; "-" where it was not measured (``--eval lm-eval``)."""
+    return "-" if x is None else f"{x:.4f}"
 
 
 def format_table(report: dict) -> str:
@@ -233,10 +270,10 @@ def format_table(report: dict) -> str:
     b = report["baseline"]
     lines = ["| method | strength | target EM | source ppl | source token acc | train s | fit s |",
              "|---|---:|---:|---:|---:|---:|---:|",
-             f"| base model | - | {b['target_em']:.3f} | {b['source_ppl']:.2f} | {b['source_acc']:.4f} | - | - |"]
+             f"| base model | - | {b['target_em']:.3f} | {b['source_ppl']:.2f} | {_acc(b['source_acc'])} | - | - |"]
     for r in report["results"]:
         lines.append(f"| {r['method']} | {r['strength']:g} | {r['target_em']:.3f} | {r['source_ppl']:.2f} | "
-                     f"{r['source_acc']:.4f} | {r['train_seconds']:.0f} | {r['fit_seconds']:.0f} |")
+                     f"{_acc(r['source_acc'])} | {r['train_seconds']:.0f} | {r['fit_seconds']:.0f} |")
     for n in report.get("notes", []):
         lines.append(f"\nnote: {n}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The ``lalora`` command line: ``backends``, ``fit``, ``inspect``, ``compare``, ``finetune``, ``bench``.
+"""The ``lalora`` command line: ``backends``, ``fit``, ``inspect``, ``compare``, ``finetune``, ``sweep``, ``bench``,
+``eval``.
 
 Exit codes: 0 success; 2 bad arguments, paths or input files (the message names the one at
 fault); 1 a failure while running; 130 interrupted; 141 stdout closed by the reader (``| head``).
@@ -7,8 +8,9 @@ Library messages are shown in CLI words (``lalora.cli.vocab``): flags, not Pytho
 The package, top to bottom (a module imports only modules below it, and the library):
 
 - ``__init__``: ``main``, the parser (each subcommand adds its own), running a command;
-- ``backends``, ``fit``, ``inspect``, ``compare``, ``finetune``, ``bench``: one subcommand each
+- ``backends``, ``fit``, ``inspect``, ``compare``, ``finetune``, ``sweep``, ``bench``, ``eval``: one subcommand each
   (``add_parser``: its flags; ``check``: the flags, before anything is loaded; ``run``);
+- ``fit_source``: ``lalora fit``'s source data, ``--data FILE`` or ``--source-from-model N``;
 - ``inputs``: what the commands read (data files, model directories, LoRA setups, backend options);
 - ``output`` (the terminal), ``vocab`` (library messages in CLI words), ``common`` (exit codes,
   ``UsageError``, ``add_command``, the shared flag groups).
@@ -21,13 +23,13 @@ import sys
 
 from ..errors import DataError, PrecisionFileError
 from ..version import __version__
-from . import backends, bench, compare, finetune, fit, inspect
+from . import backends, bench, compare, eval, finetune, fit, inspect, sweep
 from .common import EXIT_FAIL, EXIT_INTERRUPT, EXIT_OK, EXIT_USAGE, UsageError, examples  # noqa: F401 (EXIT_OK)
 from .output import quiet_libraries, stdout_closed
 from .vocab import Vocabulary, speaking, to_cli
 
 #: in ``lalora --help`` order
-SUBCOMMANDS = (backends, fit, inspect, compare, finetune, bench)
+SUBCOMMANDS = (backends, fit, inspect, compare, finetune, sweep, bench, eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      lalora inspect p.lalora
                                      lalora compare diag.lalora kfac.lalora --reference reference-ef.lalora
                                      lalora finetune --model ./base --data task.jsonl --precision p.lalora --strength 1e3 --out adapter/
+                                     lalora sweep --model ./base --precision p.lalora --data task.jsonl --target-eval t.jsonl --source-eval s.jsonl --out sweep.json
                                      lalora bench --quick
+                                     lalora eval --model ./base --adapter adapter/ --tasks lalora_source,lalora_arithmetic
                                  """) + "\n\nexit codes: 0 ok, 1 failure while running, 2 bad arguments/paths/files, 130 interrupted, "
                                         "141 stdout closed by the reader (e.g. | head)")
     ap.add_argument("--version", action="version", version=f"lalora {__version__}")

@@ -30,10 +30,32 @@ def bench_config(args):
     if args.model:
         kw["model"] = args.model
     kw["source"] = args.source
+    kw.update(_evaluator(args))
     kw["progress"] = not args.quiet
     if args.quick and args.full:
         raise UsageError("--quick and --full exclude each other")
     return BenchConfig.quick(**kw) if args.quick else BenchConfig.full(**kw) if args.full else BenchConfig(**kw)
+
+
+def _evaluator(args) -> dict:
+    """``--eval``, ``--eval-tasks``, ``--eval-limit`` as ``BenchConfig`` fields; with ``--eval lm-eval``, checks that
+    lm-eval is installed (before the model loads)."""
+    kw = {"evaluator": args.eval}
+    if args.eval == "lm-eval":
+        from ..evaluation.harness import require_lm_eval
+
+        try:
+            require_lm_eval()
+        except LaloraError as e:
+            raise UsageError(f"--eval lm-eval: {e}") from None
+    if args.eval_tasks or args.eval_limit is not None:
+        if args.eval != "lm-eval":
+            raise UsageError("--eval-tasks and --eval-limit need --eval lm-eval")
+        if args.eval_limit is not None and args.eval_limit < 1:
+            raise UsageError(f"--eval-limit must be >= 1, got {args.eval_limit}")
+        kw["eval_tasks"] = tuple(t.strip() for t in (args.eval_tasks or "").split(",") if t.strip())
+        kw["eval_limit"] = args.eval_limit
+    return kw
 
 
 def run(args) -> int:
@@ -91,6 +113,11 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--n-source-fit", type=int, help="surrogate source texts for the precision")
     p.add_argument("--seed", type=int, help="seed")
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--eval", default="lalora", choices=["lalora", "lm-eval"],
+                   help="who computes the columns: lalora's own loops (default) or lm-evaluation-harness (docs/evaluation.md)")
+    p.add_argument("--eval-tasks", help="with --eval lm-eval: more lm-eval tasks per row, e.g. forgetting "
+                                        "(hellaswag,arc_challenge,winogrande; their datasets must be reachable)")
+    p.add_argument("--eval-limit", type=int, help="examples per --eval-tasks task")
     p.add_argument("--out-dir", default="lalora-bench", help="output directory (default ./lalora-bench)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress output (nor transformers' and huggingface_hub's bars and info logs)")

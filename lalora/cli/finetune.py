@@ -44,7 +44,12 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--model", required=True, help="local model directory (with tokenizer)")
     p.add_argument("--data", required=True, help="target data file (.jsonl/.json)")
     p.add_argument("--precision", help="precision file from `lalora fit` (LoRA settings default to the ones it was fitted with)")
-    p.add_argument("--strength", type=float, default=1e3, help="penalty strength lambda (default 1e3)")
+    p.add_argument("--strength", type=float, default=1e3,
+                   help="penalty strength (default 1e3): lambda, or with --normalize mean-diagonal multiples of the "
+                        "precision's mean diagonal (docs/strength.md; `lalora sweep` picks one)")
+    p.add_argument("--normalize", choices=["none", "mean-diagonal"], default="none",
+                   help="none (default): --strength is lambda; mean-diagonal: lambda = strength / mean diagonal of "
+                        "the precision (+ prior), comparable across backends")
     p.add_argument("--form", default="linearized", choices=["linearized", "effective-weight"], help="penalty form")
     p.add_argument("--anchor", choices=ANCHOR_MODES,
                    help="where training starts (the penalty always pulls towards the precision's theta0): keep: the "
@@ -77,7 +82,9 @@ def check(args) -> None:
         raise UsageError(f"--prior-precision must be a finite number >= 0, got {args.prior_precision}")
     if not args.precision:
         given = [f for f, v in (("--anchor", args.anchor), ("--non-strict", args.non_strict),
-                                ("--prior-precision", args.prior_precision)) if v not in (None, False)]
+                                ("--prior-precision", args.prior_precision),
+                                ("--normalize", None if args.normalize == "none" else args.normalize))
+                 if v not in (None, False)]
         if given:
             raise UsageError(f"{given[0]} needs --precision (without it the command trains plain LoRA)")
 
@@ -91,15 +98,20 @@ def _load_precision(path):
         raise UsageError(f"--precision {path}: not a readable precision file ({to_cli(e)})") from None
 
 
-def _regularizer(model, precision, args):
+def _regularizer(model, precision, args, caller="lalora finetune"):
     try:
         if args.non_strict:  # keep the blocks that match; lalora warns what is left out
             precision = match_to_model(precision, model, strict=False)
         return LaLoRARegularizer(model, precision, strength=args.strength, form=args.form,
                                  prior_precision=args.prior_precision, check_anchor=False, uncovered=args.uncovered,
-                                 _caller="lalora finetune")
+                                 normalize=normalization(args), _caller=caller)
     except (ModelMismatchError, BackendError, ValueError) as e:
         raise UsageError(f"--precision {args.precision} does not fit this model/LoRA setup: {to_cli(e)}") from None
+
+
+def normalization(args) -> str | None:
+    """``--normalize`` as ``LaLoRARegularizer(normalize=...)`` takes it."""
+    return None if args.normalize == "none" else args.normalize
 
 
 def _distance(reg) -> tuple[float, float, str | None, float]:
@@ -171,6 +183,8 @@ def run(args) -> int:
     if reg is not None:
         with torch.no_grad():
             msg += f"; penalty {float(reg()):.4g}"
+        if reg.normalize:
+            msg += f" (lambda = {reg.strength:g} / mean diagonal {reg.scale:.4g} = {reg.raw_strength:.4g})"
     print(msg)
     print(f"wrote adapter to {out}")
     return EXIT_OK

@@ -6,8 +6,9 @@ import math
 from ..backend import get_backend
 from ..errors import BackendError
 from ..fit import fit_precision
+from . import fit_source
 from .common import EXIT_OK, UsageError, add_command, data_flags, lora_flags
-from .inputs import add_lora, check_out, load_model, make_batches, parse_options, read_records
+from .inputs import add_lora, check_out, load_model, parse_options, read_records
 from .output import jemalloc_hint
 from .vocab import Vocabulary, to_cli
 
@@ -16,6 +17,7 @@ EXAMPLES = """
     lalora fit --model ./base --data source.jsonl --backend kfac --rank 16 --targets q_proj,v_proj --out p.lalora
     lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --backend kfac --option curvature=ef
     lalora fit --model ./base --data source.jsonl --backend kfac --option max_rank=256 --out p.lalora --dry-run
+    lalora fit --model ./base --source-from-model 256 --temperature 1.0 --source-length 64 --backend kfac --out p.lalora
 """
 
 
@@ -27,7 +29,7 @@ def add_parser(sub, fmt) -> None:
                     extra="data: .jsonl/.json records with 'text' (all tokens labelled) or 'prompt'+'completion' "
                           "(completion labelled)")
     p.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
-    p.add_argument("--data", required=True, help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets)")
+    p.add_argument("--data", help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets); or --source-from-model")
     p.add_argument("--backend", default="diag", help="curvature backend (see `lalora backends`; default diag)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="backend option, value read by its declared type (repeatable; `lalora backends NAME` lists them)")
@@ -42,6 +44,7 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--dry-run", nargs="?", type=int, const=2, metavar="N",
                    help="fit only N batches (default 2) and print the stored bytes, time and peak-memory estimates; "
                         "writes nothing")
+    fit_source.add_source_flags(p)
     lora_flags(p)
     data_flags(p)
 
@@ -56,6 +59,7 @@ def check(args) -> None:
         cls(**parse_options(args.option))
     except BackendError as e:
         raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
+    fit_source.check_source_flags(args)
     if args.skip_nonfinite and not cls.supports_skip_nonfinite:
         raise UsageError(f"--skip-nonfinite: backend {args.backend!r} does not support skipping batches")
     if not (args.prior_precision >= 0 and math.isfinite(args.prior_precision)):
@@ -67,11 +71,11 @@ def check(args) -> None:
 
 def run(args) -> int:
     out = check_out(args.out)
-    records = read_records(args.data)
+    records = read_records(args.data) if args.data is not None else None
     jemalloc_hint(not args.quiet)
     model, tok = load_model(args.model, args.dtype)
     model = add_lora(model, args)
-    batches = make_batches(tok, records, args.batch_size, args.max_length)
+    batches, source = fit_source.source_batches(args, model, tok, records)  # --data or --source-from-model
     options = parse_options(args.option)
     if args.dry_run is not None:  # estimate from a few batches, write nothing (lalora/estimate.py)
         from ..estimate import estimate_fit
@@ -88,7 +92,7 @@ def run(args) -> int:
         precision = fit_precision(model, batches, backend=args.backend, progress=not args.quiet,
                                   max_batches=args.max_batches, prior_precision=args.prior_precision,
                                   skip_nonfinite=args.skip_nonfinite, options=options, uncovered=args.uncovered,
-                                  _caller="lalora fit")
+                                  source=source, _caller="lalora fit")
     except BackendError as e:
         raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
     precision.save(out)

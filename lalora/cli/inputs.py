@@ -12,12 +12,12 @@ from pathlib import Path
 from .common import UsageError
 
 
-def read_records(path) -> list[dict]:
+def read_records(path, flag: str = "--data") -> list[dict]:
     """Records of a local ``.jsonl`` / ``.json`` file (a list of objects, or ``{"data": [...]}``);
-    other extensions are read with ``datasets`` when it is installed."""
+    other extensions are read with ``datasets`` when it is installed. Errors name ``flag``."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--data {path}: no such file")
+        raise UsageError(f"{flag} {path}: no such file")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         records = []
@@ -28,36 +28,36 @@ def read_records(path) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise UsageError(f"--data {path}: line {i} is not valid JSON ({e.msg})") from None
+                    raise UsageError(f"{flag} {path}: line {i} is not valid JSON ({e.msg})") from None
     elif suffix == ".json":
         try:
             obj = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"--data {path}: not valid JSON ({e})") from None
+            raise UsageError(f"{flag} {path}: not valid JSON ({e})") from None
         records = obj.get("data") if isinstance(obj, dict) else obj
         if not isinstance(records, list):
-            raise UsageError(f"--data {path}: expected a list of objects or {{\"data\": [...]}}")
+            raise UsageError(f"{flag} {path}: expected a list of objects or {{\"data\": [...]}}")
     else:
         try:
             import datasets
         except ImportError:
-            raise UsageError(f"--data {path}: use a .jsonl or .json file (install 'datasets' for {suffix} files)") from None
+            raise UsageError(f"{flag} {path}: use a .jsonl or .json file (install 'datasets' for {suffix} files)") from None
         kind = {".csv": "csv", ".parquet": "parquet", ".txt": "text"}.get(suffix)
         if kind is None:
-            raise UsageError(f"--data {path}: unsupported extension {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
+            raise UsageError(f"{flag} {path}: unsupported extension {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
         records = list(datasets.load_dataset(kind, data_files=str(p), split="train"))
     if not records:
-        raise UsageError(f"--data {path}: no records")
+        raise UsageError(f"{flag} {path}: no records")
     for i, r in enumerate(records, 1):
         if not isinstance(r, dict) or not ("text" in r or ("prompt" in r and "completion" in r)):
-            raise UsageError(f"--data {path}: record {i} needs a 'text' field or 'prompt' and 'completion' fields")
+            raise UsageError(f"{flag} {path}: record {i} needs a 'text' field or 'prompt' and 'completion' fields")
         for k in ("text", "prompt", "completion"):
             if k in r and not isinstance(r[k], str):
-                raise UsageError(f"--data {path}: record {i} field {k!r} must be a string")
+                raise UsageError(f"{flag} {path}: record {i} field {k!r} must be a string")
     return records
 
 
-def make_batches(tokenizer, records: list[dict], batch_size: int, max_length: int) -> list[dict]:
+def make_batches(tokenizer, records: list[dict], batch_size: int, max_length: int, flag: str = "--data") -> list[dict]:
     """``text`` records: every token labelled; ``prompt``/``completion``: completion tokens only."""
     from ..textdata import completion_batches, text_batches
 
@@ -69,7 +69,7 @@ def make_batches(tokenizer, records: list[dict], batch_size: int, max_length: in
     if pairs:
         out += completion_batches(tokenizer, pairs, batch_size, max_length)
     if not out:
-        raise UsageError("--data: every record tokenized to fewer than 2 tokens")
+        raise UsageError(f"{flag}: every record tokenized to fewer than 2 tokens")
     return out
 
 

@@ -21,7 +21,12 @@ so the gradient is the same and the logged loss stays the task loss. FSDP1 is re
 (``lalora.sharding``).
 
 Logging: ``loss`` is the task loss only (as in a plain Trainer); ``lalora_penalty`` (mean over
-the optimizer steps since the last log) and ``task_loss`` are logged next to it.
+the optimizer steps since the last log) and ``task_loss`` are logged next to it. With
+``source_eval_dataset=`` (held-out source data) the trainer also logs ``source_loss`` at step 0 and every
+``source_eval_steps`` steps (``trainer_source_eval``; docs/strength.md).
+
+Strength: ``normalize="mean-diagonal"`` makes ``strength`` a multiple of the precision's mean diagonal
+(``LaLoRARegularizer``, docs/strength.md); the default ``None`` takes it as lambda.
 
 Checkpoints (``trainer_checkpoint``): every save writes ``lalora_precision.safetensors`` and
 ``lalora_regularizer.json`` next to the adapter weights; ``train(resume_from_checkpoint=...)``
@@ -47,6 +52,7 @@ from ..sharding import sharding_of
 from .trainer_checkpoint import PRECISION_FILE, STATE_FILE, CheckpointMixin, _same_precision
 from .trainer_setup import (accept_trainer_config_changes, align_special_tokens, config_snapshot, launcher_of,
                             loss_divisor)
+from .trainer_source_eval import SourceEvalCallback, check_source_eval
 
 logger = logging.getLogger("lalora")
 
@@ -76,7 +82,10 @@ class LaLoRATrainerMixin(CheckpointMixin):
     file) or ``source_data=`` (fit one at the start of ``train()``, see below), ``strength=`` (lambda),
     ``prior_precision=``, ``form=``, ``adapter_name=``, ``anchor=`` ("check": raise ``AnchorMismatchError``
     unless the LoRA weights equal theta0; "reset": copy theta0 into them; "ignore") and ``uncovered=``
-    ("warn", "error" or "ignore": trainable tensors the precision does not cover, docs/concepts.md#coverage).
+    ("warn", "error" or "ignore": trainable tensors the precision does not cover, docs/concepts.md#coverage),
+    ``normalize=`` (None: ``strength`` is lambda; "mean-diagonal": multiples of the precision's mean diagonal),
+    ``source_eval_dataset=`` and ``source_eval_steps=`` (log the held-out source loss as ``source_loss`` every
+    that many optimizer steps; default: ``logging_steps``).
 
     ``source_data=`` (what ``lalora.fit_precision`` takes: a DataLoader or an iterable of batches), ``backend=``
     (default "diag") and ``fit_options=`` (a dict of further ``fit_precision`` arguments and backend
@@ -87,8 +96,12 @@ class LaLoRATrainerMixin(CheckpointMixin):
     def __init__(self, *args, precision: Precision | str | os.PathLike | None = None, strength: float | None = None,
                  prior_precision: float | None = None, form: str = "linearized", adapter_name=None,
                  anchor: str = "check", uncovered: str = "warn", source_data=None, backend: str = "diag",
-                 fit_options: dict | None = None, **kwargs):
+                 fit_options: dict | None = None, normalize: str | None = None, source_eval_dataset=None,
+                 source_eval_steps: int | None = None, **kwargs):
         name = type(self).__name__
+        if normalize not in (None, "mean-diagonal"):
+            raise ValueError(f"{name}(normalize={normalize!r}) is unknown; use None or 'mean-diagonal'")
+        source_eval_steps = check_source_eval(name, source_eval_dataset, source_eval_steps)
         if anchor not in ANCHOR_MODES:
             raise ValueError(f"anchor={anchor!r} is unknown; use one of {ANCHOR_MODES}")
         check_uncovered_mode(uncovered, name)
@@ -106,7 +119,10 @@ class LaLoRATrainerMixin(CheckpointMixin):
         super().__init__(*args, **kwargs)
         self._lalora_launcher = launcher_of(self)
         self._lalora_options = {"prior_precision": prior_precision, "form": form, "adapter_name": adapter_name,
-                                "uncovered": uncovered}
+                                "uncovered": uncovered, "normalize": normalize}
+        self.source_eval_history: list[dict] = []
+        if source_eval_dataset is not None:
+            self.add_callback(SourceEvalCallback(self, source_eval_dataset, source_eval_steps))
         self._lalora_strength = None if strength is None else float(strength)
         self._lalora_fit = None if source_data is None else (source_data, backend, dict(fit_options or {}))
         self.regularizer: LaLoRARegularizer | None = None
@@ -137,7 +153,7 @@ class LaLoRATrainerMixin(CheckpointMixin):
                                              form=opts["form"], adapter_name=opts["adapter_name"],
                                              check_anchor=False,
                                              uncovered=opts["uncovered"] if uncovered is None else uncovered,
-                                             _caller=type(self).__name__)
+                                             normalize=opts["normalize"], _caller=type(self).__name__)
         if check_anchor:
             self.regularizer.check_anchor(context=self._anchor_context())
 

@@ -49,7 +49,8 @@ class CheckpointMixin:
         out = Path(output_dir)
         self.regularizer.precision.save(out / PRECISION_FILE)
         state = {"strength": self.regularizer.strength, "prior_precision": self.regularizer.prior_precision,
-                 "form": self.regularizer.form, "global_step": self.state.global_step}
+                 "form": self.regularizer.form, "normalize": self.regularizer.normalize,
+                 "scale": self.regularizer.scale, "global_step": self.state.global_step}
         tmp = out / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, out / STATE_FILE)
@@ -78,8 +79,9 @@ class CheckpointMixin:
                 strength = float(state["strength"])
             if self._lalora_options["prior_precision"] is None and "prior_precision" in state:
                 self._lalora_options["prior_precision"] = float(state["prior_precision"])
-            if "form" in state:
-                self._lalora_options["form"] = state["form"]
+            for key in ("form", "normalize"):  # how the run was started (a checkpoint without "normalize": None)
+                if key in state:
+                    self._lalora_options[key] = state[key]
             self._build_regularizer(saved, strength, check_anchor=False)
             return
         diff = _same_precision(self.regularizer.precision, saved)
@@ -90,6 +92,10 @@ class CheckpointMixin:
         if "strength" in state and float(state["strength"]) != self.regularizer.strength:
             warnings.warn(f"strength={self.regularizer.strength:g} differs from the checkpoint's "
                           f"{float(state['strength']):g} ({state_path}); using {self.regularizer.strength:g}",
+                          stacklevel=2)
+        if "normalize" in state and state["normalize"] != self.regularizer.normalize:
+            warnings.warn(f"normalize={self.regularizer.normalize!r} differs from the checkpoint's {state['normalize']!r} "
+                          f"({state_path}): the penalty's lambda changes; using {self.regularizer.normalize!r}",
                           stacklevel=2)
         self._rebuild_after_load()
 

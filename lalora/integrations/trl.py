@@ -7,7 +7,8 @@
     trainer.train()
 
 Each class is ``LaLoRATrainerMixin`` in front of the TRL trainer, so every ``LaLoRATrainer`` argument
-applies (``precision=`` or ``source_data=``, ``strength=``, ``anchor=``, ...) and the penalty gets its own
+applies (``precision=`` or ``source_data=``, ``strength=``, ``normalize="mean-diagonal"``, ``anchor=``,
+``source_eval_dataset=`` for the held-out source loss, ...) and the penalty gets its own
 backward once per optimizer step, whatever the trainer does to its task loss: ``SFTTrainer`` normalises
 by ``num_items_in_batch`` (``model_accepts_loss_kwargs``), ``DPOTrainer`` does not
 (``loss_is_scaled_for_ga=False``), ``GRPOTrainer`` scales its loss itself (``loss_is_scaled_for_ga=True``).
