@@ -15,7 +15,6 @@ model has) skip the repeated check (``validate=False``).
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Mapping
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from .blocks import Block
 from .blocks.base import all_finite
-from .errors import PrecisionFileError
+from .errors import PrecisionFileError, warn_deprecated
 from .fileformat import read_precision, save_precision
 from .validation import match_to_model
 
@@ -201,7 +200,7 @@ class Precision:
     # --- laplace-torch interop: deprecated, the conversions live in the laplace backend ----
     @classmethod
     def from_laplace(cls, la, model, *, adapter_name=None) -> "Precision":
-        """Deprecated: use ``lalora.backends.laplace_torch.precision_from_laplace(la, model)``.
+        """Deprecated: use ``lalora.backends.laplace_conversion.precision_from_laplace(la, model)``.
 
         From a fitted laplace-torch object over ``model``'s LoRA weights (its sum ``H`` / ``n_data``)."""
         return _laplace_backend("from_laplace", "precision_from_laplace(la, model)").from_laplace(
@@ -209,7 +208,7 @@ class Precision:
 
     def to_laplace(self, model, likelihood: str = "classification", *, prior_precision=None, num_examples=None,
                    adapter_name=None):
-        """Deprecated: use ``lalora.backends.laplace_torch.precision_to_laplace(precision, model)``.
+        """Deprecated: use ``lalora.backends.laplace_conversion.precision_to_laplace(precision, model)``.
 
         A fitted laplace-torch object (``H = N F``) for predictive uncertainty; see docs/block-backpack-laplace.md."""
         return _laplace_backend("to_laplace", "precision_to_laplace(precision, model)").to_laplace(
@@ -245,9 +244,8 @@ class Precision:
 
 def _laplace_backend(method: str, replacement: str):
     """The ``laplace`` backend's class, reached through the registry (the core imports no backend), after a
-    ``DeprecationWarning`` that ``Precision.<method>`` moved there."""
+    ``LaloraDeprecationWarning`` that ``Precision.<method>`` moved to ``lalora.backends.laplace_conversion``."""
     from .backend import get_backend
 
-    warnings.warn(f"Precision.{method} is deprecated: use lalora.backends.laplace_torch.{replacement}",
-                  DeprecationWarning, stacklevel=3)
+    warn_deprecated(f"Precision.{method} is deprecated: use lalora.backends.laplace_conversion.{replacement}")
     return get_backend("laplace")

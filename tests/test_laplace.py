@@ -97,10 +97,10 @@ def test_precision_methods_are_deprecated_aliases_through_the_registry(model_and
     model, data = model_and_data
     ours = _fit(model, data, "backpack")
     assert lalora.get_backend("laplace").to_laplace is precision_to_laplace
-    with pytest.warns(DeprecationWarning, match="precision_to_laplace"):
+    with pytest.warns(lalora.LaloraDeprecationWarning, match="lalora.backends.laplace_conversion.precision_to_laplace"):
         la = ours.to_laplace(model, prior_precision=2.0)
     assert rel_close(la.H, precision_to_laplace(ours, model, prior_precision=2.0).H, F32)
-    with pytest.warns(DeprecationWarning, match="precision_from_laplace"):
+    with pytest.warns(lalora.LaloraDeprecationWarning, match="lalora.backends.laplace_conversion.precision_from_laplace"):
         back = lalora.Precision.from_laplace(la, model)
     assert rel_close(back.to_dense(), precision_from_laplace(la, model).to_dense(), F32)
 
