@@ -9,7 +9,7 @@ from torch import nn
 import lalora
 from lalora.reference import dense_ggn, rel_err
 from numerics import rel_close
-from models import randomize_lora_B, tiny_lora_llama, token_batches
+from models import add_active_adapter, lora_mlp, randomize_lora_B, tiny_lora_llama, token_batches
 
 TOL = 1e-5
 
@@ -211,3 +211,41 @@ def test_kronecker_options_and_transformer_are_clear_errors():
     model = tiny_lora_llama(targets=("v_proj",))
     with pytest.raises(lalora.BackendError, match=r"LlamaForCausalLM.*'kfac'"):
         _fit(model, token_batches(n_batches=1), options={"curvature": "ggn", "structure": "kfac"})
+
+
+# --- several adapters on one layer ------------------------------------------------------------
+def test_second_order_route_refuses_two_adapters_on_one_layer():
+    """BackPACK's second-order route rebuilds a LoRA layer as one Parallel branch: a layer carrying two
+    adapters (both fitted, or one fitted and another active) is refused naming the layer and both adapters,
+    before any layer is rebuilt."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = add_active_adapter(seq_lora_mlp(), ["0"])
+    data = class_batches()
+    want = r"layer '[\w.]*0' carries 2 adapters \(active or fitted: 'default', 'second'\)"
+    for options in ({}, {"structure": "kfac"}):
+        with pytest.raises(lalora.BackendError, match=want):
+            _fit(model, data, loss="classification", options=options)
+    with pytest.raises(lalora.BackendError, match=want):  # one fitted, the other one still active
+        _fit(model, data, loss="classification", adapter_name="default", uncovered="ignore")
+    assert isinstance(model.base_model.model[0], LoraLinear) and isinstance(model.base_model.model[2], LoraLinear)
+    _no_backpack_left(model)
+
+
+def test_first_order_route_with_two_adapters_on_one_layer_equals_kfac():
+    """SumGradSquared (curvature='mc', any model) keeps one sum per LoRA weight, so two adapters on one layer
+    are two sets of entries. Reference: kfac's diagonal with the same MC labels (lalora.sampling) on one example
+    with one output row, where K-FAC is exact (tests/test_multi_adapter.py checks kfac against per-token
+    autograd with several adapters per layer). F32: two float32 codes of the same sums."""
+    model = add_active_adapter(lora_mlp(), ["fc1"])
+    randomize_lora_B(model)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(1, 5, generator=g), torch.tensor([1]))]
+    opts = {"curvature": "mc", "mc_samples": 7, "seed": 3}
+    bp = _fit(model, data, loss="classification", options=opts)
+    kfac = _fit(model, data, "kfac", loss="classification", options=opts)
+    assert bp.metadata["backpack_route"] == "SumGradSquared"
+    names = [n for a in lalora.adapters.find_lora_adapters(model) for n in (a.a_name, a.b_name)]
+    assert bp.param_names == kfac.param_names and sorted(bp.param_names) == sorted(names)
+    assert sum(n.startswith("fc1") or ".fc1." in n for n in names) == 4  # fc1: default's and second's A, B
+    assert rel_err(bp.to_dense().diagonal(), kfac.to_dense().diagonal()) <= 1e-5

@@ -115,7 +115,7 @@ def test_diag_and_block_match_unpadded_singletons(model_name, layout, init):
     assert rel_err(p.to_dense().diagonal(), ef.diagonal()) <= TOL
     p = _fit(model, batches, "block")  # one dense block per adapter (A and B with their cross terms)
     assert rel_err(p.to_dense(), ef * _block_pattern(p)) <= TOL
-    p = _fit(model, batches, "block", form="factored")
+    p = _fit(model, batches, "block", options={"storage": "factored"})
     assert rel_err(p.to_dense(), ef * _block_pattern(p)) <= TOL
 
 
