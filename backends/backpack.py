@@ -55,6 +55,7 @@ from lalora.options import BackendOptions, Curvature, option
 from lalora.sampling import library_rng, mc_generator, sample_row_targets
 
 from .backpack_modules import backpack_cleanup, branching_kflr, quiet, rebuilt_lora, second_order_blocker
+from .stored_sizes import diagonal_bytes, kronecker_bytes
 
 KRONECKER = {"kflr": "kflr", "kfac": "kfac"}  # BackPACK extension -> its savefield
 DIAGONAL = {"ggn": "diag_ggn_exact", "mc_fisher": "diag_ggn_mc"}
@@ -115,9 +116,7 @@ class BackPACKBackend(CurvatureBackend):
 
     @classmethod
     def stored_bytes(cls, adapters, options) -> int:
-        if options["structure"] == "diag":
-            return 4 * sum(a.A.numel() + a.B.numel() for a in adapters)
-        return 4 * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)  # X, G per adapter
+        return diagonal_bytes(adapters) if options["structure"] == "diag" else kronecker_bytes(adapters)
 
     def fit(self, ctx: FitContext):
         base = base_model_of(ctx.model)
