@@ -141,7 +141,8 @@ class Precision:
     def with_anchor(self, anchor: Mapping[str, Tensor]) -> "Precision":
         """The same curvature around another point ``theta1`` (continual learning: the end of the last
         task); ``anchor`` maps every name in ``param_names`` to a tensor (extra names are ignored). Each
-        anchor tensor keeps the device and dtype of the one it replaces.
+        anchor tensor keeps the device and dtype of the one it replaces; a non-finite one (NaN, inf) raises
+        ``ValueError`` naming its parameter.
 
         Blocks whose curvature does not depend on the fit point (diag, dense, factored) are reused
         as they are. Kronecker blocks (``kfac``, ``tri-kfac``, dense or low-rank factors) keep their
@@ -158,6 +159,8 @@ class Precision:
             if tuple(t.shape) != tuple(old.shape):
                 raise ValueError(f"with_anchor: parameter {n!r} has shape {tuple(t.shape)}, the precision's anchor "
                                  f"{tuple(old.shape)}")
+            if not bool(torch.isfinite(t).all()):  # a diverged run's weights: every penalty would be NaN
+                raise ValueError(f"with_anchor: parameter {n!r} of the new anchor has non-finite values (NaN or inf)")
             new[n] = t.to(device=old.device, dtype=old.dtype).clone()
         return Precision(self.blocks, new, metadata=copy.deepcopy(self.metadata), prior_precision=self.prior_precision,
                          validate=False)
