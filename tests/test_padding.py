@@ -143,7 +143,6 @@ def test_kfac_factors_match_unpadded_per_token_reference(model_name, layout, ini
 # --- exact per-position GGN: block(ggn) and laplace(diag) ----------------------------------------
 @pytest.mark.parametrize("model_name,layout", [("llama", "left"), ("gpt2", "left+pos"), ("gpt2", "right+pos3")])
 def test_ggn_backends_match_unpadded_singletons(model_name, layout):
-    pytest.importorskip("laplace")
     model = _model(model_name, "orthogonal", vocab_size=8)  # a small vocabulary: the reference costs C per target
     batches = _batches(layout, vocab=8)
     ggn = dense_ggn(model, batches)
@@ -161,7 +160,6 @@ def test_backpack_mc_fisher_converges_to_unpadded_ggn_diagonal():
     be within 3 x its expected error sqrt(var0 S0 / S1) (Markov: P <= 1/9 for any unbiased estimator; the
     seeds are fixed). Short left-padded sequences, where the old target rule's bias is large: 0.38 of the
     diagonal's norm (measured with the old rule), so the bound must stay well below it."""
-    pytest.importorskip("backpack")
     V, S0, K, S1 = 8, 4, 4, 80
     model = tiny_lora_llama(vocab_size=V)
     g = torch.Generator().manual_seed(1)
