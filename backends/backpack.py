@@ -167,7 +167,7 @@ class BackPACKBackend(CurvatureBackend):
                     raise BackendError(f"backpack backend: adapter {a.key!r} has LoRA scaling 0: its layer factor G "
                                        "cannot be recovered from lora_B's")
             sums = {a.key: {"X": torch.zeros(a.A.shape[1], a.A.shape[1], dtype=torch.float64),
-                             "G": torch.zeros(a.B.shape[0], a.B.shape[0], dtype=torch.float64), "T": 0}
+                            "G": torch.zeros(a.B.shape[0], a.B.shape[0], dtype=torch.float64), "T": 0}
                     for a in ctx.adapters}
         else:
             sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
