@@ -40,7 +40,6 @@ backends keep working in the same process.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,6 +53,9 @@ from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
 from lalora.errors import BackendError, warn_deprecated
 from lalora.options import BackendOptions, Curvature, option
 from lalora.sampling import library_rng, mc_generator, sample_row_targets
+
+from .backpack_modules import backpack_cleanup, branching_kflr, quiet, rebuilt_lora, second_order_blocker
+from .stored_sizes import diagonal_bytes, kronecker_bytes
 
 KRONECKER = {"kflr": "kflr", "kfac": "kfac"}  # BackPACK extension -> its savefield
 DIAGONAL = {"ggn": "diag_ggn_exact", "mc_fisher": "diag_ggn_mc"}
@@ -114,13 +116,11 @@ class BackPACKBackend(CurvatureBackend):
 
     @classmethod
     def stored_bytes(cls, adapters, options) -> int:
-        if options["structure"] == "diag":
-            return 4 * sum(a.A.numel() + a.B.numel() for a in adapters)
-        return 4 * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)  # X, G per adapter
+        return diagonal_bytes(adapters) if options["structure"] == "diag" else kronecker_bytes(adapters)
 
     def fit(self, ctx: FitContext):
         base = base_model_of(ctx.model)
-        blocker = _second_order_blocker(base)
+        blocker = second_order_blocker(base)
         kron = self._route in KRONECKER
         if blocker is None:
             sums = self._second_order(ctx, base)
@@ -149,7 +149,7 @@ class BackPACKBackend(CurvatureBackend):
 
         c, S = self._route, self.options["mc_samples"]
         if c == "kflr":
-            return _branching_kflr()
+            return branching_kflr()
         return {"ggn": DiagGGNExact, "mc_fisher": lambda: DiagGGNMC(mc_samples=S), "kfac": lambda: KFAC(mc_samples=S)}[c]()
 
     def _second_order(self, ctx, base):
@@ -164,16 +164,16 @@ class BackPACKBackend(CurvatureBackend):
         if kron:
             for a in ctx.adapters:
                 if a.scaling == 0:
-                    raise BackendError(f"backpack backend: adapter {a.name!r} has LoRA scaling 0: its layer factor G "
+                    raise BackendError(f"backpack backend: adapter {a.key!r} has LoRA scaling 0: its layer factor G "
                                        "cannot be recovered from lora_B's")
-            sums = {a.name: {"X": torch.zeros(a.A.shape[1], a.A.shape[1], dtype=torch.float64),
-                             "G": torch.zeros(a.B.shape[0], a.B.shape[0], dtype=torch.float64), "T": 0}
+            sums = {a.key: {"X": torch.zeros(a.A.shape[1], a.A.shape[1], dtype=torch.float64),
+                            "G": torch.zeros(a.B.shape[0], a.B.shape[0], dtype=torch.float64), "T": 0}
                     for a in ctx.adapters}
         else:
             sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
         # BackPACK's DiagGGNMC/KFAC draw their MC labels from torch's global generators (lalora.sampling)
         rng = library_rng(self.options["seed"], ctx.device)
-        with rng, _rebuilt_lora(ctx, base), _backpack_cleanup(base, params.values()):
+        with rng, rebuilt_lora(ctx, base), backpack_cleanup(base, params.values()):
             extend(base)
             for batch in ctx.stream:
                 loss = ctx.loss
@@ -194,7 +194,7 @@ class BackPACKBackend(CurvatureBackend):
                 out = base(x)
                 value = lossfunc(out.float().reshape(x.shape[0], -1) if loss.name == "mse" else out.float(), y.to(out.device))
                 try:
-                    with backpack(self._extension()), _quiet():
+                    with backpack(self._extension()), quiet():
                         value.backward()
                 except NotImplementedError as e:  # e.g. KFLR/KFAC on a Linear with 3d inputs
                     raise BackendError(f"backpack backend: BackPACK cannot compute its {ROUTES[c]} here: {e}") from e
@@ -202,7 +202,7 @@ class BackPACKBackend(CurvatureBackend):
                     for a in ctx.adapters:
                         _, X = getattr(a.A, attr)  # [G_A, X_A]: X_A = batch mean of lora_A's input
                         GB, _ = getattr(a.B, attr)  # [G_B, X_B]: G_B = sum over rows of (s g)(s g)^T
-                        d = sums[a.name]
+                        d = sums[a.key]
                         d["X"] += X.detach().double().cpu() * x.shape[0]
                         d["G"] += GB.detach().double().cpu() / a.scaling ** 2
                         d["T"] += x.shape[0]
@@ -217,10 +217,10 @@ class BackPACKBackend(CurvatureBackend):
         cls = KRON_BLOCKS[self.options["structure"]]
         blocks = []
         for a in ctx.adapters:
-            d = sums[a.name]
+            d = sums[a.key]
             T = float(ctx.all_reduce(torch.tensor([float(d["T"])], dtype=torch.float64)))
             if T == 0:
-                raise BackendError(f"backpack backend: adapter {a.name!r} saw no labelled example during the fit")
+                raise BackendError(f"backpack backend: adapter {a.key!r} saw no labelled example during the fit")
             X = (ctx.all_reduce(d["X"]) / T).float()
             G = (ctx.all_reduce(d["G"]) / N).float()
             X, G = 0.5 * (X + X.T), 0.5 * (G + G.T)
@@ -237,7 +237,7 @@ class BackPACKBackend(CurvatureBackend):
         sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
         S = self.options["mc_samples"]
         gen = mc_generator(self.options["seed"])  # the fit's MC labels (lalora.sampling)
-        with _backpack_cleanup(modules, params.values()):
+        with backpack_cleanup(modules, params.values()):
             for m in modules:
                 extend(m)
             for batch in ctx.stream:
@@ -250,115 +250,9 @@ class BackPACKBackend(CurvatureBackend):
                     rows, _ = loss.output_rows(output, batch)
                     sampled = loss.with_row_targets(batch, sample_row_targets(loss.likelihood, rows, gen))
                     value = loss.per_example(output, sampled).sum()
-                    with backpack(SumGradSquared()), _quiet():
+                    with backpack(SumGradSquared()), quiet():
                         value.backward()
                     for n, p in params.items():
                         sums[n] += p.sum_grad_squared.detach().double().cpu() / S
                 ctx.batch_done(self)
         return sums
-
-
-def _branching_kflr():
-    """BackPACK's ``KFLR`` on graphs with branches (the Parallel form of a LoRA layer): BackPACK 1.7
-    defines no accumulation for it; the backpropagated sqrt-GGN columns of two branches add, as
-    ``KFAC`` (same backprop strategy) already does."""
-    from backpack.extensions import KFLR
-
-    class BranchingKFLR(KFLR):
-        def accumulate_backpropagated_quantities(self, existing, other):
-            return existing + other
-
-    return BranchingKFLR()
-
-
-_SAFE_LEAVES = (nn.Linear, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.SELU, nn.Identity, nn.Dropout,
-                nn.Flatten, nn.Conv1d, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.BatchNorm1d, nn.LogSigmoid)
-
-
-def _second_order_blocker(base: nn.Module) -> str | None:
-    """None if BackPACK's second-order route can run on ``base``, else the offending module."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    if not isinstance(base, nn.Sequential):
-        return f"the model class {type(base).__name__} (not an nn.Sequential)"
-
-    def walk(mod, path):
-        for name, child in mod.named_children():
-            p = f"{path}.{name}" if path else name
-            if isinstance(child, LoraLinear):
-                if not isinstance(child.base_layer, nn.Linear):
-                    return f"{p} ({type(child.base_layer).__name__} under LoRA)"
-                continue
-            if isinstance(child, nn.Sequential):
-                bad = walk(child, p)
-                if bad:
-                    return bad
-            elif not isinstance(child, _SAFE_LEAVES):
-                return f"module {p!r} of type {type(child).__name__}"
-        return None
-
-    return walk(base, "")
-
-
-@contextmanager
-def _rebuilt_lora(ctx: FitContext, base: nn.Module):
-    """Swap each peft ``lora.Linear`` for BackPACK's Parallel/Sum form (same Parameters); restore on exit."""
-    from backpack.custom_module.branching import Parallel, SumModule
-    from backpack.custom_module.scale_module import ScaleModule
-
-    by_layer = {id(a.layer): a for a in ctx.adapters}
-    swaps = []
-    for parent in base.modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        for name, child in list(parent.named_children()):
-            a = by_layer.get(id(child))
-            if a is None:
-                continue
-            if len(child.active_adapters) != 1:
-                raise BackendError(f"backpack backend: layer {a.name!r} has several active adapters; activate one (set_adapter)")
-            branch = nn.Sequential(a.lora_A, a.lora_B, ScaleModule(weight=a.scaling))
-            swaps.append((parent, name, child))
-            parent._modules[name] = Parallel(child.base_layer, branch, merge_module=SumModule())
-    try:
-        yield
-    finally:
-        for parent, name, child in swaps:
-            parent._modules[name] = child
-
-
-@contextmanager
-def _quiet():
-    """Silence torch's 'full backward hook is firing ... no inputs require gradients' notice
-    (inputs of the first layer never require grad here; BackPACK handles it)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        yield
-
-
-@contextmanager
-def _backpack_cleanup(roots, params):
-    """Remove BackPACK's hooks, extension flags, stored I/O and per-parameter results on exit;
-    leave ``.grad`` as it was."""
-    from backpack import memory_cleanup
-    from backpack.context import CTX
-
-    roots = [roots] if isinstance(roots, nn.Module) else list(roots)
-    params = list(params)
-    saved = [p.grad for p in params]
-    try:
-        yield
-    finally:
-        CTX.remove_hooks()
-        for root in roots:
-            for m in root.modules():
-                if hasattr(m, "_backpack_extend"):
-                    delattr(m, "_backpack_extend")
-                memory_cleanup(m)
-        for p, g in zip(params, saved):
-            p.grad = g
-            for attr in ("diag_ggn_exact", "diag_ggn_mc", "sum_grad_squared", "kflr", "kfac"):
-                if hasattr(p, attr):
-                    delattr(p, attr)

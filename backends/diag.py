@@ -18,6 +18,8 @@ from lalora.capture import PerExampleGrads
 from lalora.errors import BackendError
 from lalora.options import Curvature
 
+from .stored_sizes import diagonal_bytes
+
 
 @register_backend("diag")
 class DiagEFBackend(CurvatureBackend):
@@ -59,7 +61,7 @@ class DiagEFBackend(CurvatureBackend):
 
     @classmethod
     def stored_bytes(cls, adapters, options) -> int:
-        return 4 * sum(a.A.numel() + a.B.numel() for a in adapters)  # one float32 per LoRA weight
+        return diagonal_bytes(adapters)
 
     def fit(self, ctx: FitContext):
         params = ctx.params()

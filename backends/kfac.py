@@ -62,20 +62,16 @@ from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
 from lalora.errors import BackendError
 from lalora.options import BackendOptions, Curvature, option
-from lalora.sampling import mc_generator, sample_categorical, sample_row_targets
+from lalora.sampling import sample_categorical, sample_row_targets
 
 from .kfac_factors import FactorHooks
 from .kfac_fit import fit_kfac
 from .kfac_passes import SUM_DTYPES, check_max_memory
+from .stored_sizes import kronecker_bytes
 
 # batches per float32 window sum (FactorHooks): at most ~16 eps = 2e-6 relative rounding before each
 # addition into the running sums
 FLUSH_EVERY = 16
-
-
-def _factor_floats(n: int, max_rank: int | None) -> int:
-    """Floats stored for one ``n x n`` Kronecker factor (dense, or low-rank k + diagonal when ``n > k``)."""
-    return n * n if max_rank is None or n <= max_rank else n * max_rank + max_rank + n
 
 
 @dataclass(frozen=True)
@@ -113,10 +109,8 @@ class KFACBackend(CurvatureBackend):
 
     @classmethod
     def stored_bytes(cls, adapters, options) -> int:
-        """Per adapter the layer factors X (d_in x d_in) and G (d_out x d_out) in float32, dense or (``max_rank``
-        k < side n) as k eigenpairs + diagonal: ``n k + k + n`` floats."""
-        return 4 * sum(_factor_floats(a.A.shape[1], options["max_rank"]) + _factor_floats(a.B.shape[0], options["max_rank"])
-                       for a in adapters)
+        """Per adapter the layer factors X and G, dense or low-rank (``stored_sizes.kronecker_bytes``)."""
+        return kronecker_bytes(adapters, options["max_rank"])
 
     @classmethod
     def accumulator_bytes(cls, adapters, options) -> int:

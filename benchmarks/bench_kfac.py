@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kfac.py [--repeats 3] [--configs tiny,mid]
 
-1. fit_precision(backend="kfac") time (fisher_type mc with 1 sample, and empirical) / one plain
+1. fit_precision(backend="kfac") time (curvature mc with 1 sample, and ef) / one plain
    forward+backward pass over the same data;
 2. regularizer forward+backward time per training step / the step's forward+backward time, for
    each form: kfac (linearized), tri-kfac (linearized), effective-weight.

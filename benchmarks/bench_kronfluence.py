@@ -133,9 +133,9 @@ def main(argv=None):
     fwd_bwd(model, data[:1])
     runs = {
         "fwd+bwd": lambda: fwd_bwd(model, data),
-        "lalora kfac empirical": lambda: lalora.fit_precision(model, data, "kfac", progress=False, fisher_type="empirical"),
+        "lalora kfac empirical": lambda: lalora.fit_precision(model, data, "kfac", progress=False, options={"curvature": lalora.Curvature.EF}),
         "kronfluence kfac empirical": lambda: kronfluence_fit(model, data, True),
-        "lalora kfac mc": lambda: lalora.fit_precision(model, data, "kfac", progress=False, fisher_type="mc"),
+        "lalora kfac mc": lambda: lalora.fit_precision(model, data, "kfac", progress=False, options={"curvature": lalora.Curvature.MC}),
         "kronfluence kfac mc": lambda: kronfluence_fit(model, data, False),
     }
     times = {k: [] for k in runs}
@@ -147,7 +147,7 @@ def main(argv=None):
         with PeakRSS() as m:
             f()
         peaks[k] = m.peak
-    P = lalora.fit_precision(model, data, "kfac", progress=False, fisher_type="empirical")
+    P = lalora.fit_precision(model, data, "kfac", progress=False, options={"curvature": lalora.Curvature.EF})
     _, factors = kronfluence_fit(model, data, True)
     err = compare_factors(model, P, factors)
     fb = statistics.median(times["fwd+bwd"])

@@ -141,10 +141,6 @@ def name_list(names: list[str], limit: int = 10) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-#: kinds of trainable tensors a precision over linear LoRA weights does not model (``trainable_kind``)
-TRAINABLE_KINDS = ("embedding_lora", "modules_to_save", "trainable_tokens", "lora", "lora_partial", "other")
-
-
 def trainable_kind(name: str) -> str:
     """What a trainable parameter of a peft model is, from its name (peft 0.21 naming):
     ``"embedding_lora"`` (``lora_embedding_A/B``), ``"modules_to_save"`` (the trainable copy

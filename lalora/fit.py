@@ -11,13 +11,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import base_model_of, find_lora_adapters, lora_config_summary, lora_parameters, lora_state
+from .adapters import base_model_of, find_lora_adapters, lora_parameters, lora_state
 from .backend import CurvatureBackend, FitContext, _distributed, make_backend
 from .coverage import check_coverage, check_uncovered_mode
 from .data import BatchStream, _hash_update, _is_single_batch, source_metadata
 from .errors import BackendError, DataError
+from .fit_metadata import fit_metadata, model_limits, tokenizer_info
 from .losses import resolve_loss
-from .options import curvature_name
 from .precision import Precision
 from .validation import config_hash
 
@@ -61,8 +61,11 @@ def fitting_mode(model: nn.Module, adapters):
         model.train(was_training)
 
 
-def _explain_zero(precision: Precision, adapters) -> str:
+def _warn_if_zero(precision: Precision, adapters) -> None:
+    """Log and warn (``ZeroCurvatureWarning``, at fit_precision's caller) about LoRA matrices of zero curvature."""
     zeros = precision.zero_params()
+    if not zeros:
+        return
     a_names = {a.a_name: a for a in adapters}
     zero_a_with_b0 = [n for n in zeros if n in a_names and not bool(a_names[n].B.detach().any())]
     msg = f"{len(zeros)} of {len(precision.param_names)} LoRA matrices have exactly zero curvature (e.g. {zeros[0]!r})."
@@ -71,7 +74,8 @@ def _explain_zero(precision: Precision, adapters) -> str:
                 "and the penalty leaves lora_A unconstrained. Use LoraConfig(init_lora_weights='orthogonal') "
                 "(even rank; model function unchanged), or the effective-weight form of a Kronecker precision, "
                 "or a prior_precision > 0.")
-    return msg
+    logger.warning("lalora: %s", msg)
+    warnings.warn(msg, ZeroCurvatureWarning, stacklevel=3)
 
 
 class _RankShard:
@@ -117,49 +121,6 @@ class _RankShard:
         self.fingerprint = h.hexdigest()[:16]
 
 
-def _reduce_counts(ctx: FitContext, stream: BatchStream, sharded) -> dict:
-    """The stream's counts summed over ranks, and the data fingerprint of all ranks' data."""
-    keys = ("num_examples", "num_tokens", "num_batches", "skipped_examples")
-    counts = {k: getattr(stream, k) for k in keys}
-    counts["data_fingerprint"] = stream.fingerprint
-    if not _distributed():
-        return counts
-    t = ctx.all_reduce(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64))
-    counts.update({k: int(v) for k, v in zip(keys, t.tolist())})
-    if sharded is not None:
-        counts["data_fingerprint"] = sharded.fingerprint
-    else:
-        prints = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(prints, stream.fingerprint)
-        counts["data_fingerprint"] = hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
-    return counts
-
-
-def _model_limits(base) -> tuple[int | None, int | None]:
-    """(vocabulary size of the input embeddings, max_position_embeddings) when the model has them."""
-    vocab = None
-    get_emb = getattr(base, "get_input_embeddings", None)
-    if callable(get_emb):
-        try:
-            emb = get_emb()
-            vocab = int(emb.num_embeddings) if emb is not None and hasattr(emb, "num_embeddings") else None
-        except (NotImplementedError, AttributeError):
-            vocab = None
-    pos = getattr(getattr(base, "config", None), "max_position_embeddings", None)
-    return vocab, (int(pos) if isinstance(pos, int) and pos > 0 else None)
-
-
-def _tokenizer_info(tokenizer, vocab_size: int | None) -> dict | None:
-    """{"name", "size"} of a HF tokenizer; refuses one with more tokens than the model embeds."""
-    if tokenizer is None:
-        return None
-    size = len(tokenizer)
-    if vocab_size is not None and size > vocab_size:
-        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has {size} tokens but the model embeds "
-                        f"only {vocab_size}: they do not belong together")
-    return {"name": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__, "size": size}
-
-
 def _arguments(fn) -> list[str]:
     import inspect
 
@@ -173,122 +134,96 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
                   _caller: str = "fit_precision", **backend_options) -> Precision:
     """Estimate the source-loss curvature w.r.t. the LoRA weights at their current values (theta0).
 
-    ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``).
-    ``loss``: "auto", "causal_lm", "classification", "mse" or ``fn(output, batch) -> (N,)``.
-    ``backend``: a registered name (``lalora.list_backends()``) or a backend instance.
-    ``options``: the backend's options, as its ``Options`` dataclass (``KFACOptions(curvature="mc")``;
-    ``lalora.get_backend(name).Options``) or a dict (``{"curvature": "mc"}``); ``lalora backends`` lists
-    them. (Backend options as keyword arguments of ``fit_precision`` still work, with a deprecation
-    warning.) Returns the mean over examples of the per-example curvature of each example's summed
-    loss, anchored at the current LoRA weights.
+    ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``). ``loss``: "auto",
+    "causal_lm", "classification", "mse" or ``fn(output, batch) -> (N,)``. ``backend``: a registered name
+    (``lalora.list_backends()``) or a backend instance. ``options``: the backend's options, as its ``Options``
+    dataclass (``KFACOptions(curvature="mc")``; ``lalora.get_backend(name).Options``) or a dict
+    (``{"curvature": "mc"}``); ``lalora backends`` lists them. (Backend options as keyword arguments of
+    ``fit_precision`` still work, with a deprecation warning.) Returns the mean over examples of the per-example
+    curvature of each example's summed loss, anchored at the current LoRA weights.
 
-    Under ``torch.distributed`` (``shard``): ``"auto"``/``True`` means every rank passes the same
-    ``data`` and takes batches ``rank, rank + world_size, ...`` (``"auto"`` leaves a DataLoader with
-    a ``DistributedSampler`` alone); ``False`` means each rank passes its own part. Sums and
-    counts are all-reduced; with sharding the result (tensors and metadata, timing aside) is
-    identical to a single-process run on the same data.
+    Under ``torch.distributed`` (``shard``): ``"auto"``/``True`` means every rank passes the same ``data`` and takes
+    batches ``rank, rank + world_size, ...`` (``"auto"`` leaves a DataLoader with a ``DistributedSampler`` alone);
+    ``False`` means each rank passes its own part. Sums and counts are all-reduced; with sharding the result (tensors
+    and metadata, timing aside) is identical to a single-process run on the same data.
 
-    Robustness (docs/robustness.md): a batch with a non-finite loss or gradient raises a
-    ``DataError`` naming it, or with ``skip_nonfinite=True`` is left out (``metadata
-    ["skipped_nonfinite"]``). ``checkpoint_dir``: save the backend's partial sums every
-    ``checkpoint_every`` batches and resume from them when called again after an interruption
-    (backends implementing ``state_dict``/``load_state_dict``: ``diag``, ``kfac``, ``tri-kfac``); the file is
-    deleted when the fit completes. ``tokenizer``: its name and size are stored in the metadata
-    and checked against the model's vocabulary. Sequences longer than the model's
-    ``max_position_embeddings`` and token ids outside its vocabulary raise ``DataError``.
+    Robustness (docs/robustness.md): a batch with a non-finite loss or gradient raises a ``DataError`` naming it, or
+    with ``skip_nonfinite=True`` is left out (``metadata["skipped_nonfinite"]``). ``checkpoint_dir``: save the
+    backend's partial sums every ``checkpoint_every`` batches and resume from them when called again after an
+    interruption (backends implementing ``state_dict``/``load_state_dict``: ``diag``, ``kfac``, ``tri-kfac``); the
+    file is deleted when the fit completes. ``tokenizer``: its name and size are stored in the metadata and checked
+    against the model's vocabulary. Sequences longer than the model's ``max_position_embeddings`` and token ids
+    outside its vocabulary raise ``DataError``.
 
-    Coverage (docs/concepts.md#coverage): the precision covers the linear LoRA weights of the
-    selected adapters. Every other parameter that requires grad when ``fit_precision`` is called
-    (LoRA on embeddings, ``modules_to_save`` copies, other adapters, unfrozen base weights) would
-    train without the penalty: ``uncovered="warn"`` (default) warns with an
-    ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
+    Coverage (docs/concepts.md#coverage): the precision covers the linear LoRA weights of the selected adapters. Every
+    other parameter that requires grad when ``fit_precision`` is called (LoRA on embeddings, ``modules_to_save``
+    copies, other adapters, unfrozen base weights) would train without the penalty: ``uncovered="warn"`` (default)
+    warns with an ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
     ``"ignore"`` says nothing.
 
     ``source``: where the source data came from (a JSON-able dict, e.g. ``SurrogateSource.provenance`` of
     ``lalora.surrogate.generate_source``), stored as ``metadata["source"]``.
     """
-    instance = make_backend(backend, options, backend_options, caller="fit_precision", caller_args=_arguments(fit_precision))
-    if prior_precision < 0:
-        raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
-    check_uncovered_mode(uncovered, _caller)
+    instance = _checked_backend(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered, _caller)
     source = source_metadata(source, _caller)
-    if skip_nonfinite and not instance.supports_skip_nonfinite:
-        raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
-                           "(it does not handle skipped batches); drop the option")
     adapters = find_lora_adapters(model, adapter_name)
     # what the user trains, before fitting_mode() sets requires_grad on the LoRA weights only
     check_coverage(model, lora_parameters(adapters).values(), uncovered, caller=_caller)
-    device = adapters[0].A.device
     base = base_model_of(model)
-    vocab_size, max_positions = _model_limits(base)
-    tokenizer_info = _tokenizer_info(tokenizer, vocab_size)
+    vocab_size, max_positions = model_limits(base)
+    tok_info = tokenizer_info(tokenizer, vocab_size)
     sharded = _RankShard.wrap(data, shard, max_batches)
-    stream = BatchStream(data if sharded is None else sharded, resolve_loss(loss), device, progress=progress,
-                         desc=f"lalora fit [{instance.name}]", max_batches=None if sharded else max_batches,
-                         max_positions=max_positions, vocab_size=vocab_size)
+    stream = BatchStream(data if sharded is None else sharded, resolve_loss(loss), adapters[0].A.device,
+                         progress=progress, desc=f"lalora fit [{instance.name}]", max_positions=max_positions,
+                         max_batches=None if sharded else max_batches, vocab_size=vocab_size)
     anchor = lora_state(adapters)
-    ctx = FitContext(model=model, adapters=adapters, stream=stream, device=device, skip_nonfinite=bool(skip_nonfinite))
-    checkpointer = None
-    if checkpoint_dir is not None:
-        from .checkpoint import Checkpointer, _anchor_hash
-
-        identity = {"backend": instance.name, "backend_options": json.loads(json.dumps(instance.options.to_dict(), default=str)),
-                    "config_hash": config_hash(model), "anchor": _anchor_hash(anchor),
-                    "loss": loss if isinstance(loss, str) else getattr(loss, "__qualname__", type(loss).__name__),
-                    "max_batches": max_batches, "skip_nonfinite": bool(skip_nonfinite)}
-        rank = torch.distributed.get_rank() if _distributed() else None
-        checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, instance, stream, identity=identity, rank=rank)
-        if checkpointer.resume(instance):
-            logger.info("lalora: resuming the fit from %s after %d batches", checkpointer.path, checkpointer.resumed_from)
-        ctx.checkpointer = checkpointer
+    ctx = FitContext(model=model, adapters=adapters, stream=stream, device=adapters[0].A.device,
+                     skip_nonfinite=bool(skip_nonfinite))
+    checkpointer = None if checkpoint_dir is None else _checkpointer(
+        checkpoint_dir, checkpoint_every, instance, ctx, anchor, loss, max_batches, skip_nonfinite)
     started = datetime.datetime.now(datetime.timezone.utc)
     with fitting_mode(model, adapters):
         blocks = instance.fit(ctx)
-    elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-    counts = _reduce_counts(ctx, stream, sharded)
-    n_nonfinite = len(stream.skipped_nonfinite)
-    if _distributed():
-        n_nonfinite = int(ctx.all_reduce(torch.tensor([float(n_nonfinite)], dtype=torch.float64)).item())
-    robustness = {"skipped_nonfinite": n_nonfinite, "vocab_size": vocab_size}
-    if n_nonfinite:
-        robustness["skipped_nonfinite_batches"] = list(stream.skipped_nonfinite)
-    if tokenizer_info is not None:
-        robustness["tokenizer"] = tokenizer_info
-    if checkpointer is not None:
-        robustness["resumed_from_batch"] = checkpointer.resumed_from
-    from .version import __version__
-
-    metadata = {
-        "backend": instance.name,
-        "backend_options": instance.options.to_dict(),
-        "curvature": curvature_name(instance.curvature_kind()),
-        "loss": stream.loss.name if stream.loss is not None else None,
-        "num_examples": counts["num_examples"],
-        "num_tokens": counts["num_tokens"],
-        "num_batches": counts["num_batches"],
-        "skipped_examples": counts["skipped_examples"],
-        "data_fingerprint": counts["data_fingerprint"],
-        "base_model": getattr(getattr(base, "config", None), "_name_or_path", None) or type(base).__name__,
-        "config_hash": config_hash(model),
-        "lora_config": lora_config_summary(model, adapters),
-        "adapters": {a.key:
-                     {"adapter_name": a.adapter_name, "scaling": a.scaling, "rank": a.rank} for a in adapters},
-        "dtype": str(adapters[0].A.dtype).replace("torch.", ""),
-        "lalora_version": __version__,
-        "created": started.isoformat(timespec="seconds"),
-        "fit_seconds": round(elapsed, 3),
-        **robustness,
-        **ctx.metadata,
-        **({"source": source} if source is not None else {}),
-    }
-    shard = ctx.metadata.get("factor_shard")  # shard_factors: this rank holds the blocks it owns
-    if shard is not None:
-        anchor = {n: t for n, t in anchor.items() if shard["owners"].get(n) == shard["rank"]}
-    precision = Precision(blocks, anchor, metadata=metadata, prior_precision=prior_precision)
+    metadata = fit_metadata(instance, ctx, sharded, base, started, vocab_size, tok_info, checkpointer, source)
+    precision = Precision(blocks, _owned(anchor, ctx), metadata=metadata, prior_precision=prior_precision)
     if checkpointer is not None:
         checkpointer.finish()
-    if precision.zero_params():
-        msg = _explain_zero(precision, adapters)
-        logger.warning("lalora: %s", msg)
-        warnings.warn(msg, ZeroCurvatureWarning, stacklevel=2)
+    _warn_if_zero(precision, adapters)
     return precision
+
+
+def _owned(anchor: dict, ctx: FitContext) -> dict:
+    """The anchor of the blocks this rank returns: all of them, or with ``shard_factors`` the ones it owns."""
+    shard = ctx.metadata.get("factor_shard")
+    if shard is None:
+        return anchor
+    return {n: t for n, t in anchor.items() if shard["owners"].get(n) == shard["rank"]}
+
+
+def _checked_backend(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered, caller):
+    """``fit_precision``'s backend instance, after the checks of its arguments that need no model."""
+    instance = make_backend(backend, options, backend_options, caller="fit_precision", caller_args=_arguments(fit_precision))
+    if prior_precision < 0:
+        raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
+    check_uncovered_mode(uncovered, caller)
+    if skip_nonfinite and not instance.supports_skip_nonfinite:
+        raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
+                           "(it does not handle skipped batches); drop the option")
+    return instance
+
+
+def _checkpointer(checkpoint_dir, checkpoint_every, instance, ctx: FitContext, anchor, loss, max_batches, skip_nonfinite):
+    """The fit's ``Checkpointer`` on ``ctx``, resumed from ``checkpoint_dir`` if it holds this fit's partial sums."""
+    from .checkpoint import Checkpointer, _anchor_hash
+
+    identity = {"backend": instance.name, "backend_options": json.loads(json.dumps(instance.options.to_dict(), default=str)),
+                "config_hash": config_hash(ctx.model), "anchor": _anchor_hash(anchor),
+                "loss": loss if isinstance(loss, str) else getattr(loss, "__qualname__", type(loss).__name__),
+                "max_batches": max_batches, "skip_nonfinite": bool(skip_nonfinite)}
+    rank = torch.distributed.get_rank() if _distributed() else None
+    checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, instance, ctx.stream, identity=identity, rank=rank)
+    if checkpointer.resume(instance):
+        logger.info("lalora: resuming the fit from %s after %d batches", checkpointer.path, checkpointer.resumed_from)
+    ctx.checkpointer = checkpointer
+    return checkpointer
+

@@ -15,7 +15,6 @@ model has) skip the repeated check (``validate=False``).
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Mapping
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from .blocks import Block
 from .blocks.base import all_finite
-from .errors import PrecisionFileError
+from .errors import PrecisionFileError, warn_deprecated
 from .fileformat import read_precision, save_precision
 from .shards import is_sharded, read_sharded, save_sharded, shard_of
 from .validation import match_to_model
@@ -152,7 +151,8 @@ class Precision:
     def with_anchor(self, anchor: Mapping[str, Tensor]) -> "Precision":
         """The same curvature around another point ``theta1`` (continual learning: the end of the last
         task); ``anchor`` maps every name in ``param_names`` to a tensor (extra names are ignored). Each
-        anchor tensor keeps the device and dtype of the one it replaces.
+        anchor tensor keeps the device and dtype of the one it replaces; a non-finite one (NaN, inf) raises
+        ``ValueError`` naming its parameter.
 
         Blocks whose curvature does not depend on the fit point (diag, dense, factored) are reused
         as they are. Kronecker blocks (``kfac``, ``tri-kfac``, dense or low-rank factors) keep their
@@ -169,6 +169,8 @@ class Precision:
             if tuple(t.shape) != tuple(old.shape):
                 raise ValueError(f"with_anchor: parameter {n!r} has shape {tuple(t.shape)}, the precision's anchor "
                                  f"{tuple(old.shape)}")
+            if not bool(torch.isfinite(t).all()):  # a diverged run's weights: every penalty would be NaN
+                raise ValueError(f"with_anchor: parameter {n!r} of the new anchor has non-finite values (NaN or inf)")
             new[n] = t.to(device=old.device, dtype=old.dtype).clone()
         return Precision(self.blocks, new, metadata=copy.deepcopy(self.metadata), prior_precision=self.prior_precision,
                          validate=False)
@@ -217,7 +219,7 @@ class Precision:
     # --- laplace-torch interop: deprecated, the conversions live in the laplace backend ----
     @classmethod
     def from_laplace(cls, la, model, *, adapter_name=None) -> "Precision":
-        """Deprecated: use ``lalora.backends.laplace_torch.precision_from_laplace(la, model)``.
+        """Deprecated: use ``lalora.backends.laplace_conversion.precision_from_laplace(la, model)``.
 
         From a fitted laplace-torch object over ``model``'s LoRA weights (its sum ``H`` / ``n_data``)."""
         return _laplace_backend("from_laplace", "precision_from_laplace(la, model)").from_laplace(
@@ -225,7 +227,7 @@ class Precision:
 
     def to_laplace(self, model, likelihood: str = "classification", *, prior_precision=None, num_examples=None,
                    adapter_name=None):
-        """Deprecated: use ``lalora.backends.laplace_torch.precision_to_laplace(precision, model)``.
+        """Deprecated: use ``lalora.backends.laplace_conversion.precision_to_laplace(precision, model)``.
 
         A fitted laplace-torch object (``H = N F``) for predictive uncertainty; see docs/block-backpack-laplace.md."""
         return _laplace_backend("to_laplace", "precision_to_laplace(precision, model)").to_laplace(
@@ -261,9 +263,8 @@ class Precision:
 
 def _laplace_backend(method: str, replacement: str):
     """The ``laplace`` backend's class, reached through the registry (the core imports no backend), after a
-    ``DeprecationWarning`` that ``Precision.<method>`` moved there."""
+    ``LaloraDeprecationWarning`` that ``Precision.<method>`` moved to ``lalora.backends.laplace_conversion``."""
     from .backend import get_backend
 
-    warnings.warn(f"Precision.{method} is deprecated: use lalora.backends.laplace_torch.{replacement}",
-                  DeprecationWarning, stacklevel=3)
+    warn_deprecated(f"Precision.{method} is deprecated: use lalora.backends.laplace_conversion.{replacement}")
     return get_backend("laplace")

@@ -193,6 +193,12 @@ def test_blocks_are_centred_at_the_precision_anchor(setting):
     assert all(x is y for x, y in zip(D.with_anchor(theta1).blocks, D.blocks))
     with pytest.raises(KeyError, match="no entry for parameter"):
         P.with_anchor({})
+    bad = dict(theta1)
+    name = list(bad)[1]
+    bad[name] = bad[name].clone()
+    bad[name].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"with_anchor: parameter '{name}' of the new anchor has non-finite values"):
+        P.with_anchor(bad)
 
 
 # --- AnchorMismatchError: advice for the caller ---------------------------------------------------

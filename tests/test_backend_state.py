@@ -48,8 +48,8 @@ def _state_after_last_batch(cls, options, model):
 
 
 # kfac with the true labels: with MC labels the continued fit would draw other labels (the loaded generator state)
-@pytest.mark.parametrize("backend,options", [("diag", {}), ("kfac", {"fisher_type": "empirical"}),
-                                             ("tri-kfac", {"fisher_type": "empirical"})])
+@pytest.mark.parametrize("backend,options", [("diag", {}), ("kfac", {"curvature": "ef"}),
+                                             ("tri-kfac", {"curvature": "ef"})])
 def test_loaded_state_is_used_by_one_fit_only(backend, options):
     """A state loaded before a fit continues that fit; the next fit of the same instance starts from zero."""
     model = tiny_lora_llama()

@@ -16,8 +16,8 @@ def test_tri_kfac_from_kfac_factors_equals_a_tri_kfac_fit():
     data = token_batches(n_batches=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lalora.ZeroCurvatureWarning)
-        P_k = lalora.fit_precision(model, data, backend="kfac", fisher_type="empirical", progress=False)
-        P_t = lalora.fit_precision(model, data, backend="tri-kfac", fisher_type="empirical", progress=False)
+        P_k = lalora.fit_precision(model, data, backend="kfac", options={"curvature": "ef"}, progress=False)
+        P_t = lalora.fit_precision(model, data, backend="tri-kfac", options={"curvature": "ef"}, progress=False)
     P = as_tri_kfac(P_k)
     assert [b.kind for b in P.blocks] == [b.kind for b in P_t.blocks] == ["tri-kfac"] * len(P_t.blocks)
     g = torch.Generator().manual_seed(0)

@@ -56,7 +56,7 @@ def test_block_ggn_matches_dense_reference():
     batches = token_batches(n_batches=1, batch_size=2, seq_len=6, pad=True, mask_prompt=True)
     ref = dense_ggn(model, batches)
     for granularity in ("adapter", "matrix"):
-        p = _fit(model, batches, curvature="ggn", granularity=granularity)
+        p = _fit(model, batches, options={"curvature": "ggn", "granularity": granularity})
         assert rel_err(p.to_dense(), ref * _block_mask(p)) <= TOL, granularity
     assert p.metadata["curvature"] == "ggn" and len(p.blocks) == 4 and p.metadata["num_examples"] == 2
 
@@ -67,7 +67,7 @@ def test_block_ggn_mse_mlp():
     randomize_lora_B(model)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 5, generator=g), torch.randn(4, 3, generator=g)) for _ in range(2)]
-    p = _fit(model, batches, loss="mse", curvature="ggn")
+    p = _fit(model, batches, loss="mse", options={"curvature": "ggn"})
     ref = dense_ggn(model, batches, loss="mse")
     assert rel_err(p.to_dense(), ref * _block_mask(p)) <= TOL
 
@@ -76,8 +76,8 @@ def test_factored_equals_dense_and_penalty():
     model = tiny_lora_llama(targets=("q_proj", "v_proj"))
     randomize_lora_B(model)
     batches = token_batches(n_batches=2, batch_size=3)
-    dense = _fit(model, batches, form="dense")
-    fact = _fit(model, batches, form="factored")
+    dense = _fit(model, batches, options={"storage": "dense"})
+    fact = _fit(model, batches, options={"storage": "factored"})
     assert all(isinstance(b, FactoredBlock) and b.factor.shape[0] == 6 for b in fact.blocks)  # rank <= N = 6
     assert rel_err(fact.to_dense(), dense.to_dense()) <= TOL
     g = torch.Generator().manual_seed(1)
@@ -102,7 +102,7 @@ def test_memory_budget_chooses_form_and_summary_reports_it(tmp_path):
     randomize_lora_B(model)
     batches = token_batches(n_batches=1, batch_size=3)
     # adapter blocks have 64 (q) and 48 (v) weights: dense 16 KiB and 9 KiB; budget 12 KiB splits them
-    p = _fit(model, batches, memory_budget_mb=12 / 1024)
+    p = _fit(model, batches, options={"memory_budget_mb": 12 / 1024})
     forms = p.metadata["block_forms"]
     assert sorted(set(forms.values())) == ["dense", "factored"]
     assert [type(b).__name__ for b in p.blocks] == ["FactoredBlock", "DenseBlock"] * 2
@@ -132,7 +132,7 @@ def test_option_errors():
     with pytest.raises(lalora.BackendError, match="granularity"):
         lalora.get_backend("block")(granularity="layer")
     with pytest.raises(lalora.BackendError, match="factored"):
-        lalora.get_backend("block")(curvature="ggn", form="factored")
+        lalora.get_backend("block")(curvature="ggn", storage="factored")
     model = tiny_lora_llama(targets=("v_proj",))
     with pytest.raises(lalora.BackendError, match="memory_budget_mb"):
-        _fit(model, token_batches(n_batches=1), curvature="ggn", memory_budget_mb=1e-6)
+        _fit(model, token_batches(n_batches=1), options={"curvature": "ggn", "memory_budget_mb": 1e-6})

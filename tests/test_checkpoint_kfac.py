@@ -1,7 +1,7 @@
 """Checkpointed ``kfac`` / ``tri-kfac`` fits resume to the uninterrupted result, bitwise.
 
 The state is the float64 factor sums (``sum.<adapter>.<X|G|T>``, the float32 window sums flushed
-into them at each checkpoint) and, for ``fisher_type="mc"``, the label-sampling generator: a resumed MC fit must draw the same labels for the remaining
+into them at each checkpoint) and, for ``curvature="mc"``, the label-sampling generator: a resumed MC fit must draw the same labels for the remaining
 batches as the uninterrupted one.
 """
 import warnings
@@ -21,8 +21,8 @@ def _fit(model, data, backend, **kw):
         return lalora.fit_precision(model, data, backend, progress=False, **kw)
 
 
-@pytest.mark.parametrize("backend,options", [("kfac", {"fisher_type": "mc", "mc_samples": 2}),
-                                             ("tri-kfac", {"fisher_type": "empirical", "kfac_approx": "reduce"})],
+@pytest.mark.parametrize("backend,options", [("kfac", {"curvature": "mc", "mc_samples": 2}),
+                                             ("tri-kfac", {"curvature": "ef", "kfac_approx": "reduce"})],
                          ids=["kfac-mc", "tri-kfac-empirical-reduce"])
 def test_checkpointed_fit_resumes_to_the_uninterrupted_result(tmp_path, backend, options):
     model = tiny_lora_llama()
@@ -31,17 +31,17 @@ def test_checkpointed_fit_resumes_to_the_uninterrupted_result(tmp_path, backend,
     batches[3]["labels"][:] = -100  # a batch without labels inside the consumed part
     # the uninterrupted fit with the same checkpointing: the float32 window sums are flushed into the
     # float64 sums at every checkpoint, so checkpointing itself changes the result at float32 rounding
-    reference = _fit(model, batches, backend, checkpoint_dir=tmp_path / "ref", checkpoint_every=2, **options)
-    unchecked = _fit(model, batches, backend, **options)
+    reference = _fit(model, batches, backend, checkpoint_dir=tmp_path / "ref", checkpoint_every=2, options=options)
+    unchecked = _fit(model, batches, backend, options=options)
     for b1, b2 in zip(reference.blocks, unchecked.blocks):
         for k, t in b1.tensors().items():
             assert float((t - b2.tensors()[k]).abs().max()) <= 1e-6 * float(t.abs().max()), k
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Interrupted):
-        _fit(model, _FlakyData(batches, fail_after=5), backend, checkpoint_dir=ckpt, checkpoint_every=2, **options)
+        _fit(model, _FlakyData(batches, fail_after=5), backend, checkpoint_dir=ckpt, checkpoint_every=2, options=options)
     assert sorted(p.name for p in ckpt.iterdir()) == ["fit-checkpoint.safetensors"]
     calls = _count_forwards(model)
-    resumed = _fit(model, _FlakyData(batches), backend, checkpoint_dir=ckpt, checkpoint_every=2, **options)
+    resumed = _fit(model, _FlakyData(batches), backend, checkpoint_dir=ckpt, checkpoint_every=2, options=options)
     assert calls["n"] == 2  # batches 5 and 6 only
     assert resumed.metadata["resumed_from_batch"] == 5
     for b1, b2 in zip(resumed.blocks, reference.blocks):  # float64 sums and generator state restored: round-off only

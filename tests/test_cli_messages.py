@@ -38,6 +38,41 @@ def test_every_flag_the_vocabulary_names_exists():
     assert not missing
 
 
+def _library_texts() -> list[str]:
+    """Every string literal of the library (lalora/ without its CLI, backends/), an f-string with ``{}`` for
+    each replacement field: the text its messages are made of."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = []
+    for path in sorted([*(root / "lalora").rglob("*.py"), *(root / "backends").rglob("*.py")]):
+        if (root / "lalora" / "cli") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                out.append(node.value)
+            elif isinstance(node, ast.JoinedStr):
+                out.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values))
+    return out
+
+
+def test_every_translation_row_matches_a_library_message():
+    """No dead rows: each pattern of the translation tables matches some text of the library's messages (a
+    row for a message that was reworded or removed would otherwise linger, translating nothing)."""
+    texts = _library_texts()
+    assert any("choose one with adapter_name=..." in t for t in texts)  # the scan sees concatenated literals
+
+    def used(pattern):
+        return any(re.search(pattern, t) for t in texts)
+
+    dead = [p for p, _ in cli_vocab._PHRASES if not used(p)]
+    dead += [f"{k}=" for k in cli_vocab._VALUE_FLAGS if not used(rf"\b{k}=")]
+    dead += [f"{k}={v}" for k, v in cli_vocab._SWITCHES if not used(rf"\b{k}={v}\b")]
+    dead += [k for k in cli_vocab._BARE if not used(rf"\b{k}\b(?!=)")]
+    assert not dead, f"rows of lalora/cli/vocab.py that no library message matches: {dead}"
+
+
 def test_library_messages_in_cli_words(capsys, tmp_path, model_dir, data_files, precision_file):
     src, task = data_files
     tune = ["finetune", "--model", model_dir, "--data", task, "--out", tmp_path / "a", "--steps", 1, "--batch-size", 2, "-q"]

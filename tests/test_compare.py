@@ -77,6 +77,23 @@ def test_ef_reference_is_the_one_reference_with_the_streams_counts():
     assert rel_err(old.to_dense(), want) <= 1e-6
 
 
+def test_reference_draws_only_the_batches_it_uses():
+    """``max_batches``: the reference takes that many batches from the iterable and no more (a long DataLoader
+    is not materialised); the same matrix as the first batches given as a list (the same computation)."""
+    model, batches = _llama()
+    drawn = []
+
+    def endless():
+        while True:
+            drawn.append(1)
+            yield batches[len(drawn) % 2]
+
+    got = dense_reference(model, endless(), "ef", max_batches=2)
+    want = dense_reference(model, [batches[1], batches[0]], "ef")
+    assert len(drawn) == 2 and got.metadata["data_fingerprint"] == want.metadata["data_fingerprint"]
+    assert rel_err(got.to_dense(), want.to_dense()) <= 1e-6  # the same batches and code: round-off at most
+
+
 def test_ggn_reference_matches_finite_differences():
     """d^T G d = (1/N) sum_n (J d)^T H (J d) with J d from central differences (float64 MLP)."""
     model = lora_mlp().double()

@@ -15,9 +15,10 @@ def test_compare_plot_module_warns_and_is_comparison_plot():
     from lalora.comparison.plot import plot_result
 
     sys.modules.pop("lalora.compare_plot", None)  # the warning is given when the module is first imported
-    with pytest.warns(DeprecationWarning, match="lalora.comparison.plot"):
-        old = importlib.import_module("lalora.compare_plot")
+    with pytest.warns(lalora.LaloraDeprecationWarning, match="lalora.comparison.plot") as seen:
+        import lalora.compare_plot as old
     assert old.plot_result is plot_result
+    assert seen[0].filename == __file__  # points at the importing line, not into lalora or importlib
     assert lalora.compare is lalora.comparison.compare  # importing it rebinds nothing
 
 
@@ -26,9 +27,9 @@ def test_bench_batch_builders_warn_and_are_textdata(name):
     from lalora import textdata
     from lalora.bench import tasks
 
-    with pytest.warns(DeprecationWarning, match=f"lalora.textdata.{name}"):
+    with pytest.warns(lalora.LaloraDeprecationWarning, match=f"lalora.textdata.{name}") as seen:
         old = getattr(tasks, name)
-    assert old is getattr(textdata, name)
+    assert old is getattr(textdata, name) and seen[0].filename == __file__
     with pytest.raises(AttributeError, match="no_such_name"):
         tasks.no_such_name  # noqa: B018 - other names still fail
 

@@ -36,7 +36,7 @@ def _worker(rank, port, out_dir):
 
         model = make_model()
         precision = lalora.fit_precision(model, _source(), "diag", progress=False)
-        kfac = lalora.fit_precision(model, _source(), "kfac", progress=False, fisher_type="empirical")
+        kfac = lalora.fit_precision(model, _source(), "kfac", progress=False, options={"curvature": "ef"})
         if rank == 0:
             precision.save(os.path.join(out_dir, "dist.safetensors"))
             kfac.save(os.path.join(out_dir, "dist-kfac.safetensors"))
@@ -100,7 +100,7 @@ def test_kfac_fit_two_ranks_equals_one(dist_run):
     to float32 rounding: each rank sums its shard in float32, so the order of additions differs."""
     from test_trainer import make_model
 
-    single = lalora.fit_precision(make_model(), _source(), "kfac", progress=False, fisher_type="empirical")
+    single = lalora.fit_precision(make_model(), _source(), "kfac", progress=False, options={"curvature": "ef"})
     dist = lalora.Precision.load(dist_run / "dist-kfac.safetensors")
     assert [b.params for b in dist.blocks] == [b.params for b in single.blocks]
     for b1, b2 in zip(single.blocks, dist.blocks):

@@ -5,11 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 
 def test_gpu_check_dry_mode_runs_every_step(tmp_path):
-    pytest.importorskip("curvlinops")
     path = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     mod = importlib.util.module_from_spec(spec)

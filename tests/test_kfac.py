@@ -67,15 +67,15 @@ def test_single_linear_layer_equals_curvlinops_ggn(fisher_type):
     ggn = (op @ torch.eye(n)).double()
     nA = a.A.numel()
     if fisher_type == "type-2":
-        tri = _fit(model, (x, y), "tri-kfac", loss="mse", fisher_type="type-2")
-        kfac = _fit(model, (x, y), "kfac", loss="mse", fisher_type="type-2")
+        tri = _fit(model, (x, y), "tri-kfac", loss="mse", options={"curvature": "ggn"})
+        kfac = _fit(model, (x, y), "kfac", loss="mse", options={"curvature": "ggn"})
         assert rel(tri.to_dense(), ggn) <= TOL  # the whole A-B block, cross terms included
         assert rel(ggn[:nA, nA:], torch.zeros(1)) > 0.1  # the cross block is not trivially zero
         kd = kfac.to_dense()
         assert rel(kd[:nA, :nA], ggn[:nA, :nA]) <= TOL and rel(kd[nA:, nA:], ggn[nA:, nA:]) <= TOL
         assert torch.count_nonzero(kd[:nA, nA:]) == 0
     else:  # MC for MSE: exact in expectation; many samples in one batch of copies
-        tri = _fit(model, (x.repeat(400, 1), y.repeat(400, 1)), "tri-kfac", loss="mse", mc_samples=20)
+        tri = _fit(model, (x.repeat(400, 1), y.repeat(400, 1)), "tri-kfac", loss="mse", options={"mc_samples": 20})
         assert rel(tri.to_dense(), ggn) <= 0.05  # 8000 samples: noise ~ 2-3%
 
 
@@ -162,7 +162,7 @@ def _blocks(precision):
 def test_tiny_llama_empirical_factors_match_per_token_reference(targets, approx, init):
     model = tiny_lora_llama(targets=targets, r=2, init=init)  # orthogonal: A, B != 0; True (peft default): B = 0
     batches = token_batches(n_batches=2, batch_size=3, pad=True, mask_prompt=True)
-    precision = _fit(model, batches, fisher_type="empirical", kfac_approx=approx)
+    precision = _fit(model, batches, options={"curvature": "ef", "kfac_approx": approx})
     ref = reference_factors(model, batches, _ef_vectors, approx)
     blocks = _blocks(precision)
     assert set(blocks) == set(ref)
@@ -179,7 +179,7 @@ def test_wide_layers_panel_products_match_per_token_reference():
                             num_hidden_layers=1)
     randomize_lora_B(model)
     batches = token_batches(n_batches=2, batch_size=3, pad=True, mask_prompt=True)
-    precision = _fit(model, batches, fisher_type="empirical")
+    precision = _fit(model, batches, options={"curvature": "ef"})
     ref = reference_factors(model, batches, _ef_vectors)
     blocks = _blocks(precision)
     for name, (X, G) in ref.items():
@@ -194,7 +194,7 @@ def test_mc_converges_to_per_token_type2_reference():
     (batch,) = token_batches(n_batches=1, batch_size=2, seq_len=6, pad=True, mask_prompt=True)
     ref = reference_factors(model, [batch], _type2_vectors)
     ef = reference_factors(model, [batch], _ef_vectors)
-    precision = _fit(model, batch, fisher_type="mc", mc_samples=1500)
+    precision = _fit(model, batch, options={"curvature": "mc", "mc_samples": 1500})
     for name, b in _blocks(precision).items():
         X, G = ref[name]
         assert rel(b.X.dense(), X) <= TOL
@@ -228,8 +228,8 @@ def test_mc_error_shrinks_like_one_over_sqrt_samples_to_the_type2_reference():
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     ref = reference_factors(model, [batch], _type2_vectors)
     ef = reference_factors(model, [batch], _ef_vectors)
-    small = [_blocks(_fit(model, batch, fisher_type="mc", mc_samples=S0, seed=k)) for k in range(K)]
-    large = _blocks(_fit(model, batch, fisher_type="mc", mc_samples=S1, seed=K))
+    small = [_blocks(_fit(model, batch, options={"curvature": "mc", "mc_samples": S0, "seed": k})) for k in range(K)]
+    large = _blocks(_fit(model, batch, options={"curvature": "mc", "mc_samples": S1, "seed": K}))
     for name, (X, G) in ref.items():
         assert rel(large[name].X.dense(), X) <= TOL
         Gs = torch.stack([f[name].G.dense().double() for f in small])
@@ -245,12 +245,12 @@ def test_mc_error_shrinks_like_one_over_sqrt_samples_to_the_type2_reference():
 def test_type2_refused_on_causal_lm():
     model = tiny_lora_llama()
     with pytest.raises(BackendError, match="type-2.*mc"):
-        _fit(model, token_batches(1), fisher_type="type-2")
+        _fit(model, token_batches(1), options={"curvature": "ggn"})
 
 
 def test_options_are_checked():
-    with pytest.raises(BackendError, match="fisher_type"):
-        lalora.get_backend("kfac")(fisher_type="exact")
+    with pytest.raises(BackendError, match="fisher_type"), pytest.warns(lalora.LaloraDeprecationWarning):
+        lalora.get_backend("kfac")(fisher_type="exact")  # lalora 0.1's name: the error names what was typed
     with pytest.raises(BackendError, match="kfac_approx"):
         lalora.get_backend("tri-kfac")(kfac_approx="sum")
     with pytest.raises(BackendError, match="mc_samples"):
@@ -266,8 +266,8 @@ def test_padded_equals_packed(approx):
     for n in range(4):
         L = int(padded["attention_mask"][n].sum())
         singles.append({k: v[n:n + 1, :L] for k, v in padded.items()})
-    a = _fit(model, padded, "tri-kfac", fisher_type="empirical", kfac_approx=approx)
-    b = _fit(model, singles, "tri-kfac", fisher_type="empirical", kfac_approx=approx)
+    a = _fit(model, padded, "tri-kfac", options={"curvature": "ef", "kfac_approx": approx})
+    b = _fit(model, singles, "tri-kfac", options={"curvature": "ef", "kfac_approx": approx})
     assert rel(a.to_dense(), b.to_dense()) <= TOL
     for ba, bb in zip(a.blocks, b.blocks):
         assert rel(ba.X.dense(), bb.X.dense()) <= TOL and rel(ba.G.dense(), bb.G.dense()) <= TOL
@@ -275,8 +275,8 @@ def test_padded_equals_packed(approx):
 
 def test_bf16_model_gives_float32_factors_close_to_float32_fit():
     batches = token_batches(n_batches=1, batch_size=3)
-    p32 = _fit(tiny_lora_llama(r=2), batches, fisher_type="empirical")
-    p16 = _fit(tiny_lora_llama(r=2, dtype=torch.bfloat16), batches, fisher_type="empirical")
+    p32 = _fit(tiny_lora_llama(r=2), batches, options={"curvature": "ef"})
+    p16 = _fit(tiny_lora_llama(r=2, dtype=torch.bfloat16), batches, options={"curvature": "ef"})
     for b32, b16 in zip(p32.blocks, p16.blocks):
         assert b16.X.dtype == torch.float32 and b16.G.dtype == torch.float32
         assert rel(b16.X.dense(), b32.X.dense()) <= 0.05 and rel(b16.G.dense(), b32.G.dense()) <= 0.1
@@ -363,7 +363,7 @@ def test_effective_weight_is_reparametrisation_invariant_linearised_forms_are_no
 def test_effective_weight_constrains_A_when_B0_is_zero():
     model = tiny_lora_llama(r=2, init=True)  # peft default: B0 = 0
     batches = token_batches(n_batches=1, batch_size=3)
-    precision = _fit(model, batches, "kfac", fisher_type="empirical")
+    precision = _fit(model, batches, "kfac", options={"curvature": "ef"})
     lin = lalora.LaLoRARegularizer(model, precision, strength=1.0)
     eff = lalora.LaLoRARegularizer(model, precision, strength=1.0, form="effective-weight")
     with torch.no_grad():
@@ -381,7 +381,7 @@ def test_effective_weight_constrains_A_when_B0_is_zero():
 def test_precision_file_round_trip_and_regularizer(tmp_path, backend):
     model = tiny_lora_llama(r=2)
     randomize_lora_B(model)
-    precision = _fit(model, token_batches(n_batches=1, batch_size=3), backend, fisher_type="mc", mc_samples=2)
+    precision = _fit(model, token_batches(n_batches=1, batch_size=3), backend, options={"curvature": "mc", "mc_samples": 2})
     path = tmp_path / "p.safetensors"
     precision.save(path)
     loaded = lalora.Precision.load(path, model)
@@ -477,7 +477,7 @@ def test_fit_with_noncontiguous_lora_weights_gives_usable_dense(backend):
             a.lora_B.weight = nn.Parameter(0.5 * torch.randn(a.B.shape[::-1]).t())
     assert not find_lora_adapters(model)[0].A.is_contiguous()
     x, y = torch.randn(6, 5), torch.randn(6, 3)
-    precision = _fit(model, (x, y), backend, loss="mse", fisher_type="empirical")
+    precision = _fit(model, (x, y), backend, loss="mse", options={"curvature": "ef"})
     dense = precision.to_dense().double()
     g = torch.Generator().manual_seed(1)
     delta = {n: torch.randn(t.shape, generator=g) for n, t in precision.anchor.items()}
@@ -536,9 +536,9 @@ def test_float32_running_sums_match_float64():
     """sum_dtype='float32' (half the fit's accumulator memory) gives the float64-sum factors to 1e-6."""
     model = tiny_lora_llama(targets=("q_proj", "v_proj", "down_proj"), r=2)
     batches = token_batches(n_batches=3, batch_size=3, pad=True, mask_prompt=True)
-    a = _blocks(_fit(model, batches, fisher_type="empirical"))
-    b = _blocks(_fit(model, batches, fisher_type="empirical", sum_dtype="float32"))
+    a = _blocks(_fit(model, batches, options={"curvature": "ef"}))
+    b = _blocks(_fit(model, batches, options={"curvature": "ef", "sum_dtype": "float32"}))
     for name in a:
         assert rel(b[name].X.dense(), a[name].X.dense()) <= 1e-6 and rel(b[name].G.dense(), a[name].G.dense()) <= 1e-6
     with pytest.raises(BackendError, match="sum_dtype"):
-        _fit(model, batches, sum_dtype="float16")
+        _fit(model, batches, options={"sum_dtype": "float16"})

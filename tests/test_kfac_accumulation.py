@@ -69,7 +69,7 @@ def test_input_factors_when_the_sharing_changes_between_batches(monkeypatch, flu
     monkeypatch.setattr(kfac_backend, "FLUSH_EVERY", flush_every)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)) for n in (4, 4, 3, 4, 5, 5, 4, 4)]
-    X = _x_factors(_fit(_shared_model(), data, loss="mse", fisher_type="empirical"))
+    X = _x_factors(_fit(_shared_model(), data, loss="mse", options={"curvature": "ef"}))
     xs = torch.cat([x for x, _ in data]).double()
     ref = xs.T @ xs / len(xs)
     h = torch.tanh(xs)
@@ -91,7 +91,7 @@ def test_shared_input_product_is_computed_once(monkeypatch):
     monkeypatch.setattr(kfac_factors, "add_gram", counting)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)) for _ in range(3)]
-    _fit(_shared_model(), data, loss="mse", fisher_type="empirical")
+    _fit(_shared_model(), data, loss="mse", options={"curvature": "ef"})
     assert calls.count(6) == 2 * 3  # input products (d_in = 6)
     assert calls.count(3) == 5 * 3  # gradient products (d_out = 3): a, b, c, e twice
 
@@ -105,7 +105,7 @@ def test_skip_nonfinite_drops_exactly_the_bad_batches():
     batches = _mlp_batches(5)
     batches[1][1][0, 2] = float("inf")
     batches[3][0][0, 0] = 123.0
-    kw = dict(loss=_poison_grad_loss, fisher_type="empirical")
+    kw = dict(loss=_poison_grad_loss, options={"curvature": "ef"})
     P = _fit(model, batches, skip_nonfinite=True, **kw)
     clean = [b for i, b in enumerate(batches) if i not in (1, 3)]
     Q = _fit(model, clean, skip_nonfinite=True, **kw)

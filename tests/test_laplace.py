@@ -31,7 +31,7 @@ def model_and_data():
 
 def test_laplace_diag_ggn_equals_lalora_diag_ggn(model_and_data):
     model, data = model_and_data
-    p = _fit(model, data, "laplace", hessian_structure="diag")
+    p = _fit(model, data, "laplace", options={"hessian_structure": "diag"})
     assert p.metadata["num_examples"] == 10 and p.metadata["laplace_backend"] == "CurvlinopsGGN"
     ours = _fit(model, data, "backpack")  # DiagGGNExact, same curvature
     assert rel_err(torch.diagonal(p.to_dense()), torch.diagonal(ours.to_dense())) <= TOL
@@ -44,7 +44,7 @@ def test_laplace_kron_equals_curvlinops_kfac_mean(model_and_data):
 
     model, data = model_and_data
     full = [(torch.cat([x[y != -100] for x, y in data]), torch.cat([y[y != -100] for _, y in data]))]
-    p = _fit(model, full, "laplace", hessian_structure="kron")  # one batch: laplace's M/N rescaling is 1
+    p = _fit(model, full, "laplace", options={"hessian_structure": "kron"})  # one batch: laplace's M/N rescaling is 1
     params = list(lalora.adapters.lora_parameters(lalora.adapters.find_lora_adapters(model)).values())
     op = KFACLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), params, full, fisher_type="type-2",
                             check_deterministic=False)
@@ -53,7 +53,7 @@ def test_laplace_kron_equals_curvlinops_kfac_mean(model_and_data):
     assert [b.kind for b in p.blocks] == ["dense"] * 4  # one kron(Q, H) block per LoRA matrix
     # lalora's own B-KFAC with the same curvature (type-2): one output row per example, so
     # laplace's per-matrix factors equal the adapter-level ones (G_A = s^2 B^T G B, X_B = A X A^T)
-    ours = _fit(model, data, "kfac", fisher_type="type-2")
+    ours = _fit(model, data, "kfac", options={"curvature": "ggn"})
     assert rel_err(p.to_dense(), ours.to_dense()) <= TOL
 
 
@@ -82,7 +82,7 @@ def test_from_laplace_and_to_laplace_round_trip(model_and_data):
 
 def test_kfac_precision_to_kron_laplace(model_and_data):
     model, data = model_and_data
-    ours = _fit(model, data, "kfac", fisher_type="type-2")
+    ours = _fit(model, data, "kfac", options={"curvature": "ggn"})
     la = precision_to_laplace(ours, model)
     assert type(la).__name__ == "KronLaplace"
     assert rel_err(precision_from_laplace(la, model).to_dense(), ours.to_dense()) <= TOL
@@ -97,10 +97,10 @@ def test_precision_methods_are_deprecated_aliases_through_the_registry(model_and
     model, data = model_and_data
     ours = _fit(model, data, "backpack")
     assert lalora.get_backend("laplace").to_laplace is precision_to_laplace
-    with pytest.warns(DeprecationWarning, match="precision_to_laplace"):
+    with pytest.warns(lalora.LaloraDeprecationWarning, match="lalora.backends.laplace_conversion.precision_to_laplace"):
         la = ours.to_laplace(model, prior_precision=2.0)
     assert rel_close(la.H, precision_to_laplace(ours, model, prior_precision=2.0).H, F32)
-    with pytest.warns(DeprecationWarning, match="precision_from_laplace"):
+    with pytest.warns(lalora.LaloraDeprecationWarning, match="lalora.backends.laplace_conversion.precision_from_laplace"):
         back = lalora.Precision.from_laplace(la, model)
     assert rel_close(back.to_dense(), precision_from_laplace(la, model).to_dense(), F32)
 
@@ -142,7 +142,7 @@ def test_causal_lm_mc_fisher_is_seeded():
     batches = token_batches(n_batches=1, batch_size=2, seq_len=5)
     torch.manual_seed(5)
     before = torch.random.get_rng_state()
-    fits = [lalora.fit_precision(model, batches, backend="laplace", curvature="mc_fisher", seed=s, progress=False)
+    fits = [lalora.fit_precision(model, batches, backend="laplace", options={"curvature": "mc", "seed": s}, progress=False)
             for s in (0, 0, 1)]
     assert torch.equal(torch.random.get_rng_state(), before)
     d = [torch.diagonal(f.to_dense()) for f in fits]
@@ -153,7 +153,7 @@ def test_causal_lm_mc_fisher_is_seeded():
 def test_causal_lm_kron_and_ef_are_refused_with_a_clear_error():
     model = tiny_lora_llama(targets=("v_proj",))
     with pytest.raises(lalora.BackendError, match="tokens as data points"):
-        lalora.fit_precision(model, token_batches(n_batches=1), backend="laplace", hessian_structure="kron", progress=False)
+        lalora.fit_precision(model, token_batches(n_batches=1), backend="laplace", options={"hessian_structure": "kron"}, progress=False)
     with pytest.raises(lalora.BackendError, match="per-token gradients"):
-        lalora.fit_precision(model, token_batches(n_batches=1), backend="laplace", curvature="empirical_fisher",
+        lalora.fit_precision(model, token_batches(n_batches=1), backend="laplace", options={"curvature": "ef"},
                              progress=False)

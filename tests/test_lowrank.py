@@ -203,7 +203,7 @@ def test_regularizer_penalty_and_gradient(model, precisions, form):
 def test_backend_max_rank_equals_compress(model, precisions):
     data = token_batches(3)
     for kind in ("kfac", "tri-kfac"):
-        fitted = _fit(model, data, kind, max_rank=5)
+        fitted = _fit(model, data, kind, options={"max_rank": 5})
         post = compress(precisions[kind], 5)
         assert fitted.metadata["backend_options"]["max_rank"] == 5
         for b, c in zip(fitted.blocks, post.blocks):
@@ -235,7 +235,7 @@ def test_kfac_backend_streams_one_batch_of_outputs(model):
     h1 = base.register_forward_pre_hook(pre, with_kwargs=True)
     h2 = base.register_forward_hook(post, with_kwargs=True)
     try:
-        _fit(model, token_batches(3), "kfac", fisher_type="empirical")
+        _fit(model, token_batches(3), "kfac", options={"curvature": "ef"})
     finally:
         h1.remove()
         h2.remove()
@@ -246,12 +246,12 @@ def test_kfac_backend_streams_one_batch_of_outputs(model):
 @pytest.mark.parametrize("backend,options", [("diag", {}), ("kfac", {}), ("kfac", {"max_rank": 5}),
                                              ("tri-kfac", {"max_rank": 12})])
 def test_stored_bytes_exact_from_shapes(model, backend, options):
-    P = _fit(model, token_batches(1), backend, **options)
+    P = _fit(model, token_batches(1), backend, options=options)
     assert stored_bytes(model, backend, options) == P.num_bytes
 
 
 def test_estimate_fit_extrapolates(model):
-    est = estimate_fit(model, token_batches(5), "kfac", num_batches=2, max_rank=5)
+    est = estimate_fit(model, token_batches(5), "kfac", num_batches=2, options={"max_rank": 5})
     assert est.sample_batches == 2 and est.total_batches == 5 and len(est.batch_seconds) == 2
     assert est.estimated_seconds == pytest.approx(est.sample_seconds + 3 * est.batch_seconds[1])
     assert est.stored_bytes_exact and est.stored_bytes == stored_bytes(model, "kfac", {"max_rank": 5})

@@ -76,7 +76,7 @@ def test_each_adapter_matches_its_own_reference(model_name, config, init):
     ref = layer_factors(model, batches)
     assert set(ref) == {a.key for a in adapters}
     for backend in ("kfac", "tri-kfac"):
-        p = _fit(model, batches, backend, fisher_type="empirical")
+        p = _fit(model, batches, backend, options={"curvature": "ef"})
         assert [b.params for b in p.blocks] == [(a.a_name, a.b_name) for a in adapters]
         for a, b in zip(adapters, p.blocks):
             X, G = ref[a.key]
@@ -98,7 +98,7 @@ def test_reduce_and_expand_with_two_adapters_on_one_layer(approx):
     model = _model("llama", "mix")
     batches = _batches()
     ref = layer_factors(model, batches, approx)
-    p = _fit(model, batches, "tri-kfac", fisher_type="empirical", kfac_approx=approx)
+    p = _fit(model, batches, "tri-kfac", options={"curvature": "ef", "kfac_approx": approx})
     for a, b in zip(find_lora_adapters(model), p.blocks):
         assert rel_err(b.X.dense(), ref[a.key][0]) <= TOL and rel_err(b.G.dense(), ref[a.key][1]) <= TOL, a.key
 
@@ -117,7 +117,7 @@ def test_shared_input_is_one_window_sum(monkeypatch):
 
     monkeypatch.setattr(kfac_factors.FactorHooks, "commit_batch", spy)
     model = _model("llama", "same-layer")
-    _fit(model, _batches(), "kfac", fisher_type="empirical")
+    _fit(model, _batches(), "kfac", options={"curvature": "ef"})
     for layer in ("model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"):
         assert seen[f"{layer}.default"] == seen[f"{layer}.second"]
     assert len(set(seen.values())) == 2 and len(seen) == 4
@@ -130,16 +130,16 @@ def test_checkpoint_state_is_per_adapter_and_resumes(tmp_path, backend):
     model = _model("llama", "mix")
     ex = labelled_sequences()
     batches = [pad_batch(ex[i:i + 2], "left") for i in range(0, 6, 2)]
-    options = {"fisher_type": "mc", "mc_samples": 2}
-    reference = _fit(model, batches, backend, checkpoint_dir=tmp_path / "ref", checkpoint_every=1, **options)
+    options = {"curvature": "mc", "mc_samples": 2}
+    reference = _fit(model, batches, backend, checkpoint_dir=tmp_path / "ref", checkpoint_every=1, options=options)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Interrupted):
-        _fit(model, _FlakyData(batches, fail_after=2), backend, checkpoint_dir=ckpt, checkpoint_every=1, **options)
+        _fit(model, _FlakyData(batches, fail_after=2), backend, checkpoint_dir=ckpt, checkpoint_every=1, options=options)
     with safe_open(str(ckpt / "fit-checkpoint.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     adapters = find_lora_adapters(model)
     assert keys == {f"sum.{a.key}.{k}" for a in adapters for k in "XGT"} | {"rng"}
-    resumed = _fit(model, _FlakyData(batches), backend, checkpoint_dir=ckpt, checkpoint_every=1, **options)
+    resumed = _fit(model, _FlakyData(batches), backend, checkpoint_dir=ckpt, checkpoint_every=1, options=options)
     assert resumed.metadata["resumed_from_batch"] == 2
     # the float64 sums and the generator state are restored, the remaining batch is computed alike
     assert rel_err(resumed.to_dense(), reference.to_dense()) <= 1e-6

@@ -115,7 +115,7 @@ def test_diag_and_block_match_unpadded_singletons(model_name, layout, init):
     assert rel_err(p.to_dense().diagonal(), ef.diagonal()) <= TOL
     p = _fit(model, batches, "block")  # one dense block per adapter (A and B with their cross terms)
     assert rel_err(p.to_dense(), ef * _block_pattern(p)) <= TOL
-    p = _fit(model, batches, "block", form="factored")
+    p = _fit(model, batches, "block", options={"storage": "factored"})
     assert rel_err(p.to_dense(), ef * _block_pattern(p)) <= TOL
 
 
@@ -129,7 +129,7 @@ def test_kfac_factors_match_unpadded_per_token_reference(model_name, layout, ini
     batches = _batches(layout)
     ref = layer_factors(model, batches, approx)
     for backend in ("kfac", "tri-kfac"):
-        p = _fit(model, batches, backend, fisher_type="empirical", kfac_approx=approx)
+        p = _fit(model, batches, backend, options={"curvature": "ef", "kfac_approx": approx})
         keys = [b.params[0].rsplit(".lora_A", 1)[0] for b in p.blocks]
         assert keys == list(ref)
         for key, b in zip(keys, p.blocks):
@@ -143,13 +143,12 @@ def test_kfac_factors_match_unpadded_per_token_reference(model_name, layout, ini
 # --- exact per-position GGN: block(ggn) and laplace(diag) ----------------------------------------
 @pytest.mark.parametrize("model_name,layout", [("llama", "left"), ("gpt2", "left+pos"), ("gpt2", "right+pos3")])
 def test_ggn_backends_match_unpadded_singletons(model_name, layout):
-    pytest.importorskip("laplace")
     model = _model(model_name, "orthogonal", vocab_size=8)  # a small vocabulary: the reference costs C per target
     batches = _batches(layout, vocab=8)
     ggn = dense_ggn(model, batches)
-    p = _fit(model, batches, "block", curvature="ggn")
+    p = _fit(model, batches, "block", options={"curvature": "ggn"})
     assert rel_err(p.to_dense(), ggn * _block_pattern(p)) <= TOL
-    p = _fit(model, batches, "laplace", hessian_structure="diag", curvature="ggn")
+    p = _fit(model, batches, "laplace", options={"hessian_structure": "diag", "curvature": "ggn"})
     assert rel_err(p.to_dense().diagonal(), ggn.diagonal()) <= TOL
 
 
@@ -161,16 +160,15 @@ def test_backpack_mc_fisher_converges_to_unpadded_ggn_diagonal():
     be within 3 x its expected error sqrt(var0 S0 / S1) (Markov: P <= 1/9 for any unbiased estimator; the
     seeds are fixed). Short left-padded sequences, where the old target rule's bias is large: 0.38 of the
     diagonal's norm (measured with the old rule), so the bound must stay well below it."""
-    pytest.importorskip("backpack")
     V, S0, K, S1 = 8, 4, 4, 80
     model = tiny_lora_llama(vocab_size=V)
     g = torch.Generator().manual_seed(1)
     ex = [(ids, ids.clone()) for ids in (torch.randint(1, V, (L,), generator=g) for L in (2, 3, 2, 4, 3, 2))]
     batch = pad_batch(ex, "left")
     ref = dense_ggn(model, [batch]).diagonal()
-    small = [_fit(model, batch, "backpack", curvature="mc_fisher", mc_samples=S0, seed=k).to_dense().diagonal()
+    small = [_fit(model, batch, "backpack", options={"curvature": "mc", "mc_samples": S0, "seed": k}).to_dense().diagonal()
              for k in range(K)]
-    large = _fit(model, batch, "backpack", curvature="mc_fisher", mc_samples=S1, seed=K).to_dense().diagonal()
+    large = _fit(model, batch, "backpack", options={"curvature": "mc", "mc_samples": S1, "seed": K}).to_dense().diagonal()
     stack = torch.stack([s.double() for s in small])
     var0 = float(((stack - stack.mean(0)) ** 2).sum()) / (K - 1)
     bound = 3 * (var0 * S0 / S1) ** 0.5 / float(ref.norm())
@@ -180,7 +178,7 @@ def test_backpack_mc_fisher_converges_to_unpadded_ggn_diagonal():
 
 
 # --- bf16 ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend,options", [("diag", {}), ("kfac", {"fisher_type": "empirical"})])
+@pytest.mark.parametrize("backend,options", [("diag", {}), ("kfac", {"curvature": "ef"})])
 def test_bf16_left_padded_close_to_float32_unpadded_reference(backend, options):
     """bf16 forward (LoRA weights float32, peft's default): ~3 significant digits, so the bound is 0.05
     (measured 0.007-0.012); the old target rule was 0.17-0.21 off on these data."""
@@ -188,7 +186,7 @@ def test_bf16_left_padded_close_to_float32_unpadded_reference(backend, options):
     ref_model = tiny_lora_llama()
     ref_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     batches = _batches("left")
-    p = _fit(model, batches, backend, **options)
+    p = _fit(model, batches, backend, options=options)
     assert all(t.dtype == torch.float32 for b in p.blocks for t in b.tensors().values())
     if backend == "diag":
         ref = dense_empirical_fisher(ref_model, batches).diagonal()

@@ -9,14 +9,20 @@ import lalora
 from models import randomize_lora_B, tiny_lora_llama, token_batches
 
 PLUGIN = textwrap.dedent('''
+    from dataclasses import dataclass
+
     import torch
     import lalora
     from lalora.blocks import DiagBlock
 
+    @dataclass(frozen=True)
+    class IsotropicOptions(lalora.BackendOptions):
+        scale: float = lalora.option(1.0, "the multiple of the identity")
+
     class IsotropicBackend(lalora.CurvatureBackend):
         """P = scale * I: isotropic L2 to theta0 (a data-free backend)."""
         curvature = "isotropic"
-        default_options = {"scale": 1.0}
+        Options = IsotropicOptions
 
         def fit(self, ctx):
             for _ in ctx.stream:  # consume the data so example counts are recorded
@@ -57,7 +63,7 @@ def test_plugin_through_entry_point(plugin_distribution):
     assert cls.name == name and cls.curvature == "isotropic"
     model = tiny_lora_llama()
     randomize_lora_B(model)
-    P = lalora.fit_precision(model, token_batches(), backend=name, progress=False, scale=2.0)
+    P = lalora.fit_precision(model, token_batches(), backend=name, progress=False, options={"scale": 2.0})
     assert torch.equal(P.to_dense(), 2.0 * torch.eye(P.num_params, dtype=torch.float64))
     assert P.metadata["backend"] == name and P.metadata["backend_options"] == {"scale": 2.0}
 

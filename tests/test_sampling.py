@@ -24,7 +24,6 @@ def test_kfac_and_backpack_draw_the_same_mc_labels():
     """One example with one output row: K-FAC is exact there (``kron(mean_s g_s g_s^T, x x^T)`` is the MC Fisher of
     those samples), so ``kfac(curvature="mc")`` and BackPACK's MC route (SumGradSquared) give the same diagonal
     exactly when they draw the same labels, and different ones for another seed."""
-    pytest.importorskip("backpack")
     model = lora_mlp()
     randomize_lora_B(model)
     g = torch.Generator().manual_seed(0)
@@ -64,7 +63,6 @@ def test_cuda_draws_equal_cpu_draws_and_library_rng_restores_the_cuda_generator(
     """The draws are made on the CPU: the same labels on CUDA (a CUDA fit of the example above equals the CPU
     fit to float32 round-off, with the MC labels of the same seed); library_rng leaves the CUDA generator as
     it was."""
-    pytest.importorskip("backpack")
     model = lora_mlp()
     randomize_lora_B(model)
     g = torch.Generator().manual_seed(0)

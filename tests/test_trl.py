@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("trl", reason="TRL is part of the test extra: pip install -e '.[test]'")
+import trl  # noqa: E402,F401  (the test extra: pip install -e '.[test]'; a missing one fails, not skips)
 
 import datasets  # noqa: E402  (installed with TRL)
 import torch.distributed as dist  # noqa: E402

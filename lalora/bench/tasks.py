@@ -182,10 +182,9 @@ def target_exact_match(model, tokenizer, problems: list[tuple[str, str, int]], b
 def __getattr__(name):
     # the batch builders moved to lalora.textdata (the CLI uses them too); docs of 0.1 imported them from here
     if name in ("text_batches", "completion_batches"):
-        import warnings
-
         from .. import textdata
+        from ..errors import warn_deprecated
 
-        warnings.warn(f"lalora.bench.tasks.{name} moved to lalora.textdata.{name}", DeprecationWarning, stacklevel=2)
+        warn_deprecated(f"lalora.bench.tasks.{name} is deprecated: it moved to lalora.textdata.{name}")
         return getattr(textdata, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

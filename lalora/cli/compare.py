@@ -13,7 +13,7 @@ from ..comparison import DEFAULT_MAX_REFERENCE_PARAMS, compare, compare_precisio
 from ..errors import BackendError, LaloraError
 from ..precision import Precision
 from .common import EXIT_FAIL, EXIT_OK, UsageError, add_command, data_flags, lora_flags
-from .inputs import add_lora, check_out, check_precision_model, load_model, make_batches, parse_options, read_records
+from .inputs import check_out, make_batches, model_with_lora, parse_options, read_records
 from .vocab import Vocabulary, to_cli
 
 EXAMPLES = """
@@ -126,12 +126,7 @@ def _check_inputs(args) -> None:
 def _model_and_data(args, precision=None):
     """The model with LoRA (the flags, defaulting to ``precision``'s LoRA setup) and the batches."""
     records = read_records(args.data)
-    model, tok = load_model(args.model, args.dtype)
-    lora_config = None
-    if precision is not None:
-        check_precision_model(precision, model, f"precision {args.precisions[0]}", args.model)
-        lora_config = (precision.metadata.get("lora_config") or {}).get("default")
-    model = add_lora(model, args, lora_config)
+    model, tok = model_with_lora(args, precision, f"precision {args.precisions[0]}" if precision is not None else None)
     return model, make_batches(tok, records, args.batch_size, args.max_length)
 
 

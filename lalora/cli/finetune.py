@@ -21,7 +21,7 @@ from ..precision import Precision
 from ..regularizer import LaLoRARegularizer
 from ..validation import match_to_model
 from .common import EXIT_OK, UsageError, add_command, data_flags, lora_flags
-from .inputs import add_lora, check_out, check_precision_model, load_model, make_batches, read_records
+from .inputs import check_out, make_batches, model_with_lora, read_records
 from .output import jemalloc_hint
 from .vocab import to_cli
 
@@ -163,12 +163,7 @@ def run(args) -> int:
     records = read_records(args.data)
     precision = _load_precision(args.precision) if args.precision else None
     jemalloc_hint(not args.quiet)
-    model, tok = load_model(args.model, args.dtype)
-    lora_cfg = None
-    if precision is not None:
-        check_precision_model(precision, model, f"--precision {args.precision}", args.model)
-        lora_cfg = (precision.metadata.get("lora_config") or {}).get("default")
-    model = add_lora(model, args, lora_cfg)
+    model, tok = model_with_lora(args, precision, f"--precision {args.precision}")
     reg = None
     if precision is not None:
         reg = _regularizer(model, precision, args)

@@ -127,6 +127,17 @@ def add_lora(model, args, lora_config: dict | None = None):
         raise UsageError(f"{source} {targets}: {e}") from None
 
 
+def model_with_lora(args, precision, precision_flag: str | None):
+    """The model of ``--model`` (``--dtype``) with LoRA from the flags, defaulting to ``precision``'s LoRA setup
+    (checked against the model first; ``precision_flag`` names it in errors), and its tokenizer."""
+    model, tok = load_model(args.model, args.dtype)
+    lora_config = None
+    if precision is not None:
+        check_precision_model(precision, model, precision_flag, args.model)
+        lora_config = (precision.metadata.get("lora_config") or {}).get("default")
+    return add_lora(model, args, lora_config), tok
+
+
 def _module_of(param: str) -> str:
     """``model.layers.0.self_attn.q_proj.lora_A[.adapter]`` -> ``model.layers.0.self_attn.q_proj``."""
     return re.sub(r"\.lora_[AB](\.[^.]+)?$", "", param)

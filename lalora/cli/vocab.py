@@ -12,14 +12,12 @@ import re
 import warnings
 from contextlib import contextmanager
 
-# whole sentences whose grammar changes (matched first)
+# whole sentences whose grammar changes (matched first). Every pattern of these tables matches a message of the
+# library (tests/test_cli_messages.py): a row no message matches is removed, not kept "just in case".
 _PHRASES = [
     # lalora.validation.match_to_model, several adapters
     (r"choose one with adapter_name=\.\.\.",
      "the command line wraps the model with a single adapter: use a precision fitted on one adapter"),
-    # LaLoRARegularizer.check_anchor
-    (r"Call reg\.reset_to_anchor\(\) to start from theta0, or pass check_anchor=False if you know what you are doing",
-     "Pass --anchor reset to start from theta0, or --anchor keep to train on from the adapter's weights"),
     # lalora.fit (zero curvature)
     (r"LoraConfig\(init_lora_weights='orthogonal'\) \(even rank;", lambda v: f"{v.flag('--init orthogonal')} (even --rank;"),
     (r"the effective-weight form of a Kronecker precision",
@@ -28,8 +26,7 @@ _PHRASES = [
 ]
 # ``name=value`` -> ``FLAG value``
 _VALUE_FLAGS = {"reference": "--reference", "max_reference_params": "--max-reference-params", "init_lora_weights": "--init",
-                "form": "--form", "strength": "--strength", "prior_precision": "--prior-precision",
-                "max_batches": "--max-batches", "directions": "--directions", "top_k": "--top-k"}
+                "form": "--form", "strength": "--strength", "prior_precision": "--prior-precision"}
 # ``name=value`` -> a switch
 _SWITCHES = {("strict", "False"): "--non-strict", ("skip_nonfinite", "True"): "--skip-nonfinite",
              ("check_anchor", "False"): "--anchor keep"}

@@ -8,6 +8,7 @@ each flattened row-major. Small models only: the matrix is ``P x P`` for P LoRA 
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -43,9 +44,8 @@ def dense_reference(model, data, kind: str = "ggn", *, loss="auto", adapter_name
     from ..losses import resolve_loss
     from ..precision import Precision
 
-    batches = [data] if _is_single_batch(data) else list(data)
-    if max_batches is not None:
-        batches = batches[:max_batches]
+    # only the batches the reference uses are drawn (data may be a long DataLoader)
+    batches = [data] if _is_single_batch(data) else list(itertools.islice(data, max_batches))
     stream = BatchStream(batches, resolve_loss(loss), torch.device("cpu"), progress=False)
     for _ in stream:  # counts N and the fingerprint exactly as fit_precision does
         pass
