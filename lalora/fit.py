@@ -75,7 +75,7 @@ def _warn_if_zero(precision: Precision, adapters) -> None:
                 "(even rank; model function unchanged), or the effective-weight form of a Kronecker precision, "
                 "or a prior_precision > 0.")
     logger.warning("lalora: %s", msg)
-    warnings.warn(msg, ZeroCurvatureWarning, stacklevel=3)
+    warnings.warn(msg, ZeroCurvatureWarning, stacklevel=4)
 
 
 class _RankShard:
@@ -172,10 +172,8 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     base = base_model_of(model)
     vocab_size, max_positions = model_limits(base)
     tok_info = tokenizer_info(tokenizer, vocab_size)
-    sharded = _RankShard.wrap(data, shard, max_batches)
-    stream = BatchStream(data if sharded is None else sharded, resolve_loss(loss), adapters[0].A.device,
-                         progress=progress, desc=f"lalora fit [{instance.name}]", max_positions=max_positions,
-                         max_batches=None if sharded else max_batches, vocab_size=vocab_size)
+    sharded, stream = _open_stream(data, shard, max_batches, loss, adapters, progress, instance, max_positions,
+                                   vocab_size)
     anchor = lora_state(adapters)
     ctx = FitContext(model=model, adapters=adapters, stream=stream, device=adapters[0].A.device,
                      skip_nonfinite=bool(skip_nonfinite))
@@ -186,10 +184,24 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         blocks = instance.fit(ctx)
     metadata = fit_metadata(instance, ctx, sharded, base, started, vocab_size, tok_info, checkpointer, source)
     precision = Precision(blocks, _owned(anchor, ctx), metadata=metadata, prior_precision=prior_precision)
+    _finish(checkpointer, precision, adapters)
+    return precision
+
+
+def _finish(checkpointer, precision: Precision, adapters) -> None:
+    """After a fit: its checkpoint file is deleted, and zero curvature is reported."""
     if checkpointer is not None:
         checkpointer.finish()
     _warn_if_zero(precision, adapters)
-    return precision
+
+
+def _open_stream(data, shard, max_batches, loss, adapters, progress, instance, max_positions, vocab_size):
+    """(this rank's part of ``data`` or None, the ``BatchStream`` the backend reads)."""
+    sharded = _RankShard.wrap(data, shard, max_batches)
+    stream = BatchStream(data if sharded is None else sharded, resolve_loss(loss), adapters[0].A.device,
+                         progress=progress, desc=f"lalora fit [{instance.name}]", max_positions=max_positions,
+                         max_batches=None if sharded else max_batches, vocab_size=vocab_size)
+    return sharded, stream
 
 
 def _owned(anchor: dict, ctx: FitContext) -> dict:
