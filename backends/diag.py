@@ -23,6 +23,7 @@ from lalora.options import Curvature
 class DiagEFBackend(CurvatureBackend):
     curvature = Curvature.EF  # no options
     supports_skip_nonfinite = True
+    supports_embedding_lora = True  # exact per-example gradients: lalora.capture_embedding
 
     def __init__(self, options=None, /, **kwargs):
         super().__init__(options, **kwargs)

@@ -37,6 +37,9 @@ one tensor are computed once (``FactorHooks``). ``curvature`` (``KFACOptions``; 
   cross-position terms (the curvlinops error, DESIGN.md section 5), so it is refused there with a
   message pointing to ``mc``.
 
+LoRA on embeddings (peft's ``lora_embedding_A/B``): the same blocks with one-hot inputs, ``X`` diagonal
+(token frequencies), ``kfac_approx="expand"`` only (backends/kfac_embedding.py).
+
 Why own hooks rather than curvlinops' ``KFACLinearOperator``: with padded batches curvlinops
 puts pad activations into ``X`` and normalises by the padded shape (DESIGN.md section 5), its
 type-2 is wrong on causal LMs, it needs flattened logits and ``batch_size_fn`` plumbing and adds
@@ -51,6 +54,7 @@ tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,6 +67,7 @@ from lalora.errors import BackendError
 from lalora.options import BackendOptions, Curvature, option
 from lalora.sampling import mc_generator, sample_categorical, sample_row_targets
 
+from .kfac_embedding import AllFactorHooks, finish_input_factor, input_sum_shape
 from .kfac_factors import FactorHooks, finish_factor
 
 SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -102,20 +107,21 @@ class KFACBackend(CurvatureBackend):
     Options = KFACOptions  # the curvature: its curvature option (default mc)
     block_class = KFACBlock
     supports_skip_nonfinite = True
+    supports_embedding_lora = True  # X diagonal (one-hot inputs): backends/kfac_embedding.py
 
     @classmethod
     def stored_bytes(cls, adapters, options) -> int:
         """Per adapter the layer factors X (d_in x d_in) and G (d_out x d_out) in float32, dense or (``max_rank``
         k < side n) as k eigenpairs + diagonal: ``n k + k + n`` floats."""
-        return 4 * sum(_factor_floats(a.A.shape[1], options["max_rank"]) + _factor_floats(a.B.shape[0], options["max_rank"])
-                       for a in adapters)
+        return 4 * sum((a.A.shape[1] if a.embedding else _factor_floats(a.A.shape[1], options["max_rank"]))
+                       + _factor_floats(a.B.shape[0], options["max_rank"]) for a in adapters)
 
     @classmethod
     def accumulator_bytes(cls, adapters, options) -> int:
         """Upper bound of the factor sums held while fitting: running sums (``sum_dtype``: 8 or 4 bytes per
         factor entry) and the float32 window sums (at most 4)."""
         running = SUM_DTYPES[options["sum_dtype"]].itemsize
-        return (running + 4) * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)
+        return (running + 4) * sum(math.prod(input_sum_shape(a)) + a.B.shape[0] ** 2 for a in adapters)
 
     def __init__(self, options=None, /, **kwargs):
         super().__init__(options, **kwargs)
@@ -155,7 +161,7 @@ class KFACBackend(CurvatureBackend):
         loaded, self._loaded = self._loaded, None
         if loaded is None:
             return
-        shapes = {a.key: {"X": (a.A.shape[1],) * 2, "G": (a.B.shape[0],) * 2, "T": ()} for a in adapters}
+        shapes = {a.key: {"X": input_sum_shape(a), "G": (a.B.shape[0],) * 2, "T": ()} for a in adapters}
         for k, t in loaded.items():
             if k == "rng":
                 continue
@@ -269,7 +275,7 @@ class KFACBackend(CurvatureBackend):
         self._restore(adapters, sums, gen, ctx.device)
         self._sums, self._gen = sums, gen  # read by state_dict() at each checkpoint
         window = 1 if ctx.skip_nonfinite else FLUSH_EVERY
-        self._hooks = hooks = FactorHooks(adapters, approx, sums, sum_dtype, window, ctx.device)
+        self._hooks = hooks = AllFactorHooks(adapters, approx, sums, sum_dtype, window, ctx.device)
         try:
             with hooks:
                 for batch in ctx.stream:
@@ -282,14 +288,14 @@ class KFACBackend(CurvatureBackend):
         for a in adapters:
             d_in, d_out = a.A.shape[1], a.B.shape[0]
             X, G = hooks.take(a.key, "X"), hooks.take(a.key, "G")
-            X = ctx.all_reduce(torch.zeros(d_in, d_in, device=ctx.device) if X is None else X)
+            X = ctx.all_reduce(torch.zeros(input_sum_shape(a), device=ctx.device) if X is None else X)
             G = ctx.all_reduce(torch.zeros(d_out, d_out, device=ctx.device) if G is None else G)
             T = sums.pop(a.key, {}).get("T")  # free each adapter's running sums once its factors are built
             T = float(ctx.all_reduce(torch.zeros((), dtype=sum_dtype, device=ctx.device) if T is None else T).reshape(1))
             if T == 0:
                 raise BackendError(f"adapter {a.key!r} saw no token of a counted example during the fit "
                                    "(is the adapted layer used in the forward pass?)")
-            X, G = finish_factor(X, 1.0 / T), finish_factor(G, 1.0 / (n_examples * S))
+            X, G = finish_input_factor(a, X, T), finish_factor(G, 1.0 / (n_examples * S))
             block = self.block_class((a.a_name, a.b_name), X, G, a.scaling)  # theta0: the Precision's anchor
             if self.options["max_rank"] is not None:  # on the model's device, before the copy to CPU
                 block = block.compressed(self.options["max_rank"], seed=int(self.options["seed"]))

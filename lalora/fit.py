@@ -211,7 +211,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     if skip_nonfinite and not instance.supports_skip_nonfinite:
         raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
                            "(it does not handle skipped batches); drop the option")
-    adapters = find_lora_adapters(model, adapter_name)
+    adapters = instance.select_adapters(find_lora_adapters(model, adapter_name))
     # what the user trains, before fitting_mode() sets requires_grad on the LoRA weights only
     check_coverage(model, lora_parameters(adapters).values(), uncovered, caller=_caller)
     device = adapters[0].A.device
