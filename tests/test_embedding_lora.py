@@ -103,3 +103,114 @@ def test_tri_kfac_is_the_exact_empirical_fisher_where_kfac_is_exact():
     ref = dense_empirical_fisher(model, [batch])
     assert float(ref.abs().max()) > 0
     assert rel_diff(precision.to_dense(), ref) <= TOL
+
+
+def test_mixed_model_covers_linear_and_embedding_adapters_and_the_penalty_is_the_dense_quadratic(tmp_path):
+    model = embedding_model(targets=("embed_tokens", "q_proj"))
+    batches = token_batches(n_batches=2, batch_size=3)
+    for backend in ("diag", "kfac", "tri-kfac"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", lalora.UncoveredParameterWarning)  # every trainable tensor covered
+            precision = _fit(model, batches, backend)
+        assert {"model.embed_tokens.lora_A", "model.embed_tokens.lora_B"} <= set(precision.param_names)
+        precision.save(tmp_path / f"{backend}.safetensors")
+        loaded = lalora.Precision.load(tmp_path / f"{backend}.safetensors", model)
+        dense = loaded.to_dense()
+        assert rel_diff(dense, precision.to_dense()) == 0  # save -> load is a pure copy
+        reg = lalora.LaLoRARegularizer(model, loaded, strength=2.0)
+        g = torch.Generator().manual_seed(1)
+        params = find_lora_adapters(model)
+        names = [n for a in params for n in (a.a_name, a.b_name)]
+        tensors = {n: p for a in params for n, p in a.params().items()}
+        deltas = {n: torch.randn(tensors[n].shape, generator=g) * 0.1 for n in names}
+        with torch.no_grad():
+            for n in names:
+                tensors[n].add_(deltas[n])
+        d = torch.cat([deltas[n].flatten() for n in loaded.param_names]).double()
+        assert rel_diff(reg().detach(), 0.5 * 2.0 * d @ dense @ d) <= TOL, backend
+        with torch.no_grad():
+            for n in names:
+                tensors[n].sub_(deltas[n])
+
+
+def test_backends_without_embedding_support_name_the_uncovered_weights_or_refuse():
+    mixed = embedding_model(targets=("embed_tokens", "q_proj"))
+    batches = token_batches(n_batches=1, batch_size=2)
+    with pytest.warns(lalora.UncoveredParameterWarning, match=r"lora_embedding_A.*diag, kfac and tri-kfac"):
+        precision = _fit(mixed, batches, "block")
+    assert not any("embed_tokens" in n for n in precision.param_names)
+    # the regularizer takes that precision (the embedding LoRA is uncovered, not a mismatch) and says so again
+    with pytest.warns(lalora.UncoveredParameterWarning, match="modelled only by the diag, kfac and tri-kfac"):
+        lalora.LaLoRARegularizer(mixed, precision, strength=1.0)
+    only = embedding_model()
+    with pytest.raises(BackendError, match=r"backend 'block' does not model LoRA on embeddings.*'diag', 'kfac' or 'tri-kfac'"):
+        _fit(only, batches, "block")
+
+
+def test_padding_idx_tokens_diag_exact_kfac_refused():
+    """``F.embedding(padding_idx=p)`` gives A's column p no gradient: diag reproduces that exactly; the Kronecker
+    factors cannot (B still sees A x there), so kfac refuses by name when a real token is p."""
+    model = embedding_model(pad_token_id=3)
+    assert model.base_model.model.model.embed_tokens.get_base_layer().padding_idx == 3
+    batch = {"input_ids": torch.tensor([[4, 3, 6, 3, 8]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "labels": torch.tensor([[4, 3, 6, 3, 8]])}
+    ref = dense_empirical_fisher(model, [batch])
+    precision = _fit(model, [batch], "diag")
+    d = torch.cat([precision.diagonal()[n].flatten() for n in precision.param_names])
+    assert rel_diff(d, torch.diagonal(ref)) <= TOL
+    assert float(precision.diagonal()["model.embed_tokens.lora_A"][:, 3].abs().max()) == 0  # no gradient at all
+    with pytest.raises(BackendError, match=r"padding_idx 3.*backend 'diag'"):
+        _fit(model, [batch], "kfac", options={"curvature": "ef"})
+    # pad positions masked out (attention mask 0) are no real tokens: kfac fits
+    padded = token_batches(n_batches=1, batch_size=3)
+    _fit(embedding_model(pad_token_id=0), padded, "kfac", options={"curvature": "ef"})
+
+
+def test_refusals_name_the_option():
+    batches = token_batches(n_batches=1, batch_size=2)
+    with pytest.raises(BackendError, match=r"kfac_approx='reduce' is refused for LoRA on embeddings"):
+        _fit(embedding_model(), batches, "kfac", options={"kfac_approx": "reduce"})
+    model = embedding_model()
+    model.base_model.model.model.embed_tokens.get_base_layer().scale_grad_by_freq = True
+    with pytest.raises(BackendError, match="scale_grad_by_freq=True"):
+        find_lora_adapters(model)
+    model = embedding_model()
+    model.base_model.model.model.embed_tokens.get_base_layer().max_norm = 1.0
+    with pytest.raises(BackendError, match="max_norm=1.0"):
+        find_lora_adapters(model)
+    model = embedding_model()
+    model.merge_adapter()
+    with pytest.raises(BackendError, match="merged into the base weights"):
+        _fit(model, batches, "diag")
+
+
+def test_embed_scale_enters_the_scaling():
+    """Gemma-style scaled embeddings: peft multiplies the LoRA output by the base layer's ``embed_scale``."""
+    model = embedding_model()
+    base = model.base_model.model.model.embed_tokens.get_base_layer()
+    reference_scaling = find_lora_adapters(model)[0].scaling
+    base.embed_scale = torch.tensor(1.7)
+    (a,) = find_lora_adapters(model)
+    assert a.scaling == pytest.approx(1.7 * reference_scaling, rel=1e-6)
+    batches = token_batches(n_batches=2, batch_size=3)
+    ref = dense_empirical_fisher(model, batches)
+    d = torch.cat([v.flatten() for v in _fit(model, batches, "diag").diagonal().values()])
+    assert rel_diff(d, torch.diagonal(ref)) <= TOL
+
+
+@pytest.mark.parametrize("backend", ["diag", "kfac"])
+def test_checkpointed_fit_with_embedding_lora_resumes_to_the_uninterrupted_result(tmp_path, backend):
+    from test_robustness import _FlakyData, _Interrupted
+
+    model = embedding_model(targets=("embed_tokens", "q_proj"))
+    batches = token_batches(5, seed=4)
+    options = {"mc_samples": 2} if backend == "kfac" else None  # MC: the generator state is restored too
+    reference = _fit(model, batches, backend, options=options, checkpoint_dir=tmp_path / "ref", checkpoint_every=2)
+    with pytest.raises(_Interrupted):
+        _fit(model, _FlakyData(batches, fail_after=3), backend, options=options, checkpoint_dir=tmp_path / "c",
+             checkpoint_every=2)
+    resumed = _fit(model, _FlakyData(batches), backend, options=options, checkpoint_dir=tmp_path / "c",
+                   checkpoint_every=2)
+    assert resumed.metadata["resumed_from_batch"] == 2
+    # the running sums are restored (float64): the remaining batches add in the same order, round-off only
+    assert rel_diff(resumed.to_dense(), reference.to_dense()) <= 1e-6
