@@ -53,6 +53,7 @@ from lalora.blocks import DiagBlock
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
 from lalora.errors import BackendError, warn_deprecated
 from lalora.options import BackendOptions, Curvature, option
+from lalora.quantized import quantized_base
 from lalora.sampling import library_rng, mc_generator, sample_row_targets
 
 KRONECKER = {"kflr": "kflr", "kfac": "kfac"}  # BackPACK extension -> its savefield
@@ -286,7 +287,7 @@ def _second_order_blocker(base: nn.Module) -> str | None:
         for name, child in mod.named_children():
             p = f"{path}.{name}" if path else name
             if isinstance(child, LoraLinear):
-                if not isinstance(child.base_layer, nn.Linear):
+                if not isinstance(child.base_layer, nn.Linear) or quantized_base(child):  # bnb Linear4bit is an nn.Linear
                     return f"{p} ({type(child.base_layer).__name__} under LoRA)"
                 continue
             if isinstance(child, nn.Sequential):

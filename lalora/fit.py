@@ -19,6 +19,7 @@ from .errors import BackendError, DataError
 from .losses import resolve_loss
 from .options import curvature_name
 from .precision import Precision
+from .quantized import cpu_training_path
 from .validation import config_hash
 
 logger = logging.getLogger("lalora")
@@ -52,7 +53,8 @@ def fitting_mode(model: nn.Module, adapters):
             m.gradient_checkpointing = False
         for p, _ in saved_flags:
             p.requires_grad_(id(p) in lora)
-        yield
+        with cpu_training_path(model):  # QLoRA on CPU: bitsandbytes' differentiable path (lalora.quantized)
+            yield
     finally:
         for p, flag in saved_flags:
             p.requires_grad_(flag)
