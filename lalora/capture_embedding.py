@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import BackendError
+from .sharding import sharding_of
 
 
 def embedding_scaling(layer: nn.Module, name: str, path: str) -> float:
@@ -47,8 +48,13 @@ def embedding_scaling(layer: nn.Module, name: str, path: str) -> float:
 
 
 def check_forward(adapter) -> None:
-    """Refuse a fit whose forward has no LoRA term for the embedding ``adapter`` (merged or disabled adapters)."""
+    """Refuse a fit whose forward has no LoRA term for the embedding ``adapter`` (merged or disabled adapters),
+    and sharded embedding LoRA weights (the capture reads A and B as whole tensors)."""
     layer = adapter.layer
+    sharded = sharding_of([adapter.A, adapter.B])
+    if sharded is not None:
+        raise BackendError(f"LoRA adapter {adapter.adapter_name!r} on the embedding {adapter.module_path!r} is sharded "
+                           f"({sharded}); lalora's capture of embedding LoRA needs whole weights: fit in one process")
     if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
         raise BackendError(f"LoRA adapter {adapter.adapter_name!r} on the embedding {adapter.module_path!r} is "
                            f"{'merged into the base weights' if layer.merged else 'disabled'}: its weights are not in "

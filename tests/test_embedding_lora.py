@@ -41,10 +41,10 @@ def embedding_model(seed=0, targets=("embed_tokens",), random_A=True, r=2, **kw)
     return model
 
 
-def embedding_factors(model, batches):
+def embedding_factors(model, batches, adapter_name=None):
     """Per embedding adapter key: ``(X, G)`` float64 by the per-token definition (expand): ``X = (1/T) sum x x^T``
     with ``x`` = one-hot(id) over the real tokens of the counted examples, ``G = (1/N) sum g g^T``."""
-    adapters = [a for a in find_lora_adapters(model) if a.embedding]
+    adapters = [a for a in find_lora_adapters(model, adapter_name) if a.embedding]
     X, G, T, N = {}, {}, {}, 0
     for one in unpadded_examples(batches):
         outs = {}
@@ -214,3 +214,25 @@ def test_checkpointed_fit_with_embedding_lora_resumes_to_the_uninterrupted_resul
     assert resumed.metadata["resumed_from_batch"] == 2
     # the running sums are restored (float64): the remaining batches add in the same order, round-off only
     assert rel_diff(resumed.to_dense(), reference.to_dense()) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["diag", "kfac"])
+def test_two_active_adapters_on_one_embedding_are_separate_adapters(backend):
+    """Both adapters see the same ids and output gradient, each with its own A, B and scaling (DESIGN.md section 6)."""
+    from models import add_active_adapter
+
+    model = add_active_adapter(embedding_model(), ["embed_tokens"], r=3, alpha=2.0)
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.lora_embedding_A["second"].normal_()
+    batches = token_batches(n_batches=2, batch_size=3)
+    names = ["default", "second"]
+    precision = _fit(model, batches, backend, adapter_name=names, options={"curvature": "ef"} if backend == "kfac" else None)
+    assert len(find_lora_adapters(model, names)) == 2 and len(precision.param_names) == 4
+    if backend == "diag":
+        ref = dense_empirical_fisher(model, batches, adapter_name=names)
+        d = torch.cat([precision.diagonal()[n].flatten() for n in precision.param_names])
+        assert rel_diff(d, torch.diagonal(ref)) <= TOL
+    else:
+        ref = embedding_factors(model, batches, adapter_name=names)
+        dense = kronecker_precision_reference(model, ref, tri=False, adapter_name=names)
+        assert rel_diff(precision.to_dense(), dense) <= TOL
