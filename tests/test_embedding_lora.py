@@ -90,6 +90,10 @@ def test_kfac_factors_and_dense_block_match_the_per_token_definition(backend):
     assert rel_diff(block.X.dense(), X) <= TOL and rel_diff(block.G.dense(), G) <= TOL
     dense = kronecker_precision_reference(model, ref, tri=backend == "tri-kfac")
     assert rel_diff(precision.to_dense(), dense) <= TOL
+    # the dry-run estimate counts vocab floats for X (lalora fit --dry-run)
+    from lalora.estimate import stored_bytes
+
+    assert stored_bytes(model, backend, {"curvature": "ef"}) == precision.num_bytes
 
 
 def test_tri_kfac_is_the_exact_empirical_fisher_where_kfac_is_exact():
