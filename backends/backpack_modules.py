@@ -9,6 +9,7 @@ from torch import nn
 
 from lalora.backend import FitContext
 from lalora.errors import BackendError
+from lalora.quantized import quantized_base
 
 
 def branching_kflr():
@@ -39,7 +40,7 @@ def second_order_blocker(base: nn.Module) -> str | None:
         for name, child in mod.named_children():
             p = f"{path}.{name}" if path else name
             if isinstance(child, LoraLinear):
-                if not isinstance(child.base_layer, nn.Linear):
+                if not isinstance(child.base_layer, nn.Linear) or quantized_base(child):  # bnb Linear4bit is an nn.Linear
                     return f"{p} ({type(child.base_layer).__name__} under LoRA)"
                 continue
             if isinstance(child, nn.Sequential):

@@ -25,6 +25,7 @@ from .stored_sizes import diagonal_bytes
 class DiagEFBackend(CurvatureBackend):
     curvature = Curvature.EF  # no options
     supports_skip_nonfinite = True
+    supports_embedding_lora = True  # exact per-example gradients: lalora.capture_embedding
 
     def __init__(self, options=None, /, **kwargs):
         super().__init__(options, **kwargs)

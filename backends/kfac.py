@@ -37,6 +37,9 @@ one tensor are computed once (``FactorHooks``). ``curvature`` (``KFACOptions``; 
   cross-position terms (the curvlinops error, DESIGN.md section 5), so it is refused there with a
   message pointing to ``mc``.
 
+LoRA on embeddings (peft's ``lora_embedding_A/B``): the same blocks with one-hot inputs, ``X`` diagonal
+(token frequencies), ``kfac_approx="expand"`` only (backends/kfac_embedding.py).
+
 Why own hooks rather than curvlinops' ``KFACLinearOperator``: with padded batches curvlinops
 puts pad activations into ``X`` and normalises by the padded shape (DESIGN.md section 5), its
 type-2 is wrong on causal LMs, it needs flattened logits and ``batch_size_fn`` plumbing and adds
@@ -52,6 +55,7 @@ protocol (``fit_precision(checkpoint_dir=...)``: the running sums and the MC gen
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,6 +69,7 @@ from lalora.options import BackendOptions, Curvature, option
 from lalora.sampling import sample_categorical, sample_row_targets
 
 from .kfac_factors import FactorHooks
+from .kfac_embedding import input_sum_shape
 from .kfac_fit import fit_kfac
 from .kfac_passes import SUM_DTYPES, check_max_memory
 from .stored_sizes import kronecker_bytes
@@ -106,6 +111,7 @@ class KFACBackend(CurvatureBackend):
     Options = KFACOptions  # the curvature: its curvature option (default mc)
     block_class = KFACBlock
     supports_skip_nonfinite = True
+    supports_embedding_lora = True  # X diagonal (one-hot inputs): backends/kfac_embedding.py
 
     @classmethod
     def stored_bytes(cls, adapters, options) -> int:
@@ -117,7 +123,7 @@ class KFACBackend(CurvatureBackend):
         """Upper bound of the factor sums held while fitting: running sums (``sum_dtype``: 8 or 4 bytes per
         factor entry) and the float32 window sums (at most 4)."""
         running = SUM_DTYPES[options["sum_dtype"]].itemsize
-        return (running + 4) * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)
+        return (running + 4) * sum(math.prod(input_sum_shape(a)) + a.B.shape[0] ** 2 for a in adapters)
 
     def __init__(self, options=None, /, **kwargs):
         super().__init__(options, **kwargs)
@@ -157,7 +163,7 @@ class KFACBackend(CurvatureBackend):
         loaded, self._loaded = self._loaded, None
         if loaded is None:
             return
-        shapes = {a.key: {"X": (a.A.shape[1],) * 2, "G": (a.B.shape[0],) * 2, "T": ()} for a in adapters}
+        shapes = {a.key: {"X": input_sum_shape(a), "G": (a.B.shape[0],) * 2, "T": ()} for a in adapters}
         for k, t in loaded.items():
             if k == "rng":
                 continue

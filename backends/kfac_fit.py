@@ -11,6 +11,7 @@ from lalora.backend import FitContext, _distributed
 from lalora.errors import BackendError
 from lalora.sampling import mc_generator
 
+from .kfac_embedding import AllFactorHooks, finish_input_factor, input_sum_shape
 from .kfac_factors import FactorHooks, finish_factor
 from .kfac_passes import (SUM_DTYPES, HeldBytes, check_passes, check_replay, plan_groups, plan_owners, reduce_to,
                           replay_stream)
@@ -58,7 +59,7 @@ def _accumulate(backend, ctx: FitContext, group, stream, held: HeldBytes, restor
     backend._sums, backend._gen = sums, gen  # read by state_dict() at each checkpoint
     window = 1 if ctx.skip_nonfinite else flush_every
     sum_dtype = SUM_DTYPES[backend.options["sum_dtype"]]
-    backend._hooks = hooks = FactorHooks(group, backend.options["kfac_approx"], sums, sum_dtype, window, ctx.device)
+    backend._hooks = hooks = AllFactorHooks(group, backend.options["kfac_approx"], sums, sum_dtype, window, ctx.device)
     tensors = list(ctx.params().values())
     try:
         with hooks:
@@ -75,10 +76,10 @@ def _finish(backend, ctx: FitContext, a, hooks: FactorHooks, sums: dict, n_examp
     """Adapter ``a``'s block from its sums: all-reduced, or (``owner``) reduced to the owning rank only
     (None on the other ranks). The accumulators stay on the layer's own device until the block moves
     to the CPU."""
-    d_in, d_out, device = a.A.shape[1], a.B.shape[0], a.A.device
+    d_out, device = a.B.shape[0], a.A.device
     sum_dtype = SUM_DTYPES[backend.options["sum_dtype"]]
     X, G = hooks.take(a.key, "X"), hooks.take(a.key, "G")
-    X = torch.zeros(d_in, d_in, device=device) if X is None else X
+    X = torch.zeros(input_sum_shape(a), device=device) if X is None else X
     G = torch.zeros(d_out, d_out, device=device) if G is None else G
     T = sums.pop(a.key, {}).get("T")  # free each adapter's running sums once its factors are built
     T = float(ctx.all_reduce(torch.zeros((), dtype=sum_dtype, device=device) if T is None else T).reshape(1))
@@ -92,7 +93,7 @@ def _finish(backend, ctx: FitContext, a, hooks: FactorHooks, sums: dict, n_examp
     if X is None:  # another rank owns this adapter's factors
         return None
     held.sample(hooks, sums, X, G)
-    X, G = finish_factor(X, 1.0 / T), finish_factor(G, 1.0 / (n_examples * backend._samples_per_batch()))
+    X, G = finish_input_factor(a, X, T), finish_factor(G, 1.0 / (n_examples * backend._samples_per_batch()))
     block = backend.block_class((a.a_name, a.b_name), X, G, a.scaling)  # theta0: the Precision's anchor
     if backend.options["max_rank"] is not None:  # on the layer's device, before the copy to CPU
         block = block.compressed(backend.options["max_rank"], seed=int(backend.options["seed"]))

@@ -30,6 +30,7 @@ from lalora.adapters import base_model_of
 from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.errors import BackendError
 from lalora.options import BackendOptions, Curvature, option
+from lalora.quantized import quantized_adapters
 from lalora.sampling import library_rng
 
 from .laplace_conversion import (blocks_from_laplace, check_only_lora_trainable, precision_from_laplace,
@@ -67,6 +68,12 @@ class LaplaceBackend(CurvatureBackend):
         from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
 
         o = self.options
+        quantized = quantized_adapters(ctx.adapters)
+        if quantized:  # lalora.quantized: measured, CPU bitsandbytes 0.50
+            raise BackendError(f"laplace backend: the base layers of {quantized[:3]} are quantized (QLoRA); laplace-torch's "
+                               "curvlinops route differentiates the model with torch.func, which cannot run bitsandbytes' "
+                               "matmul (an autograd.Function without setup_context) and got zero gradients through its "
+                               "packed CPU kernel. Use backend 'diag', 'kfac', 'tri-kfac' or 'block'")
         stream = iter(ctx.stream)
         first = next(stream, None)
         if first is None:

@@ -15,5 +15,7 @@ def diagonal_bytes(adapters) -> int:
 
 def kronecker_bytes(adapters, max_rank: int | None = None) -> int:
     """Per adapter the layer factors X (d_in x d_in) and G (d_out x d_out) in float32, dense or (``max_rank``
-    k < side n) as k eigenpairs + diagonal: ``n k + k + n`` floats."""
-    return 4 * sum(factor_floats(a.A.shape[1], max_rank) + factor_floats(a.B.shape[0], max_rank) for a in adapters)
+    k < side n) as k eigenpairs + diagonal: ``n k + k + n`` floats. LoRA on an embedding: X is diagonal (one-hot
+    inputs: token frequencies), ``d_in`` floats."""
+    return 4 * sum((a.A.shape[1] if a.embedding else factor_floats(a.A.shape[1], max_rank))
+                   + factor_floats(a.B.shape[0], max_rank) for a in adapters)

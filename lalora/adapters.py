@@ -34,6 +34,10 @@ class LoraAdapter:
     """One LoRA adapter on one linear layer: ``y = W0 x + scaling * B (A x)``.
 
     ``A``: (r, d_in), ``B``: (d_out, r). ``a_name``/``b_name`` are the canonical names.
+    ``embedding=True``: LoRA on an ``nn.Embedding`` (peft's ``lora_embedding_A/B`` Parameters, no
+    ``lora_A``/``lora_B`` modules): the same form with ``x`` the one-hot token (``d_in`` = vocabulary),
+    ``A = lora_embedding_A`` (r, vocab), ``B = lora_embedding_B`` (d_out, r), and ``scaling`` including
+    the base layer's ``embed_scale`` (Gemma-style scaled embeddings); see ``lalora.capture_embedding``.
     """
 
     name: str  # canonical path of the adapted layer, e.g. "model.layers.0.self_attn.q_proj" (shared by
@@ -41,11 +45,12 @@ class LoraAdapter:
     adapter_name: str  # peft adapter name, e.g. "default"
     module_path: str  # path of the peft layer in the base model
     layer: nn.Module
-    lora_A: nn.Linear
-    lora_B: nn.Linear
+    lora_A: nn.Linear | None  # None for embedding LoRA
+    lora_B: nn.Linear | None
     scaling: float
     a_name: str
     b_name: str
+    embedding: bool = False
 
     @property
     def key(self) -> str:
@@ -57,11 +62,11 @@ class LoraAdapter:
 
     @property
     def A(self) -> nn.Parameter:
-        return self.lora_A.weight
+        return self.layer.lora_embedding_A[self.adapter_name] if self.embedding else self.lora_A.weight
 
     @property
     def B(self) -> nn.Parameter:
-        return self.lora_B.weight
+        return self.layer.lora_embedding_B[self.adapter_name] if self.embedding else self.lora_B.weight
 
     @property
     def rank(self) -> int:
@@ -83,13 +88,13 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
     """Every LoRA adapter of ``model`` (in module order).
 
     ``adapter_name``: a peft adapter name or list of names; default: the active adapters.
-    Raises ``BackendError`` for LoRA variants the curvature conventions do not cover (DoRA,
-    LoRA on embeddings/convolutions, ``lora_bias``) and ``ModelMismatchError`` when the
-    model has no LoRA adapter.
+    LoRA on embeddings comes as adapters with ``embedding=True`` (only some backends model them:
+    ``CurvatureBackend.supports_embedding_lora``). Raises ``BackendError`` for LoRA variants the
+    curvature conventions do not cover (DoRA, LoRA on convolutions, ``lora_bias``) and
+    ``ModelMismatchError`` when the model has no LoRA adapter.
     """
     LoraLayer = _lora_layer_class()
     found: list[tuple[str, str, nn.Module]] = []
-    embedding: list[str] = []  # LoRA on embeddings of the selected adapters (lora_embedding_A/B)
     for path, module in base_model_of(model).named_modules():
         if LoraLayer is None or not isinstance(module, LoraLayer):
             continue
@@ -100,15 +105,8 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
         else:
             names = list(adapter_name)
         for name in names:
-            if name in module.lora_A:
+            if name in module.lora_A or name in getattr(module, "lora_embedding_A", {}):
                 found.append((path, name, module))
-            elif name in getattr(module, "lora_embedding_A", {}):
-                embedding += [f"{path}.lora_embedding_A.{name}", f"{path}.lora_embedding_B.{name}"]
-    if not found and embedding:
-        raise BackendError(f"LoRA on embeddings is not yet covered by lalora: the only LoRA weights of the selected "
-                           f"adapter(s) are {name_list(embedding)} (peft's lora_embedding_A/B, applied with "
-                           "F.embedding). Add linear layers to LoraConfig(target_modules=...) (e.g. q_proj, v_proj); "
-                           "LoRA weights on embeddings then train without the penalty, with a warning")
     if not found:
         raise ModelMismatchError(
             "model has no LoRA adapter"
@@ -118,6 +116,9 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
     several = len({name for _, name, _ in found}) > 1
     adapters = []
     for path, name, module in found:
+        if name not in module.lora_A:
+            adapters.append(_embedding_adapter(path, name, module, several))
+            continue
         lora_A, lora_B = module.lora_A[name], module.lora_B[name]
         if not isinstance(lora_A, nn.Linear) or not isinstance(lora_B, nn.Linear):
             raise BackendError(f"LoRA adapter {name!r} at {path!r} is not a linear LoRA (found {type(lora_A).__name__}); "
@@ -133,6 +134,18 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
             scaling=float(module.scaling[name]), a_name=f"{canon}.lora_A{suffix}", b_name=f"{canon}.lora_B{suffix}",
         ))
     return adapters
+
+
+def _embedding_adapter(path: str, name: str, module: nn.Module, several: bool) -> LoraAdapter:
+    """The ``embedding=True`` adapter of peft's ``lora.Embedding`` ``module`` (canonical names ``.lora_A``/``.lora_B``
+    like a linear adapter's: the same (r, d_in) / (d_out, r) matrices, ``d_in`` = vocabulary)."""
+    from .capture_embedding import embedding_scaling  # the checks of the forward lalora's hooks reproduce
+
+    canon = canonical_module_path(path)
+    suffix = f".{name}" if several else ""
+    return LoraAdapter(name=canon, adapter_name=name, module_path=path, layer=module, lora_A=None, lora_B=None,
+                       scaling=embedding_scaling(module, name, path), a_name=f"{canon}.lora_A{suffix}",
+                       b_name=f"{canon}.lora_B{suffix}", embedding=True)
 
 
 def name_list(names: list[str], limit: int = 10) -> str:

@@ -164,6 +164,8 @@ class CurvatureBackend(abc.ABC):
     option_help: ClassVar[dict[str, str]] = {}
     #: the backend handles ``ctx.per_example_loss`` returning None (``fit_precision(skip_nonfinite=True)``)
     supports_skip_nonfinite: ClassVar[bool] = False
+    #: the backend models LoRA on embeddings (``LoraAdapter.embedding``); see ``select_adapters``
+    supports_embedding_lora: ClassVar[bool] = False
     # Optional checkpoint protocol (fit_precision(checkpoint_dir=...), docs/robustness.md):
     #   state_dict() -> dict[str, Tensor]   accumulated sums so far (not divided by N)
     #   load_state_dict(state) -> None      called before fit(); fit() continues from it
@@ -216,6 +218,19 @@ class CurvatureBackend(abc.ABC):
         if entry is not None and entry["choices"]:
             return tuple(entry["choices"])
         return () if cls.curvature is None else (curvature_name(cls.curvature),)
+
+    @classmethod
+    def select_adapters(cls, adapters: list[LoraAdapter]) -> list[LoraAdapter]:
+        """The adapters a fit hands to this backend: all of them, or without LoRA on embeddings when
+        ``supports_embedding_lora`` is False (those weights are then uncovered: ``lalora.coverage`` names them);
+        ``BackendError`` when nothing would be left."""
+        kept = adapters if cls.supports_embedding_lora else [a for a in adapters if not a.embedding]
+        if not kept:
+            names = [n for a in adapters for n in (a.a_name, a.b_name)]
+            raise BackendError(f"backend {cls.name!r} does not model LoRA on embeddings (peft's lora_embedding_A/B), "
+                               f"and the selected adapter(s) have no other LoRA weights: {', '.join(names[:6])}; "
+                               "use backend 'diag', 'kfac' or 'tri-kfac' (docs/variants.md)")
+        return kept
 
     @classmethod
     def stored_bytes(cls, adapters: list[LoraAdapter], options: BackendOptions) -> int | None:

@@ -15,20 +15,26 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import LoraAdapter
+from .capture_embedding import EmbeddingGrads
 
 
 class PerExampleGrads:
     """Context manager: after ``backward``, ``grads[name]`` is ``(N, out, in)`` in float32 and
     ``squared_sums()[name]`` is ``sum_n grads[name][n]**2``, ``(out, in)``. The hooks only record
-    each call's ``(g, x)``; per-example gradients are formed on first access."""
+    each call's ``(g, x)``; per-example gradients are formed on first access. Embedding LoRA adapters
+    are captured by ``lalora.capture_embedding.EmbeddingGrads`` (no lora_A/lora_B modules to hook)."""
 
     def __init__(self, adapters: list[LoraAdapter]):
         self.modules: dict[str, nn.Linear] = {}
+        self.embedding = EmbeddingGrads(adapters)
         for a in adapters:
+            if a.embedding:
+                continue
             self.modules[a.a_name] = a.lora_A
             self.modules[a.b_name] = a.lora_B
         self._factors: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._grads: dict[str, Tensor] | None = None
+        self._grads_version = 0
         self._handles = []
 
     def _hook(self, name):
@@ -51,11 +57,12 @@ class PerExampleGrads:
     @property
     def grads(self) -> dict[str, Tensor]:
         """``{name: (N, out, in)}`` per-example gradients (calls of one module summed per example)."""
-        if self._grads is None:
-            self._grads = {}
+        if self._grads is None or self._grads_version != self.embedding.version:
+            self._grads, self._grads_version = {}, self.embedding.version
             for name, factors in self._factors.items():
                 per_example = [torch.einsum("nto,nti->noi", gg, xx) for gg, xx in factors]
                 self._grads[name] = per_example[0] if len(per_example) == 1 else torch.stack(per_example).sum(0)
+            self._grads.update(self.embedding.grads())
         return self._grads
 
     def squared_sums(self) -> dict[str, Tensor]:
@@ -70,14 +77,17 @@ class PerExampleGrads:
             else:
                 pe = self.grads[name]
                 out[name] = torch.einsum("noi,noi->oi", pe, pe)
+        out.update(self.embedding.squared_sums())
         return out
 
     def clear(self) -> None:
         self._factors = {}
         self._grads = None
+        self.embedding.clear()
 
     def __enter__(self):
         self.clear()
+        self.embedding.__enter__()
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
         return self
 
@@ -85,6 +95,7 @@ class PerExampleGrads:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.embedding.__exit__(*exc)
 
 
 @contextmanager

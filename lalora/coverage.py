@@ -18,8 +18,9 @@ UNCOVERED_MODES = ("warn", "error", "ignore")
 
 # kind -> (why it is not covered, what to do)
 _REASONS = {
-    "embedding_lora": ("LoRA on embedding layers (peft's lora_embedding_A/B) is not yet covered by lalora",
-                       "leave the embedding out of LoraConfig(target_modules=...)"),
+    "embedding_lora": ("LoRA on embedding layers (peft's lora_embedding_A/B) is modelled only by the diag, kfac and "
+                       "tri-kfac backends", "fit the precision with one of them, or leave the embedding out of "
+                       "LoraConfig(target_modules=...)"),
     "modules_to_save": ("trainable full copies made by LoraConfig(modules_to_save=...) are not LoRA weights; "
                         "no backend models them",
                         "drop modules_to_save (or freeze these copies) if they should not drift"),

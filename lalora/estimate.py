@@ -34,14 +34,14 @@ def stored_bytes(model, backend: str, options=None, *, adapter_name=None) -> int
     """Exact bytes of the curvature tensors ``backend`` will store (``Precision.num_bytes``), from the
     LoRA shapes alone (the backend class's ``stored_bytes``); ``None`` when the backend cannot say."""
     cls = get_backend(backend)
-    return cls.stored_bytes(find_lora_adapters(model, adapter_name), cls.resolve_options(options))
+    return cls.stored_bytes(cls.select_adapters(find_lora_adapters(model, adapter_name)), cls.resolve_options(options))
 
 
 def accumulator_bytes(model, backend: str, options=None, *, adapter_name=None) -> int | None:
     """Upper bound of the sums ``backend`` holds while fitting (the backend class's ``accumulator_bytes``;
     the Kronecker backends: running sums in ``sum_dtype`` and float32 window sums); ``None`` if unknown."""
     cls = get_backend(backend)
-    return cls.accumulator_bytes(find_lora_adapters(model, adapter_name), cls.resolve_options(options))
+    return cls.accumulator_bytes(cls.select_adapters(find_lora_adapters(model, adapter_name)), cls.resolve_options(options))
 
 
 class _TimedBatches:
@@ -131,7 +131,7 @@ def estimate_fit(model, data, backend: str = "diag", *, options=None, num_batche
     sample = _TimedBatches(list(itertools.islice(iter(data), num_batches)))
     if not sample.batches:
         raise ValueError("data is empty: no batch to estimate from")
-    adapters = find_lora_adapters(model, adapter_name)
+    adapters = instance.select_adapters(find_lora_adapters(model, adapter_name))
     device = adapters[0].A.device
     with MemoryMeter(device) as mem:
         t0 = time.perf_counter()

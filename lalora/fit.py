@@ -19,6 +19,7 @@ from .errors import BackendError, DataError
 from .fit_metadata import fit_metadata, model_limits, tokenizer_info
 from .losses import resolve_loss
 from .precision import Precision
+from .quantized import cpu_training_path
 from .validation import config_hash
 
 logger = logging.getLogger("lalora")
@@ -52,7 +53,8 @@ def fitting_mode(model: nn.Module, adapters):
             m.gradient_checkpointing = False
         for p, _ in saved_flags:
             p.requires_grad_(id(p) in lora)
-        yield
+        with cpu_training_path(model):  # QLoRA on CPU: bitsandbytes' differentiable path (lalora.quantized)
+            yield
     finally:
         for p, flag in saved_flags:
             p.requires_grad_(flag)
@@ -155,10 +157,12 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     against the model's vocabulary. Sequences longer than the model's ``max_position_embeddings`` and token ids
     outside its vocabulary raise ``DataError``.
 
-    Coverage (docs/concepts.md#coverage): the precision covers the linear LoRA weights of the selected adapters. Every
-    other parameter that requires grad when ``fit_precision`` is called (LoRA on embeddings, ``modules_to_save``
-    copies, other adapters, unfrozen base weights) would train without the penalty: ``uncovered="warn"`` (default)
-    warns with an ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
+    Coverage (docs/concepts.md#coverage): the precision covers the LoRA weights of the selected
+    adapters (LoRA on embeddings only with backends that model it: ``diag``, ``kfac``, ``tri-kfac``).
+    Every other parameter that requires grad when ``fit_precision`` is called (LoRA on embeddings
+    with other backends, ``modules_to_save`` copies, other adapters, unfrozen base weights) would
+    train without the penalty: ``uncovered="warn"`` (default) warns with an
+    ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
     ``"ignore"`` says nothing.
 
     ``source``: where the source data came from (a JSON-able dict, e.g. ``SurrogateSource.provenance`` of
@@ -166,7 +170,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     """
     instance = _checked_backend(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered, _caller)
     source = source_metadata(source, _caller)
-    adapters = find_lora_adapters(model, adapter_name)
+    adapters = instance.select_adapters(find_lora_adapters(model, adapter_name))
     # what the user trains, before fitting_mode() sets requires_grad on the LoRA weights only
     check_coverage(model, lora_parameters(adapters).values(), uncovered, caller=_caller)
     base = base_model_of(model)

@@ -94,7 +94,9 @@ class LaLoRARegularizer(nn.Module):
         self._adapters_in_use = sorted({a.adapter_name for a in adapters})
         self._active_adapters = _active_adapters(model)
         check_trainable(self._params, _caller)
-        check_coverage(model, self._params.values(), uncovered, caller=_caller, selected=params.values())
+        # embedding LoRA outside the precision is reported as such (its backend does not model it), not as partial
+        selected = [p for a in adapters for n, p in a.params().items() if not a.embedding or n in self._params]
+        check_coverage(model, self._params.values(), uncovered, caller=_caller, selected=selected)
         device = next(iter(self._params.values())).device
         # equal-shaped Kronecker blocks are stacked for batched products (lalora.penalty.GroupedPrecision);
         # self.precision holds the blocks on views of the stacks. While the caller keeps the original

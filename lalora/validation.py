@@ -118,6 +118,8 @@ def _param_problems(precision, adapters, shapes: dict, problems: list[str]) -> l
                 "choose one with adapter_name=...)")
     # weights a strict=False mapping already declared unconstrained are not a mismatch again
     accepted = set(meta.get("unconstrained_params") or []) if isinstance(meta.get("unconstrained_params"), list) else set()
+    # LoRA on embeddings left out by a backend that does not model it is uncovered (lalora.coverage), not a mismatch
+    accepted |= {n for a in adapters if a.embedding for n in (a.a_name, a.b_name)}
     for n in shapes:
         if n not in precision.shapes and n not in accepted:
             problems.append(f"model LoRA weight {n!r} is not in the precision")

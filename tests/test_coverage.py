@@ -35,8 +35,8 @@ def _linear_lora(names, layer="q_proj"):
     return [n for n in names if f".{layer}.lora_A.default.weight" in n or f".{layer}.lora_B.default.weight" in n]
 
 
-def _fit(model, **kw):
-    return fit_precision(model, token_batches(1), "diag", progress=False, **kw)
+def _fit(model, backend="diag", **kw):
+    return fit_precision(model, token_batches(1), backend, progress=False, **kw)
 
 
 def _record(fn):
@@ -47,15 +47,17 @@ def _record(fn):
 
 
 def test_embedding_lora_is_named():
+    """With a backend that does not model LoRA on embeddings (``block``; diag, kfac, tri-kfac do:
+    tests/test_embedding_lora.py)."""
     model = _peft(["embed_tokens", "q_proj"])
     trainable = _trainable(model)
     covered = _linear_lora(trainable)
     expected = sorted(set(trainable) - set(covered))
     assert len(trainable) == 6 and len(covered) == 4 and all("lora_embedding" in n for n in expected)
-    precision, caught = _record(lambda: _fit(model))
+    precision, caught = _record(lambda: _fit(model, "block"))
     assert len(caught) == 1
     msg = str(caught[0].message)
-    assert "2 of 6 trainable tensors" in msg and "LoRA on embedding layers" in msg
+    assert "2 of 6 trainable tensors" in msg and "LoRA on embedding layers" in msg and "diag, kfac and tri-kfac" in msg
     assert all(repr(n) in msg for n in expected)
     assert "fit_precision(..., uncovered='ignore')" in msg
     assert len(precision.param_names) == 4
@@ -66,8 +68,8 @@ def test_embedding_lora_is_named():
     with pytest.raises(UncoveredParameterError, match="lora_embedding_A"):
         LaLoRARegularizer(model, precision, 1.0, uncovered="error")
     with pytest.raises(UncoveredParameterError, match="lora_embedding_B"):
-        _fit(model, uncovered="error")
-    for fn in (lambda: _fit(model, uncovered="ignore"), lambda: LaLoRARegularizer(model, precision, 1.0, uncovered="ignore")):
+        _fit(model, "block", uncovered="error")
+    for fn in (lambda: _fit(model, "block", uncovered="ignore"), lambda: LaLoRARegularizer(model, precision, 1.0, uncovered="ignore")):
         assert _record(fn)[1] == []
     with pytest.raises(ValueError, match="uncovered='sometimes'"):
         _fit(model, uncovered="sometimes")
@@ -85,13 +87,14 @@ def test_modules_to_save_is_named():
 
 
 def test_embedding_only_adapter_gets_a_clear_error():
+    """A backend that does not model LoRA on embeddings refuses an embedding-only adapter by name."""
     model = _peft(["embed_tokens"])
-    for fn in (lambda: _fit(model), lambda: lalora.find_lora_adapters(model)):
-        with pytest.raises(BackendError) as info:
-            fn()
-        msg = str(info.value)
-        assert "LoRA on embeddings is not yet covered" in msg and "lora_embedding_A" in msg
-        assert "get_peft_model" not in msg
+    assert [a.embedding for a in lalora.find_lora_adapters(model)] == [True]
+    with pytest.raises(BackendError) as info:
+        _fit(model, "block")
+    msg = str(info.value)
+    assert "does not model LoRA on embeddings" in msg and "model.embed_tokens.lora_A" in msg
+    assert "'diag', 'kfac' or 'tri-kfac'" in msg and "get_peft_model" not in msg
 
 
 def test_many_uncovered_tensors_first_ten_and_a_count():
@@ -135,7 +138,7 @@ def test_other_adapter_is_named():
 
 def test_trainer_uses_its_own_vocabulary(tmp_path):
     model = _peft(["embed_tokens", "q_proj"])
-    precision = _fit(model, uncovered="ignore")
+    precision = _fit(model, "block", uncovered="ignore")
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", max_steps=1)
     with pytest.raises(UncoveredParameterError) as info:
         LaLoRATrainer(model=model, args=args, data_collator=default_data_collator, precision=precision, strength=1.0,

@@ -38,7 +38,7 @@ LONG_FUNCTIONS: dict[str, str] = {}
 #: (group, module names or package prefixes), bottom to top; a module is in the group of its longest prefix
 GROUPS = [
     ("foundations", ["lalora.errors", "lalora.version", "lalora.blocks", "lalora.adapters", "lalora.losses",
-                     "lalora.data", "lalora.capture", "lalora.coverage", "lalora.anchor_check", "lalora.reference",
+                     "lalora.data", "lalora.capture", "lalora.capture_embedding", "lalora.quantized", "lalora.coverage", "lalora.anchor_check", "lalora.reference",
                      "lalora.batch", "lalora.sampling", "lalora.atomic_file", "lalora.checkpoint", "lalora.textdata",
                      "lalora.local_model", "lalora.allocator", "lalora.option_types", "lalora.options",
                      "lalora.sharding"]),

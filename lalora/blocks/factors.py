@@ -13,7 +13,8 @@ Representations:
 - ``DenseFactor(M)``: ``M (n, n)``.
 - ``LowRankDiagFactor(U, s, d)``: ``U diag(s) U^T + diag(d)`` (``U (n, k)`` orthonormal columns,
   ``s, d >= 0``; ``lowrank_plus_diag`` computes it from a dense factor): for 7-8B models, where one
-  input factor of a 14336-wide layer is 822 MB dense. Products cost ``O(n k m)``.
+  input factor of a 14336-wide layer is 822 MB dense. Products cost ``O(n k m)``. With ``k = 0``
+  (``diagonal_factor``) it is ``diag(d)``: the input factor of LoRA on embeddings (one-hot inputs).
 
 Every representation may carry leading batch dimensions (``stack_factors``): the penalty evaluates
 equal-shaped adapters (the 30 ``q_proj`` adapters of a model) with batched products through the
@@ -158,7 +159,7 @@ class LowRankDiagFactor(Factor):
         return {f"{name}_U": self.U, f"{name}_s": self.s, f"{name}_d": self.d}
 
     def describe(self, name: str) -> str:
-        return f"{name}({self.n}x{self.n}: low-rank k={self.k} + diag)"
+        return f"{name}({self.n}x{self.n}: " + (f"low-rank k={self.k} + diag)" if self.k else "diagonal)")
 
     def validate(self, where: str, n: int) -> None:
         U, s, d = self.U, self.s, self.d
@@ -167,6 +168,12 @@ class LowRankDiagFactor(Factor):
                              f"expected U({n}, k), s(k,), d({n},)")
         if bool((s < 0).any()) or bool((d < 0).any()):
             raise ValueError(f"{where} has negative eigen/diagonal values (not PSD)")
+
+
+def diagonal_factor(d: Tensor) -> LowRankDiagFactor:
+    """``diag(d)`` (``d (n,) >= 0``) as a low-rank + diagonal factor with ``k = 0``: ``X = E[x x^T]`` of one-hot
+    inputs (token frequencies of LoRA on embeddings); products cost ``O(n m)``."""
+    return LowRankDiagFactor(d.new_zeros(d.shape[-1], 0), d.new_zeros(0), d)
 
 
 def as_factor(F) -> Factor:
