@@ -157,12 +157,11 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     against the model's vocabulary. Sequences longer than the model's ``max_position_embeddings`` and token ids
     outside its vocabulary raise ``DataError``.
 
-    Coverage (docs/concepts.md#coverage): the precision covers the LoRA weights of the selected
-    adapters (LoRA on embeddings only with backends that model it: ``diag``, ``kfac``, ``tri-kfac``).
-    Every other parameter that requires grad when ``fit_precision`` is called (LoRA on embeddings
-    with other backends, ``modules_to_save`` copies, other adapters, unfrozen base weights) would
-    train without the penalty: ``uncovered="warn"`` (default) warns with an
-    ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
+    Coverage (docs/concepts.md#coverage): the precision covers the LoRA weights of the selected adapters (LoRA on
+    embeddings only with backends that model it: ``diag``, ``kfac``, ``tri-kfac``). Every other parameter that
+    requires grad when ``fit_precision`` is called (LoRA on embeddings with other backends, ``modules_to_save``
+    copies, other adapters, unfrozen base weights) would train without the penalty: ``uncovered="warn"`` (default)
+    warns with an ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
     ``"ignore"`` says nothing.
 
     ``source``: where the source data came from (a JSON-able dict, e.g. ``SurrogateSource.provenance`` of
