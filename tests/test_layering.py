@@ -39,7 +39,7 @@ LONG_FUNCTIONS = {
 }
 #: (group, module names or package prefixes), bottom to top; a module is in the group of its longest prefix
 GROUPS = [
-    ("foundations", ["lalora.errors", "lalora.version", "lalora.blocks", "lalora.adapters", "lalora.losses",
+    ("foundations", ["lalora.errors", "lalora.version", "lalora.blocks", "lalora.adapters", "lalora.losses", "lalora.logit_rows",
                      "lalora.data", "lalora.capture", "lalora.coverage", "lalora.anchor_check", "lalora.reference",
                      "lalora.batch", "lalora.sampling", "lalora.atomic_file", "lalora.checkpoint", "lalora.textdata",
                      "lalora.local_model", "lalora.allocator", "lalora.option_types", "lalora.options",
