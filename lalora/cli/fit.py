@@ -7,6 +7,7 @@ from ..backend import get_backend
 from ..errors import BackendError
 from ..fit import fit_precision
 from .common import EXIT_OK, UsageError, add_command, data_flags, lora_flags
+from .fit_config import add_config_flags, check_config_mode, run_config_dry_run
 from .inputs import add_lora, check_out, load_model, make_batches, parse_options, read_records
 from .output import jemalloc_hint
 from .vocab import Vocabulary, to_cli
@@ -16,6 +17,8 @@ EXAMPLES = """
     lalora fit --model ./base --data source.jsonl --backend kfac --rank 16 --targets q_proj,v_proj --out p.lalora
     lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --backend kfac --option curvature=ef
     lalora fit --model ./base --data source.jsonl --backend kfac --option max_rank=256 --out p.lalora --dry-run
+    lalora fit --dry-run --config llama-3.1-8b --backend kfac --rank 16 --dtype bfloat16 --batch-size 2 --max-length 2048 \
+        --option max_rank=1024 --option max_memory=32GiB
 """
 
 
@@ -26,12 +29,14 @@ def add_parser(sub, fmt) -> None:
                                 "(theta0) and save it as a precision file.",
                     extra="data: .jsonl/.json records with 'text' (all tokens labelled) or 'prompt'+'completion' "
                           "(completion labelled)")
-    p.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
-    p.add_argument("--data", required=True, help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets)")
+    p.add_argument("--model", help="local model directory (save_pretrained layout, with tokenizer); required unless "
+                                   "--dry-run --config")
+    p.add_argument("--data", help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets); required unless "
+                                  "--dry-run --config")
     p.add_argument("--backend", default="diag", help="curvature backend (see `lalora backends`; default diag)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="backend option, value read by its declared type (repeatable; `lalora backends NAME` lists them)")
-    p.add_argument("--out", required=True, help="output precision file (e.g. precision.lalora)")
+    p.add_argument("--out", help="output precision file (e.g. precision.lalora); required unless --dry-run --config")
     p.add_argument("--uncovered", choices=["warn", "error", "ignore"], default="warn",
                    help="trainable tensors the precision does not cover (embedding LoRA, modules_to_save, ...): "
                         "warn naming them (default), stop with an error, or ignore them")
@@ -42,6 +47,7 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--dry-run", nargs="?", type=int, const=2, metavar="N",
                    help="fit only N batches (default 2) and print the stored bytes, time and peak-memory estimates; "
                         "writes nothing")
+    add_config_flags(p)
     lora_flags(p)
     data_flags(p)
 
@@ -52,6 +58,8 @@ def check(args) -> None:
         cls = get_backend(args.backend)
     except BackendError as e:
         raise UsageError(f"--backend: {to_cli(e)}") from None
+    if check_config_mode(args):  # a dry run from a model config: no model, data or output
+        return
     try:
         cls(**parse_options(args.option))
     except BackendError as e:
@@ -66,6 +74,8 @@ def check(args) -> None:
 
 
 def run(args) -> int:
+    if args.config is not None:
+        return run_config_dry_run(args)
     out = check_out(args.out)
     records = read_records(args.data)
     jemalloc_hint(not args.quiet)
