@@ -7,7 +7,7 @@ on a 2-token batch (lazy imports and allocator set-up are not counted). Cases, a
 
 - ``fwd+bwd``: one forward and one backward of the summed next-token cross-entropy w.r.t. the LoRA weights
   (lalora's training loss, ``CausalLMLoss.per_example``) - what a training step costs; the factors are
-  relative to the chunked one;
+  relative to the chunked one; ``fwd+bwd hf``: the same with transformers' own loss (``model(**batch).loss``);
 - ``fit <backend> <curvature>``: ``fit_precision`` on that one batch, with the logit rows in chunks of
   ``lalora.logit_rows.CHUNK_ROWS`` (default) or in one chunk (``unchunked``: the float32 copy of all rows
   the loss paths made before chunking).
@@ -26,7 +26,7 @@ import resource
 import subprocess
 import sys
 
-CASES = [("fwd+bwd", None, None), ("fit", "kfac", "ef"), ("fit", "kfac", "mc"), ("fit", "diag", None)]
+CASES = [("fwd+bwd", None, None), ("fwd+bwd hf", None, None), ("fit", "kfac", "ef"), ("fit", "kfac", "mc"), ("fit", "diag", None)]
 
 
 def _rss() -> int:
@@ -62,6 +62,10 @@ def _work(case, model, batch):
     from lalora.losses import CausalLMLoss, call_model
 
     kind, backend, curvature = case
+    if kind == "fwd+bwd hf":  # transformers' own loss (model(**batch).loss), for comparison
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.autograd.grad(model(**batch).loss, params)
+        return
     if kind == "fwd+bwd":
         loss = CausalLMLoss()
         b = loss.prepare(batch)
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
           f"as float32; peak RSS above the start of the call (MiB), one process per case")
     base = None
     for i, case in enumerate(CASES):
-        for unchunked in (False, True):
+        for unchunked in ((False,) if case[0] == "fwd+bwd hf" else (False, True)):
             cmd = [sys.executable, __file__, "--case", str(i), "--vocab", str(args.vocab), "--batch", str(args.batch),
                    "--seq", str(args.seq), "--dtype", args.dtype] + (["--unchunked"] if unchunked else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
