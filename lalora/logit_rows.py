@@ -11,7 +11,8 @@ float32 operations row by row).
   backward that recomputes each chunk's softmax instead of saving an ``R x V`` log-softmax;
 - ``row_gradients(rows, keep, labels)``: ``softmax(z) - onehot(y)`` for every row in ``rows``' dtype (zero
   where ``keep`` is False), for the labels ``labels(p, start)`` of each chunk's probabilities;
-- ``sample_rows(likelihood, rows, gen)``: MC targets of the rows, the draws of ``lalora.sampling``.
+- ``sample_rows(likelihood, rows, gen)``: MC targets of the rows, the draws of ``lalora.sampling``;
+- ``causal_lm_loss``: transformers' causal-LM loss in chunks, for ``Trainer(compute_loss_func=...)``.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .batch import model_outputs
 from .sampling import sample_categorical, sample_gaussian
 
-__all__ = ["CHUNK_ROWS", "finite_rows", "row_cross_entropy", "row_gradients", "sample_rows"]
+__all__ = ["CHUNK_ROWS", "causal_lm_loss", "finite_rows", "row_cross_entropy", "row_gradients", "sample_rows"]
 
 #: output rows per chunk (peak extra memory: CHUNK_ROWS x V float32, 512 MiB at a 128k vocabulary)
 CHUNK_ROWS = 1024
@@ -115,3 +117,18 @@ def sample_rows(likelihood: str, rows: Tensor, gen: torch.Generator, chunk: int 
     if likelihood == "gaussian":
         return sample_gaussian(rows.float(), gen)
     raise ValueError(f"no MC label sampler for likelihood {likelihood!r} (categorical or gaussian only)")
+
+
+def causal_lm_loss(outputs, labels: Tensor, num_items_in_batch=None, chunk: int | None = None) -> Tensor:
+    """transformers' causal-LM loss (``ForCausalLMLoss``: position t predicts ``labels[:, t + 1]``, ``-100``
+    ignored; the mean over the targets, or their sum / ``num_items_in_batch``) on float32 chunks of rows
+    instead of a float32 copy of all logits. A ``compute_loss_func`` for ``transformers.Trainer`` (and
+    ``lalora.LaLoRATrainer``): ``Trainer(..., compute_loss_func=lalora.logit_rows.causal_lm_loss)``."""
+    logits = model_outputs(outputs)
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(logits.device)
+    total = row_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, chunk).sum()
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

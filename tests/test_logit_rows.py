@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lalora import fit_precision
-from lalora.logit_rows import categorical_labels, row_cross_entropy, row_gradients, sample_rows
+from lalora.logit_rows import categorical_labels, causal_lm_loss, row_cross_entropy, row_gradients, sample_rows
 from lalora.losses import CausalLMLoss
 from lalora.sampling import mc_generator, sample_row_targets
 from models import labelled_sequences, pad_batch, randomize_lora_B, tiny_lora_llama, token_batches
@@ -98,3 +98,21 @@ def test_fits_do_not_depend_on_the_chunk_size(monkeypatch, backend, options):
         randomize_lora_B(model)
         fits.append(fit_precision(model, data, backend=backend, options=options, progress=False))
     assert_same_precision(fits[0], fits[1])
+
+
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_trainer_loss_equals_transformers_causal_lm_loss(num_items):
+    """``causal_lm_loss`` (a Trainer ``compute_loss_func``) = ``model(**batch).loss`` (transformers'
+    ``ForCausalLMLoss``) and its gradient w.r.t. the LoRA weights, float32 round-off (1e-6 relative)."""
+    model = tiny_lora_llama()
+    randomize_lora_B(model)
+    batch = pad_batch(labelled_sequences()[:4], "right")
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    want = model(**batch, **kw).loss
+    gw = torch.autograd.grad(want, params)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    got = causal_lm_loss(model(**inputs), batch["labels"], chunk=5, **kw)
+    gg = torch.autograd.grad(got, params)
+    assert rel_diff(got, want) <= 1e-6
+    assert max(rel_diff(a, b) for a, b in zip(gg, gw)) <= 1e-6
