@@ -52,7 +52,8 @@ from lalora.blocks import DiagBlock
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
 from lalora.errors import BackendError, warn_deprecated
 from lalora.options import BackendOptions, Curvature, option
-from lalora.sampling import library_rng, mc_generator, sample_row_targets
+from lalora.logit_rows import sample_rows
+from lalora.sampling import library_rng, mc_generator
 
 from .backpack_modules import backpack_cleanup, branching_kflr, quiet, rebuilt_lora, second_order_blocker
 from .stored_sizes import diagonal_bytes, kronecker_bytes
@@ -247,8 +248,8 @@ class BackPACKBackend(CurvatureBackend):
                                        f"loss {loss.name!r} has none")
                 for _ in range(S):  # labels sampled at every output row, the loss of the sampled labels
                     output = ctx.forward(batch)
-                    rows, _ = loss.output_rows(output, batch)
-                    sampled = loss.with_row_targets(batch, sample_row_targets(loss.likelihood, rows, gen))
+                    rows, _ = loss.output_rows(output, batch)  # sampled in float32 chunks of rows
+                    sampled = loss.with_row_targets(batch, sample_rows(loss.likelihood, rows, gen))
                     value = loss.per_example(output, sampled).sum()
                     with backpack(SumGradSquared()), quiet():
                         value.backward()

@@ -66,7 +66,7 @@ from lalora.backend import CurvatureBackend, FitContext, register_backend
 from lalora.blocks.kronecker import KFACBlock, TriKFACBlock
 from lalora.errors import BackendError
 from lalora.options import BackendOptions, Curvature, option
-from lalora.sampling import sample_categorical, sample_row_targets
+from lalora.logit_rows import categorical_labels, finite_rows, row_gradients, sample_rows
 
 from .kfac_factors import FactorHooks
 from .kfac_embedding import input_sum_shape
@@ -184,7 +184,7 @@ class KFACBackend(CurvatureBackend):
             # the cross-entropy gradient softmax(z) - onehot(label), fed into the output rows like the MC
             # one: no log-softmax saved for a backward (one logit-sized tensor less per batch)
             targets = ctx.loss.row_targets(output, batch)
-            return self._categorical(ctx, batch, output, tensors, lambda p: targets, 1)
+            return self._categorical(ctx, batch, output, tensors, lambda rows: categorical_labels(targets, None, rows), 1)
         if fisher == Curvature.EF:
             losses = ctx.per_example_loss(batch, output)
             if losses is None:
@@ -196,7 +196,7 @@ class KFACBackend(CurvatureBackend):
             raise BackendError(f"curvature={fisher.value!r} needs a loss with a known likelihood (causal_lm, "
                                f"classification, mse); loss {loss.name!r} has none: use curvature='ef'")
         if fisher == Curvature.MC and loss.likelihood == "categorical":
-            return self._categorical(ctx, batch, output, tensors, lambda p: sample_categorical(p, gen),
+            return self._categorical(ctx, batch, output, tensors, lambda rows: categorical_labels(None, gen, rows),
                                      self.options["mc_samples"])
         rows, _, index = loss.outputs_and_targets(output, batch)
         z = rows.float()
@@ -220,25 +220,23 @@ class KFACBackend(CurvatureBackend):
             return True
         k = self.options["mc_samples"]
         for i in range(k):  # Gaussian MC targets (lalora.sampling), the loss of the sampled targets
-            lmc = loss.per_example(output, loss.with_row_targets(batch, sample_row_targets("gaussian", z, gen))).sum()
+            lmc = loss.per_example(output, loss.with_row_targets(batch, sample_rows("gaussian", z, gen))).sum()
             torch.autograd.grad(lmc, tensors, retain_graph=i < k - 1, allow_unused=True)
         return True
 
     def _categorical(self, ctx: FitContext, batch, output: Tensor, tensors, labels, k: int) -> bool:
-        """``k`` backward passes of the cross-entropy gradient ``LossFunction.row_gradient`` (``softmax(z) -
-        onehot(y)``, zero on unlabelled rows) for ``y = labels(p)`` (sampled for MC, the true targets for
-        the empirical Fisher), fed straight into the output rows: without a gather of the labelled rows, a
-        scatter back or a second log-softmax (benchmarks/README.md)."""
-        loss = ctx.loss
-        rows, keep = loss.output_rows(output, batch)  # (R, C) view of the outputs, (R,) bool
-        p = torch.softmax(rows.detach().float(), -1)
-        if not bool((torch.isfinite(p.sum(-1)) | ~keep).all()):  # a non-finite logit makes its row's sum NaN
+        """``k`` backward passes of the cross-entropy gradient ``softmax(z) - onehot(y)`` (zero on unlabelled
+        rows; ``lalora.logit_rows.row_gradients``, float32 chunks of rows, no full float32 copy) for the labels
+        ``labels(R)`` gives (sampled for MC, the true targets for the empirical Fisher), fed straight into the
+        output rows: without a gather of the labelled rows, a scatter back or a second log-softmax."""
+        rows, keep = ctx.loss.output_rows(output, batch)  # (R, C) view of the outputs, (R,) bool
+        if not finite_rows(rows, keep):
             ctx.nonfinite(batch, "loss", "non-finite outputs")
             return False
         for i in range(k):
-            v = loss.row_gradient(p, labels(p), keep, overwrite=i == k - 1)  # the last sample reuses p's memory
-            torch.autograd.grad(rows, tensors, grad_outputs=v.to(rows.dtype), retain_graph=i < k - 1,
-                                allow_unused=True)
+            v = row_gradients(rows, keep, labels(rows.shape[0]))  # in the outputs' dtype
+            torch.autograd.grad(rows, tensors, grad_outputs=v, retain_graph=i < k - 1, allow_unused=True)
+            del v
         return True
 
     def _samples_per_batch(self) -> int:

@@ -6,7 +6,8 @@
 
 What it does, in order (each step is timed and failures are reported, not fatal):
 
-1. the CUDA-marked tests (``pytest -k cuda``; on CPU they are collected and skip);
+1. the CUDA-marked tests (``pytest -k cuda`` with ``LALORA_TEST_DEVICE=cuda``: every test taking the ``device``
+   fixture of tests/conftest.py, and the tests named cuda; in ``--cpu`` mode they run on the CPU);
 2. a random-weight Llama of TinyLlama-1.1B's shape (hidden 2048, intermediate 5632, 22 layers,
    32 heads / 4 kv heads, vocab 32000; nothing downloaded) in bf16, LoRA r=16 on all linear layers
    (orthogonal init, so A and B are non-zero), 4 batches of 8 x 512 random tokens;

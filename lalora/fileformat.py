@@ -61,6 +61,28 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """A cheap key under which equal tensors meet: dtype, shape and ~4096 evenly spaced entries' bytes."""
+    flat = t.reshape(-1)
+    sample = flat[::max(1, flat.numel() // 4096)]
+    return str(t.dtype), tuple(t.shape), hashlib.sha256(sample.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _store(tensors: dict, seen: dict, key: str, t: torch.Tensor) -> str:
+    """Put block tensor ``t`` into ``tensors`` under ``key``, or return the key of an equal tensor stored
+    already (a shared factor: the input factor ``X`` of the q/k/v adapters of one layer input, or of gate/up,
+    is stored once; several blocks then name one key). Equal means ``torch.equal``: bit for bit, no loss."""
+    t = t.detach().cpu().contiguous()
+    fp = _fingerprint(t) if t.numel() else None
+    for other in seen.get(fp, []):
+        if torch.equal(tensors[other], t):
+            return other
+    tensors[key] = t
+    if fp is not None:
+        seen.setdefault(fp, []).append(key)
+    return key
+
+
 def save_precision(precision, path) -> None:
     """Write ``precision`` (its ``anchor``, ``blocks``, ``prior_precision``, ``metadata``) to ``path``, atomically."""
     path = Path(path)
@@ -70,13 +92,9 @@ def save_precision(precision, path) -> None:
         key = f"anchor.{i}"
         tensors[key] = t.detach().float().cpu().contiguous()
         params.append({"name": name, "shape": list(t.shape), "anchor": key})
-    blocks = []
+    blocks, seen = [], {}
     for i, b in enumerate(precision.blocks):
-        keys = {}
-        for role, t in b.tensors().items():
-            key = f"block.{i}.{role}"
-            tensors[key] = t.detach().cpu().contiguous()
-            keys[role] = key
+        keys = {role: _store(tensors, seen, f"block.{i}.{role}", t) for role, t in b.tensors().items()}
         blocks.append({"kind": b.kind, "params": list(b.params), "config": _jsonable(b.config()), "tensors": keys})
     header = {
         "format": FORMAT_NAME,

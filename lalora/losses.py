@@ -1,7 +1,7 @@
 """Losses in the form backends need: per-example summed losses and the labelled outputs.
 
-The one loss path (docs/concepts.md#one-reference): every backend, ``lalora.comparison`` and the benchmark's
-training loss compute losses, output gradients and output Hessians here; ``lalora.reference`` does not.
+The one loss path (docs/concepts.md#one-reference): every backend, ``lalora.comparison`` and the training loss
+compute losses, output gradients and output Hessians here (logit rows in float32 chunks: ``lalora.logit_rows``).
 
 Convention (DESIGN.md section 2): example n's loss ``l_n`` is the *sum* over its labelled
 tokens; labels ``-100`` and attention-mask padding are excluded (causal LMs: a target also needs a
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .batch import Batch, batch_size, call_model, model_outputs, split_raw
 from .errors import DataError
+from .logit_rows import row_cross_entropy
 
 __all__ = ["Batch", "CallableLoss", "CausalLMLoss", "ClassificationLoss", "IGNORE_INDEX", "LossFunction", "MSELoss",
            "call_model", "infer_loss", "model_outputs", "resolve_loss"]
@@ -186,11 +187,11 @@ class CausalLMLoss(LossFunction):
         return replace(batch, labels=labels)
 
     def per_example(self, output, batch):
-        # All (N*T, V) rows in place, unlabelled ones ignored (target -100 gives loss 0 and gradient 0):
-        # gathering the labelled rows first copies the logits and scatters them back in the backward
-        # pass, which doubled the loss's cost on large vocabularies (benchmarks/README.md).
+        # All (N*T, V) rows in place, unlabelled ones ignored (target -100: loss 0, gradient 0): a gather of the
+        # labelled rows copies the logits and scatters them back in the backward (benchmarks/README.md). In
+        # float32 chunks of rows (lalora.logit_rows): no float32 copy of all rows, no saved log-softmax.
         n, t = output.shape[0], output.shape[1]
-        losses = F.cross_entropy(output.float().reshape(n * t, -1), self.row_targets(output, batch), reduction="none")
+        losses = row_cross_entropy(output.reshape(n * t, -1), self.row_targets(output, batch))
         return losses.view(n, t).sum(1)
 
     def per_example_from_hidden(self, hidden: Tensor, head, batch: Batch) -> Tensor:
@@ -199,7 +200,7 @@ class CausalLMLoss(LossFunction):
         the model's logits are ``head(hidden)`` row by row, and cheaper when many positions are unlabelled
         (prompts) and the vocabulary is large (the benchmark's training loss)."""
         mask, targets, index = self.labelled_targets(batch, hidden.device)
-        losses = F.cross_entropy(head(hidden[:, :-1][mask]).float(), targets, reduction="none")
+        losses = row_cross_entropy(head(hidden[:, :-1][mask]), targets)
         return torch.zeros(batch.size, device=hidden.device, dtype=losses.dtype).index_add(0, index, losses)
 
 
@@ -230,7 +231,7 @@ class ClassificationLoss(LossFunction):
 
     def per_example(self, output, batch):
         out, tgt, idx = self.outputs_and_targets(output, batch)
-        losses = F.cross_entropy(out.float(), tgt, reduction="none")
+        losses = row_cross_entropy(out, tgt)
         return torch.zeros(batch.size, device=out.device, dtype=losses.dtype).index_add(0, idx, losses)
 
 

@@ -37,15 +37,16 @@ def mc_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def sample_categorical(p: Tensor, gen: torch.Generator, block: int = 256) -> Tensor:
+def sample_categorical(p: Tensor, gen: torch.Generator, block: int = 256, uniforms: Tensor | None = None) -> Tensor:
     """One draw per row of ``p`` (R, C) (non-negative, unnormalised) by inverse CDF, in two levels: the
     block of ``block`` classes from the CDF of the block masses, then the class from the CDF inside
     that block. One float64 uniform per row from the CPU generator ``gen`` (the same draws on every device).
     ``torch.multinomial`` draws C exponentials per row and a full-width cumsum writes an (R, C) CDF;
     this reads ``p`` once (the block sums) and works on (R, C / block) and (R, block) tensors.
-    Classes of zero mass are never drawn: each level searches a value strictly below its total."""
+    Classes of zero mass are never drawn: each level searches a value strictly below its total.
+    ``uniforms``: the ``(R,)`` float64 uniforms, drawn from ``gen`` before (rows sampled in chunks)."""
     R, C = p.shape
-    u = torch.rand(R, generator=gen, dtype=torch.float64).to(p.device)
+    u = (torch.rand(R, generator=gen, dtype=torch.float64) if uniforms is None else uniforms).to(p.device)
     full = C // block
     masses = [p[:, :full * block].reshape(R, full, block).sum(-1)] if full else []
     if full * block < C:

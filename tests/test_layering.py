@@ -37,7 +37,7 @@ MAX_FUNCTION_LINES = 60
 LONG_FUNCTIONS: dict[str, str] = {}
 #: (group, module names or package prefixes), bottom to top; a module is in the group of its longest prefix
 GROUPS = [
-    ("foundations", ["lalora.errors", "lalora.version", "lalora.blocks", "lalora.adapters", "lalora.losses",
+    ("foundations", ["lalora.errors", "lalora.version", "lalora.blocks", "lalora.adapters", "lalora.losses", "lalora.logit_rows",
                      "lalora.data", "lalora.capture", "lalora.capture_embedding", "lalora.quantized", "lalora.coverage", "lalora.anchor_check", "lalora.reference",
                      "lalora.batch", "lalora.sampling", "lalora.atomic_file", "lalora.checkpoint", "lalora.textdata",
                      "lalora.local_model", "lalora.allocator", "lalora.option_types", "lalora.options",
@@ -46,7 +46,7 @@ GROUPS = [
     ("uses a precision", ["lalora.penalty", "lalora.compression", "lalora.fit", "lalora.fit_metadata", "lalora.regularizer",
                           "lalora.continual", "lalora.training", "lalora.integrations"]),
     ("backends", ["lalora.backends"]),
-    ("tools", ["lalora.estimate", "lalora.backend_info", "lalora.comparison", "lalora.compare_plot", "lalora.bench",
+    ("tools", ["lalora.estimate", "lalora.estimate_config", "lalora.estimate_memory", "lalora.backend_info", "lalora.comparison", "lalora.compare_plot", "lalora.bench",
                "lalora.evaluation", "lalora.surrogate", "lalora.sweep", "lalora.cli"]),
     ("facade", ["lalora"]),
 ]

@@ -8,6 +8,7 @@ from ..errors import BackendError
 from ..fit import fit_precision
 from . import fit_source
 from .common import EXIT_OK, UsageError, add_command, data_flags, lora_flags
+from .fit_config import add_config_flags, check_config_mode, run_config_dry_run
 from .inputs import add_lora, check_out, load_model, parse_options, read_records
 from .output import jemalloc_hint
 from .vocab import Vocabulary, to_cli
@@ -18,6 +19,8 @@ EXAMPLES = """
     lalora fit --model ./base --adapter ./my-adapter --data source.jsonl --out p.lalora --backend kfac --option curvature=ef
     lalora fit --model ./base --data source.jsonl --backend kfac --option max_rank=256 --out p.lalora --dry-run
     lalora fit --model ./base --source-from-model 256 --temperature 1.0 --source-length 64 --backend kfac --out p.lalora
+    lalora fit --dry-run --config llama-3.1-8b --backend kfac --rank 16 --dtype bfloat16 --batch-size 2 --max-length 2048 \
+        --option max_rank=1024 --option max_memory=32GiB
 """
 
 
@@ -28,12 +31,14 @@ def add_parser(sub, fmt) -> None:
                                 "(theta0) and save it as a precision file.",
                     extra="data: .jsonl/.json records with 'text' (all tokens labelled) or 'prompt'+'completion' "
                           "(completion labelled)")
-    p.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
-    p.add_argument("--data", help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets); or --source-from-model")
+    p.add_argument("--model", help="local model directory (save_pretrained layout, with tokenizer); required unless "
+                                   "--dry-run --config")
+    p.add_argument("--data", help="source data file (.jsonl/.json; .csv/.parquet/.txt via datasets); required unless "
+                                  "--source-from-model or --dry-run --config")
     p.add_argument("--backend", default="diag", help="curvature backend (see `lalora backends`; default diag)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="backend option, value read by its declared type (repeatable; `lalora backends NAME` lists them)")
-    p.add_argument("--out", required=True, help="output precision file (e.g. precision.lalora)")
+    p.add_argument("--out", help="output precision file (e.g. precision.lalora); required unless --dry-run --config")
     p.add_argument("--uncovered", choices=["warn", "error", "ignore"], default="warn",
                    help="trainable tensors the precision does not cover (embedding LoRA, modules_to_save, ...): "
                         "warn naming them (default), stop with an error, or ignore them")
@@ -45,6 +50,7 @@ def add_parser(sub, fmt) -> None:
                    help="fit only N batches (default 2) and print the stored bytes, time and peak-memory estimates; "
                         "writes nothing")
     fit_source.add_source_flags(p)
+    add_config_flags(p)
     lora_flags(p)
     data_flags(p)
 
@@ -55,6 +61,8 @@ def check(args) -> None:
         cls = get_backend(args.backend)
     except BackendError as e:
         raise UsageError(f"--backend: {to_cli(e)}") from None
+    if check_config_mode(args):  # a dry run from a model config: no model, data or output
+        return
     try:
         cls(**parse_options(args.option))
     except BackendError as e:
@@ -70,6 +78,8 @@ def check(args) -> None:
 
 
 def run(args) -> int:
+    if args.config is not None:
+        return run_config_dry_run(args)
     out = check_out(args.out)
     records = read_records(args.data) if args.data is not None else None
     jemalloc_hint(not args.quiet)
