@@ -72,6 +72,16 @@ class PerExampleGrads:
                 out[name] = torch.einsum("noi,noi->oi", pe, pe)
         return out
 
+    @contextmanager
+    def paused(self):
+        """Backward passes inside do not record (e.g. ``lalora.pergrad``'s per-example passes over the same graph)."""
+        saved, saved_grads = self._factors, self._grads
+        self._factors = {}
+        try:
+            yield
+        finally:
+            self._factors, self._grads = saved, saved_grads
+
     def clear(self) -> None:
         self._factors = {}
         self._grads = None

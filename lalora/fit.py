@@ -17,6 +17,8 @@ from .coverage import check_coverage, check_uncovered_mode
 from .data import BatchStream, _hash_update, _is_single_batch
 from .errors import BackendError, DataError
 from .losses import resolve_loss
+from .others import OTHERS_MODES, check_variants, named_others
+from .pergrad import tap_others
 from .options import curvature_name
 from .precision import Precision
 from .validation import config_hash
@@ -29,8 +31,8 @@ class ZeroCurvatureWarning(UserWarning):
 
 
 @contextmanager
-def fitting_mode(model: nn.Module, adapters):
-    """Eval mode (dropout off), no gradient checkpointing, only LoRA weights require grad;
+def fitting_mode(model: nn.Module, adapters, others=()):
+    """Eval mode (dropout off), no gradient checkpointing, only LoRA weights (and ``others``) require grad;
     everything is restored on exit.
 
     Gradient checkpointing is switched off through the per-module ``gradient_checkpointing``
@@ -41,7 +43,7 @@ def fitting_mode(model: nn.Module, adapters):
     offloading, the input-grad hooks). Flipping the flags and putting them back leaves all
     of that untouched."""
     was_training = model.training
-    lora = {id(p) for p in lora_parameters(adapters).values()}
+    lora = {id(p) for p in lora_parameters(adapters).values()} | {id(p) for p in others}
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     # vars(): the instance attribute itself (peft wrappers forward unknown attributes to the model)
     checkpointing = [(m, m.gradient_checkpointing) for m in base_model_of(model).modules()
@@ -169,7 +171,8 @@ def _arguments(fn) -> list[str]:
 def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "diag", *, options=None, loss="auto",
                   progress: bool = True, adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
                   shard: str | bool = "auto", skip_nonfinite: bool = False, checkpoint_dir=None,
-                  checkpoint_every: int = 100, tokenizer=None, uncovered: str = "warn", _caller: str = "fit_precision",
+                  checkpoint_every: int = 100, tokenizer=None, uncovered: str = "warn", others: str = "diag",
+                  _caller: str = "fit_precision",
                   **backend_options) -> Precision:
     """Estimate the source-loss curvature w.r.t. the LoRA weights at their current values (theta0).
 
@@ -202,7 +205,9 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     (LoRA on embeddings, ``modules_to_save`` copies, other adapters, unfrozen base weights) would
     train without the penalty: ``uncovered="warn"`` (default) warns with an
     ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
-    ``"ignore"`` says nothing.
+    ``"ignore"`` says nothing. ``others="diag"`` (default) covers the other trainable tensors (docs/variants.md:
+    ``modules_to_save``, trainable tokens, DoRA magnitudes, biases, ...) with the per-example EF diagonal;
+    ``"none"`` leaves them out. DoRA needs backend ``diag`` or ``block``.
     """
     instance = make_backend(backend, options, backend_options, caller="fit_precision", caller_args=_arguments(fit_precision))
     if prior_precision < 0:
@@ -211,9 +216,13 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     if skip_nonfinite and not instance.supports_skip_nonfinite:
         raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
                            "(it does not handle skipped batches); drop the option")
+    if others not in OTHERS_MODES:
+        raise ValueError(f"{_caller}: others={others!r} is unknown; use one of {OTHERS_MODES}")
     adapters = find_lora_adapters(model, adapter_name)
+    check_variants(instance, adapters, _caller)
     # what the user trains, before fitting_mode() sets requires_grad on the LoRA weights only
-    check_coverage(model, lora_parameters(adapters).values(), uncovered, caller=_caller)
+    extra = named_others(model, adapters) if others == "diag" else {}
+    check_coverage(model, [*lora_parameters(adapters).values(), *extra.values()], uncovered, caller=_caller)
     device = adapters[0].A.device
     base = base_model_of(model)
     vocab_size, max_positions = _model_limits(base)
@@ -222,8 +231,10 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     stream = BatchStream(data if sharded is None else sharded, resolve_loss(loss), device, progress=progress,
                          desc=f"lalora fit [{instance.name}]", max_batches=None if sharded else max_batches,
                          max_positions=max_positions, vocab_size=vocab_size)
-    anchor = lora_state(adapters)
-    ctx = FitContext(model=model, adapters=adapters, stream=stream, device=device, skip_nonfinite=bool(skip_nonfinite))
+    anchor = {**lora_state(adapters), **{n: p.detach().float().clone() for n, p in extra.items()}}
+    ctx = FitContext(model=model, adapters=adapters, stream=stream, device=device, skip_nonfinite=bool(skip_nonfinite),
+                     others=extra)
+    tap = tap_others(ctx, instance, checkpoint_dir, _caller)
     checkpointer = None
     if checkpoint_dir is not None:
         from .checkpoint import Checkpointer, _anchor_hash
@@ -238,8 +249,9 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
             logger.info("lalora: resuming the fit from %s after %d batches", checkpointer.path, checkpointer.resumed_from)
         ctx.checkpointer = checkpointer
     started = datetime.datetime.now(datetime.timezone.utc)
-    with fitting_mode(model, adapters):
+    with fitting_mode(model, adapters, extra.values()):
         blocks = instance.fit(ctx)
+        blocks = [*blocks, *tap.blocks(ctx)] if tap is not None else blocks
     elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     counts = _reduce_counts(ctx, stream, sharded)
     n_nonfinite = len(stream.skipped_nonfinite)
