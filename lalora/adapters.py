@@ -114,21 +114,8 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
                 found.append((path, name, module))
             elif name in getattr(module, "lora_embedding_A", {}):
                 embedding += [f"{path}.lora_embedding_A.{name}", f"{path}.lora_embedding_B.{name}"]
-    if not found and embedding:
-        raise BackendError(f"LoRA on embeddings is not yet covered by lalora: the only LoRA weights of the selected "
-                           f"adapter(s) are {name_list(embedding)} (peft's lora_embedding_A/B, applied with "
-                           "F.embedding). Add linear layers to LoraConfig(target_modules=...) (e.g. q_proj, v_proj); "
-                           "LoRA weights on embeddings then train without the penalty, with a warning")
-    if not found and wrapped:
-        raise BackendError(f"LoRA on parameters only (LoraConfig(target_parameters=...): {name_list(wrapped)}) is not "
-                           "supported alone: add linear layers to LoraConfig(target_modules=...); the parameter "
-                           "adapters are then covered by the generic diagonal (fit_precision(others='diag'))")
     if not found:
-        raise ModelMismatchError(
-            "model has no LoRA adapter"
-            + (f" named {adapter_name!r}" if adapter_name is not None else "")
-            + ": wrap it with peft.get_peft_model(model, LoraConfig(...)) first"
-        )
+        raise _no_adapter_error(adapter_name, embedding, wrapped)
     several = len({name for _, name, _ in found}) > 1
     adapters = []
     for path, name, module in found:
@@ -147,6 +134,20 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
             magnitude=magnitude, magnitude_name=None if magnitude is None else f"{canon}.lora_magnitude_vector{suffix}.weight",
         ))
     return adapters
+
+def _no_adapter_error(adapter_name, embedding: list[str], wrapped: list[str]) -> Exception:
+    """The error for a model without linear LoRA adapters: LoRA on embeddings or parameters only, or none."""
+    if embedding:
+        return BackendError(f"LoRA on embeddings is not yet covered by lalora: the only LoRA weights of the selected "
+                            f"adapter(s) are {name_list(embedding)} (peft's lora_embedding_A/B, applied with "
+                            "F.embedding). Add linear layers to LoraConfig(target_modules=...) (e.g. q_proj, v_proj); "
+                            "LoRA weights on embeddings then train without the penalty, with a warning")
+    if wrapped:
+        return BackendError(f"LoRA on parameters only (LoraConfig(target_parameters=...): {name_list(wrapped)}) is not "
+                            "supported alone: add linear layers to LoraConfig(target_modules=...); the parameter "
+                            "adapters are then covered by the generic diagonal (fit_precision(others='diag'))")
+    return ModelMismatchError("model has no LoRA adapter" + (f" named {adapter_name!r}" if adapter_name is not None else "")
+                              + ": wrap it with peft.get_peft_model(model, LoraConfig(...)) first")
 
 
 def name_list(names: list[str], limit: int = 10) -> str:
