@@ -85,6 +85,41 @@ def diag_blocks(ctx, sums: dict[str, Tensor]) -> list[DiagBlock]:
     return [DiagBlock(k, (ctx.all_reduce(s) / n).float()) for k, s in sums.items()]
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _global_hook_dicts():
+    from torch.nn.modules import module as m
+
+    return [getattr(m, n) for n in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                                    "_global_backward_pre_hooks") if hasattr(m, n)]
+
+
+def _hook_dicts(model):
+    return [getattr(mod, n) for mod in model.modules() for n in _HOOK_DICTS if hasattr(mod, n)] + _global_hook_dicts()
+
+
+class _HooksSince:
+    """The module hooks added after construction (the backend's: its factor hooks must not see the tap's extra
+    forward and backward), hidden while the context is active and put back after."""
+
+    def __init__(self, model):
+        self.model = model
+        self.before = {id(d): set(d) for d in _hook_dicts(model)}
+
+    def __enter__(self):
+        self.hidden = []
+        for d in _hook_dicts(self.model):
+            new = [k for k in d if k not in self.before.get(id(d), set())]
+            self.hidden += [(d, k, d.pop(k)) for k in new]
+        return self
+
+    def __exit__(self, *exc):
+        for d, k, hook in self.hidden:
+            d[k] = hook
+        self.hidden = []
+
+
 class _Tapped:
     """The backend's stream, with the others' diagonals accumulated for every batch it is given; a batch the
     backend discards (``ctx.nonfinite``: a non-finite loss or gradient of its own) is subtracted again."""
@@ -122,6 +157,7 @@ class OthersDiag:
 
     def __init__(self, ctx, others: dict[str, Tensor]):
         self.ctx, self.others = ctx, dict(others)
+        self.hooks = _HooksSince(ctx.model)  # before the backend's fit installs its hooks
         self.sums = {k: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for k, p in self.others.items()}
 
     def wrap(self, stream):
@@ -131,10 +167,12 @@ class OthersDiag:
         """This batch's float64 sums; None when its loss is not finite (the backend reports it), False when a
         gradient is not finite (reported here)."""
         ctx = self.ctx
-        losses = ctx.loss.per_example(ctx.forward(batch), batch)
-        if not bool(torch.isfinite(losses.detach()).all()):
-            return None
-        sums = squared_grad_sums(losses, self.others)
+        with self.hooks:
+            losses = ctx.loss.per_example(ctx.forward(batch), batch)
+            if not bool(torch.isfinite(losses.detach()).all()):
+                return None
+            sums = squared_grad_sums(losses, self.others)
+            del losses
         bad = first_nonfinite(sums)
         if bad is not None:
             ctx.nonfinite(batch, "gradient", f"of {bad!r}")
