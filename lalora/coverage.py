@@ -17,7 +17,7 @@ from .errors import ModelMismatchError, UncoveredParameterError, UncoveredParame
 UNCOVERED_MODES = ("warn", "error", "ignore")
 
 # kind -> (why it is not covered, what to do)
-_GENERIC = "fit_precision(others='diag') (the default) covers them with the per-example EF diagonal"
+_GENERIC = "{generic} (the default) covers them with the per-example EF diagonal"
 _REASONS = {
     "embedding_lora": ("LoRA on embedding layers (peft's lora_embedding_A/B) is not yet covered by lalora",
                        "leave the embedding out of LoraConfig(target_modules=...)"),
@@ -52,7 +52,8 @@ def uncovered_message(found: list[tuple[str, str]], num_trainable: int, caller: 
     for kind, (why, todo) in _REASONS.items():
         names = [n for n, k in found if k == kind]
         if names:
-            lines.append(f"  - {why}: {name_list(names)}; {todo}.")
+            generic = "lalora fit --others diag" if caller.startswith("lalora ") else "fit_precision(..., others='diag')"
+            lines.append(f"  - {why}: {name_list(names)}; {todo.format(generic=generic)}.")
     lines.append(f"To accept this, pass {caller_option(caller, 'uncovered', 'ignore')}; "
                  f"to refuse it, pass {caller_option(caller, 'uncovered', 'error')}. See docs/concepts.md#coverage.")
     return "\n".join(lines)
