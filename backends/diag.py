@@ -65,7 +65,9 @@ class DiagEFBackend(CurvatureBackend):
 
     @classmethod
     def stored_bytes(cls, adapters, options) -> int:
-        return 4 * sum(a.A.numel() + a.B.numel() for a in adapters)  # one float32 per LoRA weight
+        # one float32 per LoRA weight and DoRA magnitude (lalora.estimate adds the other tensors' diagonals)
+        return 4 * sum(a.A.numel() + a.B.numel() + (a.magnitude.numel() if a.magnitude is not None else 0)
+                       for a in adapters)
 
     def fit(self, ctx: FitContext):
         params = ctx.params()
