@@ -45,9 +45,10 @@ per layer and batch on tensors the forward/backward already computes, masked exa
 float32 also for bf16 models; the running sums are float64 (``sum_dtype="float32"`` halves them,
 for 7-8B models). Only the upper panels of each Gram product are computed, in place into
 float32 window sums (backends/kfac_factors.py). curvlinops stays the dense reference in the
-tests (``GGNLinearOperator``). The backend is single-pass, supports ``skip_nonfinite``,
-``torch.distributed`` sharding (every sum is all-reduced) and the checkpoint protocol
-(``fit_precision(checkpoint_dir=...)``: the running sums and the MC generator state).
+tests (``GGNLinearOperator``). The backend is single-pass (several passes, one per group of layers, under
+``max_memory``: backends/kfac_fit.py, docs/scale.md), supports ``skip_nonfinite``, ``torch.distributed``
+sharding (every sum is all-reduced, or with ``shard_factors`` reduced to its owning rank) and the checkpoint
+protocol (``fit_precision(checkpoint_dir=...)``: the running sums and the MC generator state).
 """
 from __future__ import annotations
 
@@ -63,9 +64,10 @@ from lalora.errors import BackendError
 from lalora.options import BackendOptions, Curvature, option
 from lalora.sampling import mc_generator, sample_categorical, sample_row_targets
 
-from .kfac_factors import FactorHooks, finish_factor
+from .kfac_factors import FactorHooks
+from .kfac_fit import fit_kfac
+from .kfac_passes import SUM_DTYPES, check_max_memory
 
-SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # batches per float32 window sum (FactorHooks): at most ~16 eps = 2e-6 relative rounding before each
 # addition into the running sums
 FLUSH_EVERY = 16
@@ -93,6 +95,12 @@ class KFACOptions(BackendOptions):
     sum_dtype: Literal["float64", "float32"] = option(
         "float64", "dtype of the running factor sums held during the fit (float32 halves them, e.g. for 7-8B "
         "models; each batch's products are float32 either way)")
+    max_memory: str | None = option(
+        None, "bound on the factor sums held during the fit, e.g. '40GiB' (None: unbounded); when they do not fit, "
+        "groups of layers are fitted in successive passes over the (re-iterable) data", check=check_max_memory)
+    shard_factors: bool = option(
+        False, "under torch.distributed: reduce each layer's factors to one owning rank (balanced by size) instead "
+        "of all ranks; each rank returns its shard, Precision.save writes a sharded precision (docs/scale.md)")
 
 
 @register_backend("kfac")
@@ -257,45 +265,7 @@ class KFACBackend(CurvatureBackend):
         ctx.batch_done(self)
 
     def fit(self, ctx: FitContext):
-        adapters = ctx.adapters
-        for a in adapters:
-            if a.scaling == 0:
-                raise BackendError(f"adapter {a.key!r} has LoRA scaling 0: its output gradient cannot be recovered")
-        tensors = list(ctx.params().values())
-        approx = self.options["kfac_approx"]
-        sums = {a.key: {} for a in adapters}  # per adapter (several adapters on one layer: one entry each)
-        sum_dtype = SUM_DTYPES[self.options["sum_dtype"]]
-        gen = mc_generator(self.options["seed"])  # the fit's MC labels (lalora.sampling)
-        self._restore(adapters, sums, gen, ctx.device)
-        self._sums, self._gen = sums, gen  # read by state_dict() at each checkpoint
-        window = 1 if ctx.skip_nonfinite else FLUSH_EVERY
-        self._hooks = hooks = FactorHooks(adapters, approx, sums, sum_dtype, window, ctx.device)
-        try:
-            with hooks:
-                for batch in ctx.stream:
-                    self._one_batch(ctx, hooks, batch, tensors, gen)
-        finally:
-            self._hooks = None
-        n_examples = ctx.global_num_examples()
-        S = self._samples_per_batch()
-        blocks = []
-        for a in adapters:
-            d_in, d_out = a.A.shape[1], a.B.shape[0]
-            X, G = hooks.take(a.key, "X"), hooks.take(a.key, "G")
-            X = ctx.all_reduce(torch.zeros(d_in, d_in, device=ctx.device) if X is None else X)
-            G = ctx.all_reduce(torch.zeros(d_out, d_out, device=ctx.device) if G is None else G)
-            T = sums.pop(a.key, {}).get("T")  # free each adapter's running sums once its factors are built
-            T = float(ctx.all_reduce(torch.zeros((), dtype=sum_dtype, device=ctx.device) if T is None else T).reshape(1))
-            if T == 0:
-                raise BackendError(f"adapter {a.key!r} saw no token of a counted example during the fit "
-                                   "(is the adapted layer used in the forward pass?)")
-            X, G = finish_factor(X, 1.0 / T), finish_factor(G, 1.0 / (n_examples * S))
-            block = self.block_class((a.a_name, a.b_name), X, G, a.scaling)  # theta0: the Precision's anchor
-            if self.options["max_rank"] is not None:  # on the model's device, before the copy to CPU
-                block = block.compressed(self.options["max_rank"], seed=int(self.options["seed"]))
-            blocks.append(block.to("cpu"))
-        ctx.metadata.update({"kfac_approx": approx})
-        return blocks
+        return fit_kfac(self, ctx, FLUSH_EVERY)  # backends/kfac_fit.py: passes (max_memory), owners (shard_factors)
 
 
 @register_backend("tri-kfac")

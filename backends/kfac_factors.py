@@ -93,7 +93,7 @@ class FactorHooks:
             (leader,) = leaders
             if leader is None:  # first sight of all of them: one shared window sum from now on
                 leader = next(iter(users))
-                self.acc_X[leader] = self._zeros(z.shape[1])
+                self.acc_X[leader] = self._zeros(z)
                 self.members[leader] = names
                 for n in names:
                     self.x_leader[n] = leader
@@ -101,17 +101,17 @@ class FactorHooks:
                 add_gram(self.acc_X[leader], z, alpha=float(mult.pop()))
                 return
         # the sharing changed (rare): every user gets its own window sum, and the product is added to each
-        product = add_gram(self._zeros(z.shape[1]), z)
+        product = add_gram(self._zeros(z), z)
         for n, m in users.items():
-            self._split(n, z.shape[1])
+            self._split(n, z)
             for dst, src in zip(panel_views(self.acc_X[n]), panel_views(product)):
                 dst.add_(src, alpha=float(m))
 
-    def _split(self, name: str, d: int) -> None:
+    def _split(self, name: str, z: Tensor) -> None:
         """Give ``name`` its own window sum of X (a copy of its group's)."""
         leader = self.x_leader.get(name)
         if leader is None:
-            self.acc_X[name], self.members[name], self.x_leader[name] = self._zeros(d), {name}, name
+            self.acc_X[name], self.members[name], self.x_leader[name] = self._zeros(z), {name}, name
             return
         group = self.members[leader]
         if group == {name}:
@@ -126,8 +126,11 @@ class FactorHooks:
             leader = new
         self.acc_X[name], self.members[name], self.x_leader[name] = self.acc_X[leader].clone(), {name}, name
 
-    def _zeros(self, d: int) -> Tensor:
-        return torch.zeros(d, d, dtype=torch.float32, device=self.device)
+    @staticmethod
+    def _zeros(z: Tensor) -> Tensor:
+        """A (d, d) float32 window sum for rows ``z`` (m, d), on ``z``'s device: the layer's own device (a model
+        spread over devices keeps each layer's sums beside it)."""
+        return torch.zeros(z.shape[1], z.shape[1], dtype=torch.float32, device=z.device)
 
     def nonfinite(self) -> str | None:
         """The first adapter whose window sums are non-finite, else None. A Gram matrix ``M = Z^T Z``
@@ -152,7 +155,8 @@ class FactorHooks:
     def commit_batch(self) -> None:
         for name, count in self.batch_T.items():
             slot = self.sums.setdefault(name, {})
-            slot["T"] = slot.get("T", torch.zeros((), dtype=self.sum_dtype, device=self.device)) + count
+            device = count.device if isinstance(count, Tensor) else self.device  # the layer's device
+            slot["T"] = slot.get("T", torch.zeros((), dtype=self.sum_dtype, device=device)) + count
         self.batch_T = {}
         self._in_window += 1
         if self._in_window >= self.window:
@@ -164,7 +168,7 @@ class FactorHooks:
         for name, key, acc in pairs:
             slot = self.sums.setdefault(name, {})
             if key not in slot:
-                slot[key] = torch.zeros(acc.shape, dtype=self.sum_dtype, device=self.device)
+                slot[key] = torch.zeros(acc.shape, dtype=self.sum_dtype, device=acc.device)
             for dst, src in zip(panel_views(slot[key]), panel_views(acc)):
                 dst.add_(src)
         for t in itertools.chain(self.acc_G.values(), self.acc_X.values()):
@@ -215,7 +219,7 @@ class FactorHooks:
                 g = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, M, d_out)
                 gm = g.reshape(-1, g.shape[-1]) if self.approx == "expand" else g.sum(1)
                 if adapter.key not in self.acc_G:
-                    self.acc_G[adapter.key] = self._zeros(gm.shape[1])
+                    self.acc_G[adapter.key] = self._zeros(gm)
                 add_gram(self.acc_G[adapter.key], gm, alpha=alpha)
 
             output.register_hook(grad_hook)

@@ -70,3 +70,21 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
             os.close(dfd)
     except OSError:
         pass
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file (a sharded precision's index) atomically, like ``atomic_save_file``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -288,6 +288,9 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         **robustness,
         **ctx.metadata,
     }
+    shard = ctx.metadata.get("factor_shard")  # shard_factors: this rank holds the blocks it owns
+    if shard is not None:
+        anchor = {n: t for n, t in anchor.items() if shard["owners"].get(n) == shard["rank"]}
     precision = Precision(blocks, anchor, metadata=metadata, prior_precision=prior_precision)
     if checkpointer is not None:
         checkpointer.finish()

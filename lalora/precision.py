@@ -25,6 +25,7 @@ from .blocks import Block
 from .blocks.base import all_finite
 from .errors import PrecisionFileError
 from .fileformat import read_precision, save_precision
+from .shards import is_sharded, read_sharded, save_sharded, shard_of
 from .validation import match_to_model
 
 
@@ -176,18 +177,24 @@ class Precision:
 
     # --- I/O ---------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write one safetensors file (atomic: temp file + rename). See docs/file-format.md."""
-        save_precision(self, path)
+        """Write one safetensors file (atomic: temp file + rename). See docs/file-format.md. A rank's shard of a
+        ``shard_factors`` fit (``metadata["factor_shard"]``) writes its shard file and, on rank 0, the index
+        ``<path>.index.json``: call it on every rank (docs/scale.md)."""
+        if shard_of(self) is not None:
+            save_sharded(self, path)
+        else:
+            save_precision(self, path)
 
     @classmethod
     def load(cls, path, model=None, strict: bool = True, *, adapter_name=None) -> "Precision":
-        """Read a precision file; with ``model``, validate names/shapes/base model against it.
+        """Read a precision file, or a sharded precision (its index ``<path>.index.json``, docs/scale.md) whole;
+        with ``model``, validate names/shapes/base model against it.
 
         ``strict=False`` keeps the blocks whose parameters match and records the rest in
         ``metadata["skipped_params"]`` instead of raising. Any defect of the file, including a block
         that does not fit the anchor, raises ``PrecisionFileError`` naming the file.
         """
-        blocks, anchor, metadata, prior = read_precision(path)
+        blocks, anchor, metadata, prior = read_sharded(path) if is_sharded(path) else read_precision(path)
         try:
             precision = cls(blocks, anchor, metadata=metadata, prior_precision=prior)
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:

@@ -31,7 +31,7 @@ def test_options_are_typed_and_checked():
     o = KFACOptions(curvature="ef", mc_samples=3, max_rank=None)
     assert o.curvature is Curvature.EF and o["mc_samples"] == 3 and dict(o)["max_rank"] is None
     assert o.to_dict() == {"curvature": "ef", "mc_samples": 3, "kfac_approx": "expand", "seed": 0, "max_rank": None,
-                           "sum_dtype": "float64"}
+                           "sum_dtype": "float64", "max_memory": None, "shard_factors": False}
     assert replace(o, mc_samples=4).mc_samples == 4
     assert BlockOptions(memory_budget_mb=64).memory_budget_mb == 64.0  # an int is a number
     for bad, word in [({"mc_samples": 0}, "mc_samples must be an integer >= 1, got 0"),
