@@ -87,3 +87,18 @@ def test_dry_run_bytes_include_the_others(backend):
     precision = _fit(model, token_batches(1), backend)
     assert stored_bytes(model, backend) == precision.num_bytes
     assert stored_bytes(model, backend, others="none") < precision.num_bytes
+
+
+def test_kfac_passes_tap_the_first_pass_only():
+    """kfac with max_memory reads the data once per group of layers (replayed streams): the others' diagonal is
+    accumulated on the first pass only, so it still equals the brute-force diagonal."""
+    from test_variants import _left_padded
+
+    model = _peft(tiny_llama(0), modules_to_save=["lm_head"])
+    randomize_lora_B(model)
+    batches = _left_padded()
+    precision = _fit(model, batches, "kfac", options={"curvature": "ef", "max_memory": "7KiB"})
+    assert precision.metadata["kfac_passes"] > 1
+    _check_covers_everything(model, precision)
+    name = "lm_head.modules_to_save.weight"
+    assert rel(precision.diagonal()[name].reshape(-1), torch.diagonal(brute_ef(model, batches, [name]))) <= TOL
