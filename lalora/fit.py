@@ -17,7 +17,7 @@ from .coverage import check_coverage, check_uncovered_mode
 from .data import BatchStream, _hash_update, _is_single_batch
 from .errors import BackendError, DataError
 from .losses import resolve_loss
-from .others import OTHERS_MODES, check_variants, named_others
+from .others import check_others_mode, check_variants, named_others
 from .pergrad import tap_others
 from .options import curvature_name
 from .precision import Precision
@@ -205,9 +205,8 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     (LoRA on embeddings, ``modules_to_save`` copies, other adapters, unfrozen base weights) would
     train without the penalty: ``uncovered="warn"`` (default) warns with an
     ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
-    ``"ignore"`` says nothing. ``others="diag"`` (default) covers the other trainable tensors (docs/variants.md:
-    ``modules_to_save``, trainable tokens, DoRA magnitudes, biases, ...) with the per-example EF diagonal;
-    ``"none"`` leaves them out. DoRA needs backend ``diag`` or ``block``.
+    ``"ignore"`` says nothing. ``others="diag"`` (default; ``"none"``: left out) covers the other trainable tensors
+    (``modules_to_save``, DoRA magnitudes, biases, ...) with their per-example EF diagonal (docs/variants.md).
     """
     instance = make_backend(backend, options, backend_options, caller="fit_precision", caller_args=_arguments(fit_precision))
     if prior_precision < 0:
@@ -216,8 +215,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     if skip_nonfinite and not instance.supports_skip_nonfinite:
         raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
                            "(it does not handle skipped batches); drop the option")
-    if others not in OTHERS_MODES:
-        raise ValueError(f"{_caller}: others={others!r} is unknown; use one of {OTHERS_MODES}")
+    check_others_mode(others, _caller)
     adapters = find_lora_adapters(model, adapter_name)
     check_variants(instance, adapters, _caller)
     # what the user trains, before fitting_mode() sets requires_grad on the LoRA weights only

@@ -27,6 +27,11 @@ CONTAINERS = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save", "t
 OTHERS_MODES = ("diag", "none")
 
 
+def check_others_mode(others: str, caller: str) -> None:
+    if others not in OTHERS_MODES:
+        raise ValueError(f"{caller}: others={others!r} is unknown; use one of {OTHERS_MODES}")
+
+
 def _adapter_segment(parts: list[str]) -> int | None:
     """Index of the adapter-name segment in a parameter path (after a peft container), or None."""
     for i, p in enumerate(parts[:-1]):
