@@ -14,6 +14,12 @@ Options (``BlockOptions``):
 - ``memory_budget_mb``: budget per block for the dense matrix (default 256).
 The chosen storage is in ``metadata["block_forms"]`` and in ``Precision.summary()``.
 
+DoRA (``curvature="ef"``): an adapter's block holds A, B and its magnitude vector (per-example gradients of
+the magnitude from ``lalora.pergrad``; those of A and B from the hooks, which DoRA's detached
+``lora_B(lora_A(eye))`` norm call does not reach). The other trainable tensors (``ctx.others``) get
+DiagBlocks of their per-example EF diagonal from the same forward. ``curvature="ggn"`` refuses DoRA and
+leaves the other tensors to ``fit_precision``'s generic EF diagonal.
+
 Relation to ``lalora.reference`` (the one exact reference): the same quantities, computed for real use
 (whole batches, hooks, ``torch.func``), so this backend does not call the reference's slow batch-of-one
 loops; it shares the conventions and the loss path instead (``lalora.losses``: per-example losses, the
@@ -34,6 +40,7 @@ from lalora.blocks.factored import FactoredBlock
 from lalora.capture import PerExampleGrads
 from lalora.errors import BackendError
 from lalora.options import BackendOptions, Curvature, option
+from lalora.pergrad import diag_blocks, first_nonfinite, per_example_rows, squared_grad_sums
 
 
 @dataclass(frozen=True)
@@ -58,12 +65,17 @@ class BlockOptions(BackendOptions):
 class BlockBackend(CurvatureBackend):
     Options = BlockOptions  # the curvature: its curvature option (default ef)
     supports_skip_nonfinite = True
+    supports_dora = True  # curvature="ef" only (check_options cannot see the model: fit refuses ggn on DoRA)
+
+    def __init__(self, options=None, /, **kwargs):
+        super().__init__(options, **kwargs)
+        self.covers_others = self.options["curvature"] == Curvature.EF
 
     @classmethod
     def stored_bytes(cls, adapters, options) -> int | None:
         """``4 n^2`` per block when every block is stored dense; None when one is factored (it grows with N)."""
-        shapes = {n: tuple(p.shape) for a in adapters for n, p in ((a.a_name, a.A), (a.b_name, a.B))}
-        groups = _groups(adapters, options["granularity"])
+        shapes = {n: tuple(p.shape) for a in adapters for n, p in _adapter_params(a)}
+        groups = _groups(adapters, options["granularity"], set(shapes))
         sizes = [sum(math.prod(shapes[p]) for p in g) for g in groups]
         budget = options["memory_budget_mb"] * 2**20
         dense = options["storage"] == "dense" or (options["storage"] == "auto" and all(4 * n * n <= budget for n in sizes))
@@ -71,7 +83,7 @@ class BlockBackend(CurvatureBackend):
 
     # --- block layout ---------------------------------------------------------------
     def _groups(self, ctx: FitContext) -> list[tuple[str, ...]]:
-        return _groups(ctx.adapters, self.options["granularity"])
+        return _groups(ctx.adapters, self.options["granularity"], set(ctx.others))
 
     def _forms(self, groups, shapes) -> list[str]:
         budget = self.options["memory_budget_mb"] * 2**20
@@ -91,14 +103,20 @@ class BlockBackend(CurvatureBackend):
 
     def fit(self, ctx: FitContext):
         params = ctx.params()
-        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        shapes = {n: tuple(p.shape) for n, p in {**params, **ctx.others}.items()}
         groups = self._groups(ctx)
         forms = self._forms(groups, shapes)
+        rest = {}
         if self.options["curvature"] == "ggn":
+            dora = [a for a in ctx.adapters if a.magnitude is not None]
+            if dora:
+                raise BackendError(f"block backend: curvature='ggn' does not model DoRA (adapter {dora[0].adapter_name!r} "
+                                   f"on layer {dora[0].name!r}): its Jacobians leave the magnitude vector out; use "
+                                   "curvature='ef'")
             sums = self._ggn_sums(ctx, params, groups)
             rows = [None] * len(groups)
         else:
-            sums, rows = self._ef_accumulate(ctx, groups, forms, shapes)
+            sums, rows, rest = self._ef_accumulate(ctx, groups, forms, shapes)
         N = ctx.global_num_examples()
         blocks = []
         for g, form, s, r in zip(groups, forms, sums, rows):
@@ -108,12 +126,16 @@ class BlockBackend(CurvatureBackend):
                 U = torch.cat(_gather_rows(r), 0) if r else torch.zeros(0, sum(math.prod(shapes[p]) for p in g))
                 blocks.append(FactoredBlock(g, (U / math.sqrt(N)).float(), shapes))
         ctx.metadata["block_forms"] = {"+".join(g): f for g, f in zip(groups, forms)}
-        return blocks
+        return blocks + (diag_blocks(ctx, rest) if rest else [])
 
     # --- empirical Fisher ------------------------------------------------------------
     def _ef_accumulate(self, ctx, groups, forms, shapes):
         params = ctx.params()
         names, tensors = list(params), list(params.values())
+        grouped = {p for g in groups for p in g}
+        in_blocks = {n: t for n, t in ctx.others.items() if n in grouped}  # DoRA magnitudes
+        rest = {n: t for n, t in ctx.others.items() if n not in grouped}  # diagonal only
+        rest_sums = {n: torch.zeros(t.shape, dtype=torch.float64, device=t.device) for n, t in rest.items()}
         sums = [torch.zeros(sum(math.prod(shapes[p]) for p in g), sum(math.prod(shapes[p]) for p in g), dtype=torch.float64)
                 if f == "dense" else None for g, f in zip(groups, forms)]
         rows = [[] if f == "factored" else None for f in forms]
@@ -123,20 +145,26 @@ class BlockBackend(CurvatureBackend):
                 losses = ctx.per_example_loss(batch)
                 if losses is None:
                     continue
+                with capture.paused():  # the others' per-example backward first (graph kept), LoRA hooks paused
+                    extra_rows = per_example_rows(losses, in_blocks) if in_blocks else {}
+                    squares = squared_grad_sums(losses, rest) if rest else {}
                 torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
-                if not all(bool(torch.isfinite(capture.grads[n]).all()) for n in names if n in capture.grads):
+                grads = {**capture.grads, **extra_rows}
+                if first_nonfinite({**{n: grads[n] for n in [*names, *extra_rows] if n in grads}, **squares}):
                     ctx.nonfinite(batch, "gradient")
                     continue
+                for n, sq in squares.items():
+                    rest_sums[n] += sq
                 keep = (batch.extra["labelled_counts"] > 0).to(losses.device)
                 for i, g in enumerate(groups):
-                    G = torch.cat([_grad_or_zero(capture.grads, p, batch.size, shapes[p], losses.device) for p in g], 1)[keep]
+                    G = torch.cat([_grad_or_zero(grads, p, batch.size, shapes[p], losses.device) for p in g], 1)[keep]
                     if forms[i] == "dense":
                         G = G.double().cpu()
                         sums[i] += G.T @ G
                     else:
                         rows[i].append(G.float().cpu())
                 ctx.batch_done(self)
-        return sums, rows
+        return sums, rows, rest_sums
 
     # --- GGN -------------------------------------------------------------------------
     def _ggn_sums(self, ctx, params, groups):
@@ -179,10 +207,16 @@ class BlockBackend(CurvatureBackend):
         return sums
 
 
-def _groups(adapters, granularity: str) -> list[tuple[str, ...]]:
-    if granularity == "adapter":
-        return [(a.a_name, a.b_name) for a in adapters]
-    return [(n,) for a in adapters for n in (a.a_name, a.b_name)]
+def _adapter_params(a):
+    """``(name, parameter)`` of an adapter's block: A, B and, for DoRA, the magnitude vector."""
+    out = [(a.a_name, a.A), (a.b_name, a.B)]
+    return out + ([(a.magnitude_name, a.magnitude)] if a.magnitude is not None else [])
+
+
+def _groups(adapters, granularity: str, others: set) -> list[tuple[str, ...]]:
+    """One group per adapter (A, B and the DoRA magnitude when it is among ``others``) or per matrix."""
+    names = [tuple(n for i, (n, _) in enumerate(_adapter_params(a)) if i < 2 or n in others) for a in adapters]
+    return names if granularity == "adapter" else [(n,) for g in names for n in g]
 
 
 def _grad_or_zero(grads, name, n, shape, device):

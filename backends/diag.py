@@ -3,10 +3,13 @@
 ``F_ii = (1/N) sum_n (d l_n / d theta_i)^2`` with ``l_n`` example n's summed loss and the
 true labels (per *example*: the square of a mini-batch gradient is not the EF). Exact
 per-example gradients of the LoRA matrices come from lalora's own hooks
-(``lalora.capture``), one forward+backward pass per batch.
+(``lalora.capture``), one forward+backward pass per batch; those of the other trainable tensors
+(``ctx.others``: DoRA magnitudes, ``modules_to_save`` copies, biases, ...) from ``lalora.pergrad``
+on the same forward. DoRA's ``lora_B(lora_A(eye))`` call does not disturb the hooks: peft detaches
+that weight norm, so no gradient reaches those calls and their hooks never record.
 
 Supports ``skip_nonfinite`` and the checkpoint protocol (``state_dict``: the float64 sums of
-squared per-example gradients, one tensor ``sum.<param>`` per LoRA matrix).
+squared per-example gradients, one tensor ``sum.<param>`` per LoRA matrix and other tensor).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from lalora.blocks import DiagBlock
 from lalora.capture import PerExampleGrads
 from lalora.errors import BackendError
 from lalora.options import Curvature
+from lalora.pergrad import first_nonfinite, squared_grad_sums
 
 from .stored_sizes import diagonal_bytes
 
@@ -26,6 +30,8 @@ class DiagEFBackend(CurvatureBackend):
     curvature = Curvature.EF  # no options
     supports_skip_nonfinite = True
     supports_embedding_lora = True  # exact per-example gradients: lalora.capture_embedding
+    supports_dora = True  # exact per-example gradients of A, B (hooks) and the magnitude (ctx.others)
+    covers_others = True
 
     def __init__(self, options=None, /, **kwargs):
         super().__init__(options, **kwargs)
@@ -66,7 +72,8 @@ class DiagEFBackend(CurvatureBackend):
 
     def fit(self, ctx: FitContext):
         params = ctx.params()
-        self._sums = sums = self._initial_sums(params)
+        others = dict(ctx.others)
+        self._sums = sums = self._initial_sums({**params, **others})
         names, tensors = list(params), list(params.values())
         with PerExampleGrads(ctx.adapters) as capture:
             for batch in ctx.stream:
@@ -74,16 +81,20 @@ class DiagEFBackend(CurvatureBackend):
                 losses = ctx.per_example_loss(batch)
                 if losses is None:  # non-finite loss, skipped
                     continue
+                squares = {}
+                if others:  # their per-example backward first (graph kept), with the LoRA hooks paused
+                    with capture.paused():
+                        squares = squared_grad_sums(losses, others)
                 torch.autograd.grad(losses.sum(), tensors, allow_unused=True)
                 # this batch's sum of squares in float32 (a non-finite gradient makes it non-finite),
                 # added to the float64 running sums: no float64 copy of the per-example gradients
-                squares = capture.squared_sums()
-                bad = [n for n in names if n in squares and not bool(torch.isfinite(squares[n]).all())]
-                if bad:
-                    ctx.nonfinite(batch, "gradient", f"of {bad[0]!r}")
+                squares.update(capture.squared_sums())
+                bad = first_nonfinite({n: squares[n] for n in [*names, *others] if n in squares})
+                if bad is not None:
+                    ctx.nonfinite(batch, "gradient", f"of {bad!r}")
                     continue
                 for n, sq in squares.items():
                     sums[n] += sq
                 ctx.batch_done(self)
         n_examples = ctx.global_num_examples()
-        return [DiagBlock(n, (ctx.all_reduce(sums[n]) / n_examples).float()) for n in names]
+        return [DiagBlock(n, (ctx.all_reduce(sums[n]) / n_examples).float()) for n in [*names, *others]]

@@ -9,8 +9,9 @@ def factor_floats(n: int, max_rank: int | None = None) -> int:
 
 
 def diagonal_bytes(adapters) -> int:
-    """One float32 per LoRA weight."""
-    return 4 * sum(a.A.numel() + a.B.numel() for a in adapters)
+    """One float32 per LoRA weight and DoRA magnitude (``lalora.estimate`` adds the other tensors' diagonals)."""
+    return 4 * sum(a.A.numel() + a.B.numel() + (a.magnitude.numel() if a.magnitude is not None else 0)
+                   for a in adapters)
 
 
 def kronecker_bytes(adapters, max_rank: int | None = None) -> int:

@@ -51,6 +51,10 @@ class LoraAdapter:
     a_name: str
     b_name: str
     embedding: bool = False
+    #: DoRA (``use_dora=True``): the trainable magnitude vector (d_out,) and its canonical name
+    #: (``<layer>.lora_magnitude_vector[.<adapter>].weight``, see ``lalora.others``); None otherwise
+    magnitude: nn.Parameter | None = None
+    magnitude_name: str | None = None
 
     @property
     def key(self) -> str:
@@ -89,14 +93,20 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
 
     ``adapter_name``: a peft adapter name or list of names; default: the active adapters.
     LoRA on embeddings comes as adapters with ``embedding=True`` (only some backends model them:
-    ``CurvatureBackend.supports_embedding_lora``). Raises ``BackendError`` for LoRA variants the
-    curvature conventions do not cover (DoRA, LoRA on convolutions, ``lora_bias``) and
+    ``CurvatureBackend.supports_embedding_lora``). DoRA adapters carry their ``magnitude``; a LoRA bias
+    (``lora_bias=True``) and LoRA on parameters (``target_parameters``: peft's ``ParamWrapper``, whose
+    lora_A/lora_B are never called as modules) are not adapters here but "others" (``lalora.others``).
+    Raises ``BackendError`` for LoRA on convolutions and for a model whose only LoRA is on parameters, and
     ``ModelMismatchError`` when the model has no LoRA adapter.
     """
     LoraLayer = _lora_layer_class()
     found: list[tuple[str, str, nn.Module]] = []
+    wrapped: list[str] = []  # LoRA on parameters (target_parameters)
     for path, module in base_model_of(model).named_modules():
         if LoraLayer is None or not isinstance(module, LoraLayer):
+            continue
+        if type(module).__name__ == "ParamWrapper":
+            wrapped.append(path)
             continue
         if adapter_name is None:
             names = list(module.active_adapters)
@@ -108,11 +118,7 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
             if name in module.lora_A or name in getattr(module, "lora_embedding_A", {}):
                 found.append((path, name, module))
     if not found:
-        raise ModelMismatchError(
-            "model has no LoRA adapter"
-            + (f" named {adapter_name!r}" if adapter_name is not None else "")
-            + ": wrap it with peft.get_peft_model(model, LoraConfig(...)) first"
-        )
+        raise _no_adapter_error(adapter_name, wrapped)
     several = len({name for _, name, _ in found}) > 1
     adapters = []
     for path, name, module in found:
@@ -123,17 +129,27 @@ def find_lora_adapters(model: nn.Module, adapter_name: str | list[str] | None = 
         if not isinstance(lora_A, nn.Linear) or not isinstance(lora_B, nn.Linear):
             raise BackendError(f"LoRA adapter {name!r} at {path!r} is not a linear LoRA (found {type(lora_A).__name__}); "
                                "lalora supports LoRA on nn.Linear layers")
-        if getattr(module, "use_dora", {}).get(name, False):
-            raise BackendError(f"adapter {name!r} at {path!r} uses DoRA, which lalora does not support")
-        if lora_B.bias is not None:
-            raise BackendError(f"adapter {name!r} at {path!r} has a LoRA bias (lora_bias=True), which lalora does not support")
         canon = canonical_module_path(path)
         suffix = f".{name}" if several else ""
+        magnitude = None
+        if getattr(module, "use_dora", {}).get(name, False):
+            magnitude = module.lora_magnitude_vector[name].weight
         adapters.append(LoraAdapter(
             name=canon, adapter_name=name, module_path=path, layer=module, lora_A=lora_A, lora_B=lora_B,
             scaling=float(module.scaling[name]), a_name=f"{canon}.lora_A{suffix}", b_name=f"{canon}.lora_B{suffix}",
+            magnitude=magnitude, magnitude_name=None if magnitude is None else f"{canon}.lora_magnitude_vector{suffix}.weight",
         ))
     return adapters
+
+
+def _no_adapter_error(adapter_name, wrapped: list[str]) -> Exception:
+    """The error for a model without LoRA adapters: LoRA on parameters only, or none."""
+    if wrapped:
+        return BackendError(f"LoRA on parameters only (LoraConfig(target_parameters=...): {name_list(wrapped)}) is not "
+                            "supported alone: add linear layers to LoraConfig(target_modules=...); the parameter "
+                            "adapters are then covered by the generic diagonal (fit_precision(others='diag'))")
+    return ModelMismatchError("model has no LoRA adapter" + (f" named {adapter_name!r}" if adapter_name is not None else "")
+                              + ": wrap it with peft.get_peft_model(model, LoraConfig(...)) first")
 
 
 def _embedding_adapter(path: str, name: str, module: nn.Module, several: bool) -> LoraAdapter:
@@ -158,7 +174,8 @@ def trainable_kind(name: str) -> str:
     """What a trainable parameter of a peft model is, from its name (peft 0.21 naming):
     ``"embedding_lora"`` (``lora_embedding_A/B``), ``"modules_to_save"`` (the trainable copy
     ``<module>.modules_to_save.<adapter>``), ``"trainable_tokens"`` (``trainable_token_indices``),
-    ``"lora"`` (linear LoRA weights, DoRA magnitudes) or ``"other"`` (any other tensor)."""
+    ``"dora_magnitude"`` (``lora_magnitude_vector``), ``"lora_bias"`` (``lora_B``'s bias, ``lora_bias=True``),
+    ``"lora"`` (LoRA weights) or ``"other"`` (any other tensor)."""
     parts = name.split(".")
     if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
         return "embedding_lora"
@@ -166,7 +183,11 @@ def trainable_kind(name: str) -> str:
         return "modules_to_save"
     if "token_adapter" in parts or "trainable_tokens_delta" in parts:
         return "trainable_tokens"
-    if "lora_A" in parts or "lora_B" in parts or "lora_magnitude_vector" in parts:
+    if "lora_magnitude_vector" in parts:
+        return "dora_magnitude"
+    if "lora_B" in parts and parts[-1] == "bias":
+        return "lora_bias"
+    if "lora_A" in parts or "lora_B" in parts:
         return "lora"
     return "other"
 

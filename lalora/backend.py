@@ -55,6 +55,10 @@ class FitContext:
     skip_nonfinite: bool = False
     #: set by ``fit_precision(checkpoint_dir=...)``; backends call ``batch_done(self)`` (docs/robustness.md)
     checkpointer: object = None
+    #: the trainable tensors beside the LoRA matrices (canonical name -> parameter, ``lalora.others``) the
+    #: precision covers: a backend with ``covers_others`` returns blocks for them, else fit_precision adds
+    #: their generic EF diagonal (``lalora.pergrad``)
+    others: dict = field(default_factory=dict)
 
     @property
     def loss(self) -> LossFunction:
@@ -166,6 +170,10 @@ class CurvatureBackend(abc.ABC):
     supports_skip_nonfinite: ClassVar[bool] = False
     #: the backend models LoRA on embeddings (``LoraAdapter.embedding``); see ``select_adapters``
     supports_embedding_lora: ClassVar[bool] = False
+    #: the backend models DoRA adapters (``LoraAdapter.magnitude``); others are refused on DoRA models
+    supports_dora: ClassVar[bool] = False
+    #: ``fit()`` returns blocks covering every tensor of ``ctx.others`` itself
+    covers_others: ClassVar[bool] = False
     # Optional checkpoint protocol (fit_precision(checkpoint_dir=...), docs/robustness.md):
     #   state_dict() -> dict[str, Tensor]   accumulated sums so far (not divided by N)
     #   load_state_dict(state) -> None      called before fit(); fit() continues from it

@@ -80,6 +80,16 @@ class PerExampleGrads:
         out.update(self.embedding.squared_sums())
         return out
 
+    @contextmanager
+    def paused(self):
+        """Backward passes inside do not record (e.g. ``lalora.pergrad``'s per-example passes over the same graph)."""
+        saved, saved_grads = self._factors, self._grads
+        self._factors = {}
+        try:
+            yield
+        finally:
+            self._factors, self._grads = saved, saved_grads
+
     def clear(self) -> None:
         self._factors = {}
         self._grads = None

@@ -17,22 +17,25 @@ from .errors import ModelMismatchError, UncoveredParameterError, UncoveredParame
 UNCOVERED_MODES = ("warn", "error", "ignore")
 
 # kind -> (why it is not covered, what to do)
+_GENERIC = "{generic} (the default) covers them with the per-example EF diagonal"
 _REASONS = {
     "embedding_lora": ("LoRA on embedding layers (peft's lora_embedding_A/B) is modelled only by the diag, kfac and "
                        "tri-kfac backends", "fit the precision with one of them, or leave the embedding out of "
                        "LoraConfig(target_modules=...)"),
-    "modules_to_save": ("trainable full copies made by LoraConfig(modules_to_save=...) are not LoRA weights; "
-                        "no backend models them",
-                        "drop modules_to_save (or freeze these copies) if they should not drift"),
-    "trainable_tokens": ("embedding rows trained by LoraConfig(trainable_token_indices=...) are not modelled "
-                         "by the backends", "drop trainable_token_indices if these rows should not drift"),
+    "modules_to_save": ("trainable full copies made by LoraConfig(modules_to_save=...) are not in the precision",
+                        f"{_GENERIC}; or drop modules_to_save (or freeze these copies)"),
+    "trainable_tokens": ("embedding rows trained by LoraConfig(trainable_token_indices=...) are not in the precision",
+                         f"{_GENERIC}; or drop trainable_token_indices"),
+    "dora_magnitude": ("DoRA magnitude vectors (LoraConfig(use_dora=True)) are not in the precision",
+                       f"{_GENERIC}"),
+    "lora_bias": ("LoRA biases (LoraConfig(lora_bias=True)) are not in the precision", f"{_GENERIC}"),
     "lora": ("LoRA weights of adapters the precision does not cover",
              "select every trained adapter with adapter_name=[...] when fitting, or freeze the others"),
     "lora_partial": ("LoRA weights of the selected adapter(s) that this precision leaves out (it was matched to the "
                      "model with strict=False)", "fit a precision on the same LoRA targets to cover them"),
     "other": ("trainable tensors that are not LoRA weights (e.g. LoraConfig(bias='all'/'lora_only') or "
               "parameters you unfroze) are not modelled by the backends",
-              "freeze them (p.requires_grad_(False)) if they should not drift"),
+              f"{_GENERIC}; or freeze them (p.requires_grad_(False)) if they should not drift"),
 }
 
 
@@ -50,7 +53,8 @@ def uncovered_message(found: list[tuple[str, str]], num_trainable: int, caller: 
     for kind, (why, todo) in _REASONS.items():
         names = [n for n, k in found if k == kind]
         if names:
-            lines.append(f"  - {why}: {name_list(names)}; {todo}.")
+            generic = "lalora fit --others diag" if caller.startswith("lalora ") else "fit_precision(..., others='diag')"
+            lines.append(f"  - {why}: {name_list(names)}; {todo.format(generic=generic)}.")
     lines.append(f"To accept this, pass {caller_option(caller, 'uncovered', 'ignore')}; "
                  f"to refuse it, pass {caller_option(caller, 'uncovered', 'error')}. See docs/concepts.md#coverage.")
     return "\n".join(lines)

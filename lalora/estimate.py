@@ -30,11 +30,23 @@ from .adapters import find_lora_adapters
 from .backend import get_backend, make_backend
 
 
-def stored_bytes(model, backend: str, options=None, *, adapter_name=None) -> int | None:
+def stored_bytes(model, backend: str, options=None, *, adapter_name=None, others: str = "diag") -> int | None:
     """Exact bytes of the curvature tensors ``backend`` will store (``Precision.num_bytes``), from the
-    LoRA shapes alone (the backend class's ``stored_bytes``); ``None`` when the backend cannot say."""
+    LoRA shapes alone (the backend class's ``stored_bytes``) plus one float32 per other trainable tensor's
+    weight (``fit_precision(others="diag")``); ``None`` when the backend cannot say."""
     cls = get_backend(backend)
-    return cls.stored_bytes(cls.select_adapters(find_lora_adapters(model, adapter_name)), cls.resolve_options(options))
+    adapters = cls.select_adapters(find_lora_adapters(model, adapter_name))
+    return _plus_others(cls.stored_bytes(adapters, cls.resolve_options(options)), model, adapters, others)
+
+
+def _plus_others(nbytes: int | None, model, adapters, others: str) -> int | None:
+    """``nbytes`` plus the DiagBlocks of the other trainable tensors (DoRA magnitudes are counted by the backend)."""
+    from .others import named_others
+
+    if nbytes is None or others != "diag":
+        return nbytes
+    magnitudes = {a.magnitude_name for a in adapters if a.magnitude is not None}
+    return nbytes + 4 * sum(p.numel() for n, p in named_others(model, adapters).items() if n not in magnitudes)
 
 
 def accumulator_bytes(model, backend: str, options=None, *, adapter_name=None) -> int | None:
@@ -143,7 +155,7 @@ def estimate_fit(model, data, backend: str = "diag", *, options=None, num_batche
     sec_per_batch = sum(steady) / len(steady)
     k = len(sample.batches)
     estimated = None if total_batches is None else (t_end - t0) + sec_per_batch * max(0, total_batches - k)
-    exact = type(instance).stored_bytes(adapters, opts)
+    exact = _plus_others(type(instance).stored_bytes(adapters, opts), model, adapters, "diag")
     given = {k: v for k, v in opts.to_dict().items() if v != type(instance).default_options.get(k)}
     return FitEstimate(backend=instance.name, options=given, num_params=precision.num_params, sample_batches=k,
                        total_batches=total_batches, sample_seconds=t_end - t0, batch_seconds=per_batch,

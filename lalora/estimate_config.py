@@ -69,6 +69,8 @@ class ShapeAdapter:
     A: torch.Tensor
     B: torch.Tensor
     scaling: float = 2.0
+    embedding: bool = False  # a config's estimate puts LoRA on linear layers only
+    magnitude: None = None  # no DoRA
 
 
 def _read(spec) -> tuple[str, dict]:

@@ -18,6 +18,8 @@ from .data import BatchStream, _hash_update, _is_single_batch, source_metadata
 from .errors import BackendError, DataError
 from .fit_metadata import fit_metadata, model_limits, tokenizer_info
 from .losses import resolve_loss
+from .others import check_others_mode, check_variants, named_others
+from .pergrad import tap_others
 from .precision import Precision
 from .quantized import cpu_training_path
 from .validation import config_hash
@@ -30,8 +32,8 @@ class ZeroCurvatureWarning(UserWarning):
 
 
 @contextmanager
-def fitting_mode(model: nn.Module, adapters):
-    """Eval mode (dropout off), no gradient checkpointing, only LoRA weights require grad;
+def fitting_mode(model: nn.Module, adapters, others=()):
+    """Eval mode (dropout off), no gradient checkpointing, only LoRA weights (and ``others``) require grad;
     everything is restored on exit.
 
     Gradient checkpointing is switched off through the per-module ``gradient_checkpointing``
@@ -42,7 +44,7 @@ def fitting_mode(model: nn.Module, adapters):
     offloading, the input-grad hooks). Flipping the flags and putting them back leaves all
     of that untouched."""
     was_training = model.training
-    lora = {id(p) for p in lora_parameters(adapters).values()}
+    lora = {id(p) for p in lora_parameters(adapters).values()} | {id(p) for p in others}
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     # vars(): the instance attribute itself (peft wrappers forward unknown attributes to the model)
     checkpointing = [(m, m.gradient_checkpointing) for m in base_model_of(model).modules()
@@ -133,7 +135,7 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
                   progress: bool = True, adapter_name=None, prior_precision: float = 0.0, max_batches: int | None = None,
                   shard: str | bool = "auto", skip_nonfinite: bool = False, checkpoint_dir=None,
                   checkpoint_every: int = 100, tokenizer=None, uncovered: str = "warn", source: dict | None = None,
-                  _caller: str = "fit_precision", **backend_options) -> Precision:
+                  others: str = "diag", _caller: str = "fit_precision", **backend_options) -> Precision:
     """Estimate the source-loss curvature w.r.t. the LoRA weights at their current values (theta0).
 
     ``data``: DataLoader / iterable of batches, or one batch (HF dict, tensor, ``(x, y)``). ``loss``: "auto",
@@ -162,31 +164,37 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     requires grad when ``fit_precision`` is called (LoRA on embeddings with other backends, ``modules_to_save``
     copies, other adapters, unfrozen base weights) would train without the penalty: ``uncovered="warn"`` (default)
     warns with an ``UncoveredParameterWarning`` naming them, ``"error"`` raises ``UncoveredParameterError``,
-    ``"ignore"`` says nothing.
+    ``"ignore"`` says nothing. ``others="diag"`` (default; ``"none"``: left out) covers the other trainable tensors
+    (``modules_to_save``, DoRA magnitudes, biases, ...) with their per-example EF diagonal (docs/variants.md).
 
     ``source``: where the source data came from (a JSON-able dict, e.g. ``SurrogateSource.provenance`` of
     ``lalora.surrogate.generate_source``), stored as ``metadata["source"]``.
     """
     instance = _checked_backend(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered, _caller)
+    check_others_mode(others, _caller)
     source = source_metadata(source, _caller)
     adapters = instance.select_adapters(find_lora_adapters(model, adapter_name))
+    check_variants(instance, adapters, _caller)
     # what the user trains, before fitting_mode() sets requires_grad on the LoRA weights only
-    check_coverage(model, lora_parameters(adapters).values(), uncovered, caller=_caller)
+    extra = named_others(model, adapters) if others == "diag" else {}
+    check_coverage(model, [*lora_parameters(adapters).values(), *extra.values()], uncovered, caller=_caller)
     base = base_model_of(model)
     vocab_size, max_positions = model_limits(base)
     tok_info = tokenizer_info(tokenizer, vocab_size)
     sharded, stream = _open_stream(data, shard, max_batches, loss, adapters, progress, instance, max_positions,
                                    vocab_size)
-    anchor = lora_state(adapters)
+    anchor = {**lora_state(adapters), **{n: p.detach().float().clone() for n, p in extra.items()}}
     ctx = FitContext(model=model, adapters=adapters, stream=stream, device=adapters[0].A.device,
-                     skip_nonfinite=bool(skip_nonfinite))
+                     skip_nonfinite=bool(skip_nonfinite), others=extra)
+    tap = tap_others(ctx, instance, checkpoint_dir, _caller)
     checkpointer = None if checkpoint_dir is None else _checkpointer(
         checkpoint_dir, checkpoint_every, instance, ctx, anchor, loss, max_batches, skip_nonfinite)
     started = datetime.datetime.now(datetime.timezone.utc)
-    with fitting_mode(model, adapters):
+    with fitting_mode(model, adapters, extra.values()):
         blocks = instance.fit(ctx)
+        blocks = [*blocks, *tap.blocks(ctx)] if tap is not None else blocks
     metadata = fit_metadata(instance, ctx, sharded, base, started, vocab_size, tok_info, checkpointer, source)
-    precision = Precision(blocks, _owned(anchor, ctx), metadata=metadata, prior_precision=prior_precision)
+    precision = Precision(*_owned(blocks, anchor, ctx), metadata=metadata, prior_precision=prior_precision)
     _finish(checkpointer, precision, adapters)
     return precision
 
@@ -207,12 +215,15 @@ def _open_stream(data, shard, max_batches, loss, adapters, progress, instance, m
     return sharded, stream
 
 
-def _owned(anchor: dict, ctx: FitContext) -> dict:
-    """The anchor of the blocks this rank returns: all of them, or with ``shard_factors`` the ones it owns."""
+def _owned(blocks: list, anchor: dict, ctx: FitContext) -> tuple[list, dict]:
+    """The blocks this rank returns and their anchor: all of them, or with ``shard_factors`` the LoRA blocks it owns,
+    plus (on rank 0 only) the other tensors' diagonals, which every rank computes alike."""
     shard = ctx.metadata.get("factor_shard")
     if shard is None:
-        return anchor
-    return {n: t for n, t in anchor.items() if shard["owners"].get(n) == shard["rank"]}
+        return blocks, anchor
+    owners = shard["owners"]
+    mine = {n for n in anchor if owners.get(n, 0) == shard["rank"]}
+    return ([b for b in blocks if set(b.params) <= mine], {n: t for n, t in anchor.items() if n in mine})
 
 
 def _checked_backend(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered, caller):

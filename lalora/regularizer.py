@@ -20,6 +20,7 @@ from .adapters import find_lora_adapters, lora_parameters
 from .anchor_check import anchor_mismatch_message, fitted_adapters
 from .coverage import check_coverage, check_trainable, check_uncovered_mode
 from .errors import AnchorMismatchError, BackendError, ModelMismatchError
+from .others import resolve_others
 from .penalty import GroupedPrecision, linearized_quadratic
 from .precision import Precision
 from .sharding import FSDP1_REFUSAL, copy_full_, full_value, gathered, sharding_of
@@ -90,7 +91,8 @@ class LaLoRARegularizer(nn.Module):
         self._params = params
         self._check_sharding()  # before the shapes are compared: FSDP1 flattens them
         precision = match_to_model(precision, model, strict=True, adapter_name=adapter_name)
-        self._params = {n: params[n] for n in precision.param_names}
+        covered = {**params, **resolve_others(model, adapters, precision.param_names)}  # fit_precision(others="diag")
+        self._params = {n: covered[n] for n in precision.param_names}
         self._adapters_in_use = sorted({a.adapter_name for a in adapters})
         self._active_adapters = _active_adapters(model)
         check_trainable(self._params, _caller)
@@ -142,7 +144,8 @@ class LaLoRARegularizer(nn.Module):
     def rebind(self, model: nn.Module) -> None:
         """Resolve the LoRA Parameters again on ``model`` (same names and shapes), after a wrapper such as
         FSDP2's ``fully_shard`` or ``deepspeed.initialize`` replaced them; the curvature is kept."""
-        params = lora_parameters(find_lora_adapters(model, self._adapter_name))
+        adapters = find_lora_adapters(model, self._adapter_name)
+        params = {**lora_parameters(adapters), **resolve_others(model, adapters, self._params)}
         missing = [n for n in self._params if n not in params]
         if missing:
             raise ModelMismatchError(f"{self._caller}: the model has no LoRA weight {missing[0]!r} any more")

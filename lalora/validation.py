@@ -11,6 +11,7 @@ import warnings
 
 from .adapters import base_model_of, find_lora_adapters, lora_param_shapes
 from .errors import ModelMismatchError
+from .others import resolve_others
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
                          "_attn_implementation", "_attn_implementation_autoset", "use_cache", "output_hidden_states",
@@ -54,9 +55,11 @@ def match_to_model(precision, model, *, strict: bool = True, adapter_name=None, 
     """
     adapters = find_lora_adapters(model, adapter_name)
     shapes = lora_param_shapes(adapters)
+    # tensors beside the LoRA matrices (fit_precision(others="diag")) are found by canonical name
+    others = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in resolve_others(model, adapters, precision.param_names).items()}
     model_level = _model_problems(precision.metadata, model, tokenizer)
     problems = list(model_level)
-    bad = _param_problems(precision, adapters, shapes, problems)
+    bad = _param_problems(precision, adapters, shapes, problems, others)
     if not problems:
         return precision
     if strict:
@@ -96,18 +99,19 @@ def _model_problems(meta: dict, model, tokenizer) -> list[str]:
     return problems
 
 
-def _param_problems(precision, adapters, shapes: dict, problems: list[str]) -> list[str]:
+def _param_problems(precision, adapters, shapes: dict, problems: list[str], others: dict | None = None) -> list[str]:
     """Append to ``problems`` every precision parameter the model lacks or has in another shape, and every model
     LoRA weight the precision leaves out; return the precision's parameters at fault."""
     meta = precision.metadata
     bad = []
+    known = {**(others or {}), **shapes}
     for name, shape in precision.shapes.items():
-        if name not in shapes:
+        if name not in known:
             bad.append(name)
             problems.append(f"parameter {name!r} is not a LoRA weight of the model")
-        elif tuple(shapes[name]) != tuple(shape):
+        elif tuple(known[name]) != tuple(shape):
             bad.append(name)
-            problems.append(_shape_problem(name, tuple(shapes[name]), tuple(shape)))
+            problems.append(_shape_problem(name, tuple(known[name]), tuple(shape)))
     if bad and any(n not in shapes for n in bad):
         fitted = sorted({v.get("adapter_name") for v in (meta.get("adapters") or {}).values()
                          if isinstance(v, dict) and v.get("adapter_name")})

@@ -206,9 +206,10 @@ def test_uncovered_flag_and_strict_hint_only_where_it_helps(tmp_path):
                                             init_lora_weights="orthogonal"))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        lalora.fit_precision(model, token_batches(1), "diag", progress=False, _caller="lalora fit")
+        lalora.fit_precision(model, token_batches(1), "diag", progress=False, others="none", _caller="lalora fit")
     texts = [str(w.message) for w in rec if isinstance(w.message, lalora.UncoveredParameterWarning)]
     assert texts and "lalora fit --uncovered ignore" in texts[0] and "lm_head" in texts[0]
+    assert "lalora fit --others diag" in texts[0]
     # another base model: the hint is to refit, not strict=False
     P = lalora.fit_precision(tiny_lora_llama(), token_batches(1), "diag", progress=False)
     P.metadata["config_hash"] = "0" * 16  # as recorded by a fit on another base model

@@ -80,7 +80,9 @@ def test_modules_to_save_is_named():
     trainable = _trainable(model)
     expected = sorted(set(trainable) - set(_linear_lora(trainable)))
     assert expected == ["base_model.model.lm_head.modules_to_save.default.weight"]
-    _, caught = _record(lambda: _fit(model))
+    precision, caught = _record(lambda: _fit(model))  # others="diag" (default) covers the copy
+    assert caught == [] and "lm_head.modules_to_save.weight" in precision.param_names
+    _, caught = _record(lambda: _fit(model, others="none"))
     assert len(caught) == 1
     msg = str(caught[0].message)
     assert "1 of 5 trainable tensors" in msg and "modules_to_save" in msg and repr(expected[0]) in msg
@@ -103,7 +105,7 @@ def test_many_uncovered_tensors_first_ten_and_a_count():
     for n, p in model.named_parameters():
         p.requires_grad_(True)
     assert len(unfrozen) > 10
-    _, caught = _record(lambda: _fit(model))
+    _, caught = _record(lambda: _fit(model, others="none"))
     msg = str(caught[0].message)
     assert f"{len(unfrozen)} of {len(unfrozen) + 4} trainable tensors" in msg
     listed = re.findall(r"'([^']+)'", msg.split("not modelled by the backends: ")[1].split(";")[0])
@@ -120,7 +122,7 @@ def test_fit_checks_what_the_user_trains_not_the_fitting_mode():
     assert _record(lambda: _fit(model))[1] == []
     head = model.base_model.model.lm_head.weight
     head.requires_grad_(True)
-    _, caught = _record(lambda: _fit(model))
+    _, caught = _record(lambda: _fit(model, others="none"))
     assert len(caught) == 1 and "'base_model.model.lm_head.weight'" in str(caught[0].message)
     assert head.requires_grad  # restored after the fit
 

@@ -41,7 +41,7 @@ GROUPS = [
                      "lalora.data", "lalora.capture", "lalora.capture_embedding", "lalora.quantized", "lalora.coverage", "lalora.anchor_check", "lalora.reference",
                      "lalora.batch", "lalora.sampling", "lalora.atomic_file", "lalora.checkpoint", "lalora.textdata",
                      "lalora.local_model", "lalora.allocator", "lalora.option_types", "lalora.options",
-                     "lalora.sharding"]),
+                     "lalora.sharding", "lalora.others", "lalora.pergrad"]),
     ("precision", ["lalora.fileformat", "lalora.shards", "lalora.validation", "lalora.backend", "lalora.precision"]),
     ("uses a precision", ["lalora.penalty", "lalora.compression", "lalora.fit", "lalora.fit_metadata", "lalora.regularizer",
                           "lalora.continual", "lalora.training", "lalora.integrations"]),

@@ -195,7 +195,7 @@ def test_hf_sequence_classification_batches():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 30, (4, 6), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 2, 1, 2])}
-    P = lalora.fit_precision(model, [batch], backend="diag", progress=False)
+    P = lalora.fit_precision(model, [batch], backend="diag", progress=False, others="none")  # LoRA only
     assert P.metadata["loss"] == "classification" and P.metadata["num_examples"] == 4
     params = lalora.adapters.lora_parameters(lalora.find_lora_adapters(model))
     names = [n for n in P.param_names]

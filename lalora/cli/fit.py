@@ -42,6 +42,10 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--uncovered", choices=["warn", "error", "ignore"], default="warn",
                    help="trainable tensors the precision does not cover (embedding LoRA, modules_to_save, ...): "
                         "warn naming them (default), stop with an error, or ignore them")
+    p.add_argument("--others", choices=["diag", "none"], default="diag",
+                   help="trainable tensors beside the LoRA matrices (modules_to_save, trainable tokens, DoRA magnitudes, "
+                        "biases, ...): cover them with their per-example EF diagonal (default) or leave them out "
+                        "(docs/variants.md)")
     p.add_argument("--max-batches", type=int, help="use at most this many batches")
     p.add_argument("--prior-precision", type=float, default=0.0, help="delta added to the precision (default 0)")
     p.add_argument("--skip-nonfinite", action="store_true",
@@ -102,7 +106,7 @@ def run(args) -> int:
         precision = fit_precision(model, batches, backend=args.backend, progress=not args.quiet,
                                   max_batches=args.max_batches, prior_precision=args.prior_precision,
                                   skip_nonfinite=args.skip_nonfinite, options=options, uncovered=args.uncovered,
-                                  source=source, _caller="lalora fit")
+                                  source=source, others=args.others, _caller="lalora fit")
     except BackendError as e:
         raise UsageError(f"--backend {args.backend}: {to_cli(e)}") from None
     precision.save(out)

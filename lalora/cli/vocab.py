@@ -26,7 +26,8 @@ _PHRASES = [
 ]
 # ``name=value`` -> ``FLAG value``
 _VALUE_FLAGS = {"reference": "--reference", "max_reference_params": "--max-reference-params", "init_lora_weights": "--init",
-                "form": "--form", "strength": "--strength", "prior_precision": "--prior-precision"}
+                "form": "--form", "strength": "--strength", "prior_precision": "--prior-precision",
+                "others": "--others"}
 # ``name=value`` -> a switch
 _SWITCHES = {("strict", "False"): "--non-strict", ("skip_nonfinite", "True"): "--skip-nonfinite",
              ("check_anchor", "False"): "--anchor keep"}

@@ -157,7 +157,8 @@ def _fitted_row(model, data, spec, curvature, fit: dict, device, path: Path, kee
         with MemoryMeter(device) as mem:
             t0 = time.perf_counter()
             with _quiet_zero_warning(row):
-                prec = fit_precision(model, data, backend=name, **fit, options=options)
+                # the comparison is over the LoRA matrices (its reference's parameters): no generic diagonal
+                prec = fit_precision(model, data, backend=name, **{"others": "none", **fit}, options=options)
             secs = time.perf_counter() - t0
     except Exception as e:  # one failing backend must not sink the comparison
         logger.warning("lalora compare: backend %r failed: %s", name, e)
