@@ -17,31 +17,13 @@
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from lalora.data import BatchStream
 from lalora.errors import BackendError, DataError
+from lalora.option_types import parse_bytes
 
 SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str, where: str = "option max_memory") -> int:
-    """``"40GiB"``, ``"512 MB"``, ``"1e6"`` (bytes) -> bytes; ``ValueError`` naming ``where``."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"{where}={text!r} is not a memory size: use e.g. '40GiB', '512MiB', '8GB' or a number "
-                         "of bytes")
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"{where}={text!r} must be a positive size")
-    return value
-
-
 def check_max_memory(value, where: str) -> None:
     """The ``check`` of the ``max_memory`` option (``None``: unbounded)."""
     if value is not None:

@@ -28,28 +28,12 @@ from dataclasses import asdict, dataclass, field
 from .backend import get_backend
 from .estimate_config import ModelShape, lora_layout, model_config
 from .logit_rows import CHUNK_ROWS
+from .option_types import parse_bytes
 
 __all__ = ["ShapeEstimate", "estimate_from_config", "parse_bytes"]
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40}
 _OWN_OPTIONS = ("max_memory", "shard_factors")  # modelled here (and options of kfac where it has them)
-
-
-def parse_bytes(text, where: str = "max_memory") -> int:
-    """``"40GiB"``, ``"512MB"``, ``"1e9"`` or an int -> bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    s = str(text).strip().lower().replace(" ", "")
-    num = s.rstrip("kmgtib")
-    try:
-        value = float(num) * _UNITS[s[len(num):]]
-    except (ValueError, KeyError):
-        raise ValueError(f"{where}={text!r} is not a size (e.g. 40GiB, 512MB, 1e9)") from None
-    if not value > 0:
-        raise ValueError(f"{where}={text!r} must be > 0")
-    return int(value)
 
 
 @dataclass
@@ -137,7 +121,8 @@ def _split_options(cls, options) -> tuple[object, dict]:
     options = dict(options or {})
     own = {k: options.pop(k) for k in _OWN_OPTIONS if k in options}
     accepted = set(cls.Options.accepted_names()) if hasattr(cls.Options, "accepted_names") else set()
-    options.update({k: v for k, v in own.items() if k in accepted})  # the backend checks them where it has them
+    # the backend checks them where it has them (a budget given as bytes is text to its option)
+    options.update({k: (str(v) if k == "max_memory" and isinstance(v, int) else v) for k, v in own.items() if k in accepted})
     return cls.resolve_options(options), own
 
 
@@ -160,7 +145,7 @@ def estimate_from_config(config, backend: str = "kfac", *, targets="all-linear",
     cls = get_backend(backend)
     adapters = lora_layout(shape, targets, rank, alpha)
     opts, own = _split_options(cls, options)
-    budget = None if own.get("max_memory") is None else parse_bytes(own["max_memory"])
+    budget = None if own.get("max_memory") is None else parse_bytes(own["max_memory"], "max_memory")
     share = world_size if own.get("shard_factors") else 1
     groups = _plan(cls, adapters, opts, budget)
     b = _DTYPE_BYTES[dtype]

@@ -170,19 +170,13 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     ``source``: where the source data came from (a JSON-able dict, e.g. ``SurrogateSource.provenance`` of
     ``lalora.surrogate.generate_source``), stored as ``metadata["source"]``.
     """
-    instance = _checked_backend(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered, _caller)
-    check_others_mode(others, _caller)
-    source = source_metadata(source, _caller)
+    instance, source = _checked_args(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered,
+                                     others, source, _caller)
     adapters = instance.select_adapters(find_lora_adapters(model, adapter_name))
-    check_variants(instance, adapters, _caller)
-    # what the user trains, before fitting_mode() sets requires_grad on the LoRA weights only
-    extra = named_others(model, adapters) if others == "diag" else {}
-    check_coverage(model, [*lora_parameters(adapters).values(), *extra.values()], uncovered, caller=_caller)
+    extra = _covered(model, instance, adapters, others, uncovered, _caller)
     base = base_model_of(model)
-    vocab_size, max_positions = model_limits(base)
+    sharded, stream, vocab_size = _open_stream(data, shard, max_batches, loss, adapters, progress, instance, base)
     tok_info = tokenizer_info(tokenizer, vocab_size)
-    sharded, stream = _open_stream(data, shard, max_batches, loss, adapters, progress, instance, max_positions,
-                                   vocab_size)
     anchor = {**lora_state(adapters), **{n: p.detach().float().clone() for n, p in extra.items()}}
     ctx = FitContext(model=model, adapters=adapters, stream=stream, device=adapters[0].A.device,
                      skip_nonfinite=bool(skip_nonfinite), others=extra)
@@ -191,12 +185,20 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
         checkpoint_dir, checkpoint_every, instance, ctx, anchor, loss, max_batches, skip_nonfinite)
     started = datetime.datetime.now(datetime.timezone.utc)
     with fitting_mode(model, adapters, extra.values()):
-        blocks = instance.fit(ctx)
-        blocks = [*blocks, *tap.blocks(ctx)] if tap is not None else blocks
+        blocks = [*instance.fit(ctx), *(tap.blocks(ctx) if tap is not None else [])]  # the tap's after the fit's
     metadata = fit_metadata(instance, ctx, sharded, base, started, vocab_size, tok_info, checkpointer, source)
     precision = Precision(*_owned(blocks, anchor, ctx), metadata=metadata, prior_precision=prior_precision)
     _finish(checkpointer, precision, adapters)
     return precision
+
+
+def _covered(model, instance, adapters, others: str, uncovered: str, caller: str) -> dict:
+    """The other trainable tensors the fit covers (``others="diag"``), after the variant and coverage checks; read
+    before ``fitting_mode`` sets requires_grad, so that what the user trains is what is checked."""
+    check_variants(instance, adapters, caller)
+    extra = named_others(model, adapters) if others == "diag" else {}
+    check_coverage(model, [*lora_parameters(adapters).values(), *extra.values()], uncovered, caller=caller)
+    return extra
 
 
 def _finish(checkpointer, precision: Precision, adapters) -> None:
@@ -206,13 +208,14 @@ def _finish(checkpointer, precision: Precision, adapters) -> None:
     _warn_if_zero(precision, adapters)
 
 
-def _open_stream(data, shard, max_batches, loss, adapters, progress, instance, max_positions, vocab_size):
-    """(this rank's part of ``data`` or None, the ``BatchStream`` the backend reads)."""
+def _open_stream(data, shard, max_batches, loss, adapters, progress, instance, base):
+    """(this rank's part of ``data`` or None, the ``BatchStream`` the backend reads, the model's vocabulary size)."""
+    vocab_size, max_positions = model_limits(base)
     sharded = _RankShard.wrap(data, shard, max_batches)
     stream = BatchStream(data if sharded is None else sharded, resolve_loss(loss), adapters[0].A.device,
                          progress=progress, desc=f"lalora fit [{instance.name}]", max_positions=max_positions,
                          max_batches=None if sharded else max_batches, vocab_size=vocab_size)
-    return sharded, stream
+    return sharded, stream, vocab_size
 
 
 def _owned(blocks: list, anchor: dict, ctx: FitContext) -> tuple[list, dict]:
@@ -226,16 +229,19 @@ def _owned(blocks: list, anchor: dict, ctx: FitContext) -> tuple[list, dict]:
     return ([b for b in blocks if set(b.params) <= mine], {n: t for n, t in anchor.items() if n in mine})
 
 
-def _checked_backend(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered, caller):
-    """``fit_precision``'s backend instance, after the checks of its arguments that need no model."""
+def _checked_args(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered, others, source,
+                  caller):
+    """``fit_precision``'s backend instance and source provenance, after the checks of its arguments that need no
+    model."""
     instance = make_backend(backend, options, backend_options, caller="fit_precision", caller_args=_arguments(fit_precision))
     if prior_precision < 0:
         raise ValueError(f"prior_precision must be >= 0, got {prior_precision}")
     check_uncovered_mode(uncovered, caller)
+    check_others_mode(others, caller)
     if skip_nonfinite and not instance.supports_skip_nonfinite:
         raise BackendError(f"backend {instance.name!r} does not support skip_nonfinite=True "
                            "(it does not handle skipped batches); drop the option")
-    return instance
+    return instance, source_metadata(source, caller)
 
 
 def _checkpointer(checkpoint_dir, checkpoint_every, instance, ctx: FitContext, anchor, loss, max_batches, skip_nonfinite):

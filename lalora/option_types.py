@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import enum
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -163,3 +164,23 @@ def plain(value):
 
 def show(value) -> str:
     return repr(plain(value))
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text, where: str = "option max_memory") -> int:
+    """``"40GiB"``, ``"512 MB"``, ``"1e6"`` (bytes) or an int -> bytes; ``ValueError`` naming ``where``. Memory
+    budgets (the kfac option ``max_memory``, the dry run) are read here only."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"{where}={text!r} is not a memory size: use e.g. '40GiB', '512MiB', '8GB' or a number "
+                         "of bytes")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"{where}={text!r} must be a positive size")
+    return value

@@ -21,9 +21,8 @@ def add_config_flags(p) -> None:
 def check_config_mode(args) -> bool:
     """True for a dry run from a config (its flags checked here); else the flags a real fit needs are checked."""
     if args.config is None:
-        data = args.data if getattr(args, "source_from_model", None) is None else "--source-from-model"
-        missing = [f for f, v in (("--model", args.model), ("--data (or --source-from-model N)", data), ("--out", args.out))
-                   if v is None]
+        # --data / --source-from-model: fit_source.check_source_flags
+        missing = [f for f, v in (("--model", args.model), ("--out", args.out)) if v is None]
         if missing:
             raise UsageError(f"the following arguments are required: {', '.join(missing)} "
                              "(or --dry-run --config CONFIG for an estimate from a model config alone)")
