@@ -52,7 +52,7 @@ GROUPS = [
 ]
 #: modules allowed past MAX_LINES, each with its reason (the check below fails once one is short again)
 LONG_MODULES: dict[str, str] = {
-    # 317 lines: the registry, FitContext and the 0.1 option shims (default_options/option_help dicts, options
+    # 340 lines: the registry, FitContext (with its variant and coverage flags) and the 0.1 option shims (default_options/option_help dicts, options
     # as keyword arguments) that go with the next release
     "lalora.backend": "carries lalora 0.1's option shims until they are removed (CHANGELOG, Unreleased)",
 }
