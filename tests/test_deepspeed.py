@@ -19,17 +19,16 @@ tests/test_fsdp.py (float32 sums over 2 ranks' shards in another order).
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import deepspeed  # noqa: E402,F401  (the test extra: pip install -e '.[test]'; a missing one fails, not skips)
 
 import lalora  # noqa: E402
+from spawn import run_ranks  # noqa: E402
 from numerics import F32, rel_close  # noqa: E402
 
 WORLD = 2
@@ -118,16 +117,10 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ds_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    run_ranks(_worker, out, WORLD)
     return out
 
 

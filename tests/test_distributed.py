@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lalora
 from models import token_batches
+from spawn import run_ranks
 from numerics import F32, rel_close
 
 WORLD = 2
@@ -55,12 +54,6 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _read(path):
     with safe_open(str(path), "pt") as f:
         header = json.loads(f.metadata()["lalora"])
@@ -71,7 +64,7 @@ def _read(path):
 @pytest.fixture(scope="module")
 def dist_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    run_ranks(_worker, out, WORLD)
     return out
 
 
@@ -92,7 +85,6 @@ def test_fit_precision_two_ranks_equals_one(dist_run, tmp_path):
         h.pop("checksum", None)  # over the tensor bytes, which agree to round-off only (compared above)
     assert h1 == h2
     assert h2["metadata"]["num_examples"] == 15 and h2["metadata"]["num_batches"] == 5
-
 
 
 def test_kfac_fit_two_ranks_equals_one(dist_run):

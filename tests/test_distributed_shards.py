@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lalora
 from lalora.errors import PrecisionFileError
 from models import fit_quiet, tiny_lora_llama, token_batches
+from spawn import run_ranks
 from numerics import F32, rel_diff
 
 WORLD = 2
@@ -52,16 +51,10 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def shard_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    run_ranks(_worker, out, WORLD)
     return out
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ import trl  # noqa: E402,F401  (the test extra: pip install -e '.[test]'; a miss
 
 import datasets  # noqa: E402  (installed with TRL)
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from trl import DPOConfig, GRPOConfig, SFTConfig  # noqa: E402
 
@@ -32,6 +30,7 @@ from lalora import AnchorMismatchError  # noqa: E402
 from lalora.integrations.trainer import PRECISION_FILE  # noqa: E402
 from lalora.integrations.trl import LaLoRADPOTrainer, LaLoRAGRPOTrainer, LaLoRASFTTrainer, lalora_trainer  # noqa: E402
 from models import tiny_llama  # noqa: E402
+from spawn import run_ranks  # noqa: E402
 from numerics import F32, rel_close  # noqa: E402
 from stack_helpers import (LR, STRENGTH, VOCAB, diff, expected_update, lora, make_model, max_abs,  # noqa: E402
                            perturb, recording, source_batches, token_logps, tokenizer, weights)
@@ -313,14 +312,8 @@ def _ddp_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sft_two_processes_equal_hand_computed(tmp_path):
-    mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    run_ranks(_ddp_worker, tmp_path, WORLD)
     runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     micro = [m for run in runs for m in run["recorded"]]
     assert len(micro) == WORLD * 2
