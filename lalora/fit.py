@@ -173,11 +173,10 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     instance, source = _checked_args(backend, options, backend_options, prior_precision, skip_nonfinite, uncovered,
                                      others, source, _caller)
     adapters = instance.select_adapters(find_lora_adapters(model, adapter_name))
-    extra = _covered(model, instance, adapters, others, uncovered, _caller)
+    extra, anchor = _covered(model, instance, adapters, others, uncovered, _caller)
     base = base_model_of(model)
     sharded, stream, vocab_size = _open_stream(data, shard, max_batches, loss, adapters, progress, instance, base)
     tok_info = tokenizer_info(tokenizer, vocab_size)
-    anchor = {**lora_state(adapters), **{n: p.detach().float().clone() for n, p in extra.items()}}
     ctx = FitContext(model=model, adapters=adapters, stream=stream, device=adapters[0].A.device,
                      skip_nonfinite=bool(skip_nonfinite), others=extra)
     tap = tap_others(ctx, instance, checkpoint_dir, _caller)
@@ -186,19 +185,21 @@ def fit_precision(model: nn.Module, data, backend: str | CurvatureBackend = "dia
     started = datetime.datetime.now(datetime.timezone.utc)
     with fitting_mode(model, adapters, extra.values()):
         blocks = [*instance.fit(ctx), *(tap.blocks(ctx) if tap is not None else [])]  # the tap's after the fit's
+    blocks, anchor = _owned(blocks, anchor, ctx)  # shard_factors: this rank's part (before the metadata is read)
     metadata = fit_metadata(instance, ctx, sharded, base, started, vocab_size, tok_info, checkpointer, source)
-    precision = Precision(*_owned(blocks, anchor, ctx), metadata=metadata, prior_precision=prior_precision)
+    precision = Precision(blocks, anchor, metadata=metadata, prior_precision=prior_precision)
     _finish(checkpointer, precision, adapters)
     return precision
 
 
-def _covered(model, instance, adapters, others: str, uncovered: str, caller: str) -> dict:
-    """The other trainable tensors the fit covers (``others="diag"``), after the variant and coverage checks; read
-    before ``fitting_mode`` sets requires_grad, so that what the user trains is what is checked."""
+def _covered(model, instance, adapters, others: str, uncovered: str, caller: str) -> tuple[dict, dict]:
+    """The other trainable tensors the fit covers (``others="diag"``) and the anchor (theta0) of everything covered,
+    after the variant and coverage checks; read before ``fitting_mode`` sets requires_grad, so that what the user
+    trains is what is checked."""
     check_variants(instance, adapters, caller)
     extra = named_others(model, adapters) if others == "diag" else {}
     check_coverage(model, [*lora_parameters(adapters).values(), *extra.values()], uncovered, caller=caller)
-    return extra
+    return extra, {**lora_state(adapters), **{n: p.detach().float().clone() for n, p in extra.items()}}
 
 
 def _finish(checkpointer, precision: Precision, adapters) -> None:
@@ -220,12 +221,14 @@ def _open_stream(data, shard, max_batches, loss, adapters, progress, instance, b
 
 def _owned(blocks: list, anchor: dict, ctx: FitContext) -> tuple[list, dict]:
     """The blocks this rank returns and their anchor: all of them, or with ``shard_factors`` the LoRA blocks it owns,
-    plus (on rank 0 only) the other tensors' diagonals, which every rank computes alike."""
+    plus (on rank 0 only) the other tensors' diagonals, which every rank computes alike; the owners map (the
+    sharded file's index) then names every covered tensor."""
     shard = ctx.metadata.get("factor_shard")
     if shard is None:
         return blocks, anchor
     owners = shard["owners"]
-    mine = {n for n in anchor if owners.get(n, 0) == shard["rank"]}
+    owners.update({n: 0 for n in anchor if n not in owners})  # the other tensors: rank 0
+    mine = {n for n in anchor if owners[n] == shard["rank"]}
     return ([b for b in blocks if set(b.params) <= mine], {n: t for n, t in anchor.items() if n in mine})
 
 

@@ -28,8 +28,20 @@ def _source():
     return token_batches(n_batches=5, batch_size=3, seq_len=7, seed=11)  # 5 batches: uneven shards
 
 
-def _model():
-    return tiny_lora_llama(targets=ALL_LINEAR)
+def _model(head: bool = False):
+    """All-linear LoRA; ``head``: also a trainable ``modules_to_save`` copy of lm_head, covered by the generic
+    diagonal (``others="diag"``), which every rank computes alike and rank 0's shard keeps."""
+    if not head:
+        return tiny_lora_llama(targets=ALL_LINEAR)
+    from peft import LoraConfig, get_peft_model
+
+    from models import tiny_llama
+
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=list(ALL_LINEAR), init_lora_weights="orthogonal",
+                     modules_to_save=["lm_head"])
+    base = tiny_llama(0)
+    torch.manual_seed(1)
+    return get_peft_model(base, cfg)
 
 
 def _worker(rank, port, out_dir):
@@ -44,6 +56,9 @@ def _worker(rank, port, out_dir):
             report[name] = {"num_bytes": precision.num_bytes, "blocks": len(precision.blocks),
                             "peak": precision.metadata["accumulator_peak_bytes"],
                             "passes": precision.metadata["kfac_passes"]}
+        head = fit_quiet(_model(head=True), _source(), "kfac", options=OPTIONS)
+        head.save(os.path.join(out_dir, "head.safetensors"))
+        report["head"] = sorted(head.param_names)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(report, f)
         dist.barrier()
@@ -131,3 +146,18 @@ def test_read_only_the_shards_needed(shard_run, single, monkeypatch):
     part = shards.read_sharded(shard_run / "sharded.safetensors", params=wanted)
     assert opened == ["sharded-00002-of-00002.safetensors"]
     assert set(wanted) <= set(part.anchor) and set(part.anchor) < set(single.anchor)
+
+
+def test_other_tensors_are_in_rank_0s_shard_once(shard_run):
+    """With ``others="diag"`` (a ``modules_to_save`` head) the sharded precision still covers every tensor once:
+    the LoRA blocks on their owners, the head's diagonal on rank 0, equal to the single-process fit."""
+    single = fit_quiet(_model(head=True), _source(), "kfac", options={"curvature": "ef"})
+    ranks = [json.loads((shard_run / f"rank{r}.json").read_text())["head"] for r in range(WORLD)]
+    head = "lm_head.modules_to_save.weight"
+    assert head in single.param_names and head in ranks[0] and head not in ranks[1]
+    assert sorted(ranks[0] + ranks[1]) == sorted(single.param_names)  # each tensor on exactly one rank
+    loaded = lalora.Precision.load(shard_run / "head.safetensors")
+    assert sorted(loaded.param_names) == sorted(single.param_names)
+    got, want = loaded.diagonal(), single.diagonal()
+    for n in single.param_names:  # sums over 2 ranks added in another order than one process adds them
+        assert rel_diff(got[n], want[n]) <= F32, n
