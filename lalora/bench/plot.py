@@ -41,3 +41,73 @@ def pareto_plot(report: dict, path) -> None:
 
 def _geomspace(lo: float, hi: float, n: int) -> list[float]:
     return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+
+
+def summary_pareto_plot(report: dict, path) -> None:
+    """The front of a grid report (``lalora.bench.grid``): mean over seeds with +-1 sd error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["summary"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    b = s["baseline"]
+    ax.errorbar([b["target_em"]["mean"]], [b["source_ppl"]["mean"]], xerr=[b["target_em"]["sd"]],
+                yerr=[b["source_ppl"]["sd"]], fmt="*", ms=12, color="k", label="base model", zorder=3)
+    for m in dict.fromkeys(r["method"] for r in s["rows"]):
+        rows = sorted((r for r in s["rows"] if r["method"] == m), key=lambda r: r["strength"])
+        ax.errorbar([r["target_em"]["mean"] for r in rows], [r["source_ppl"]["mean"] for r in rows],
+                    xerr=[r["target_em"]["sd"] for r in rows], yerr=[r["source_ppl"]["sd"] for r in rows],
+                    marker="o", capsize=3, label=m)
+        for r in rows:
+            if r["strength"]:
+                ax.annotate(f"{r['strength']:g}", (r["target_em"]["mean"], r["source_ppl"]["mean"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    ppl = [b["source_ppl"]["mean"]] + [r["source_ppl"]["mean"] for r in s["rows"]]
+    if max(ppl) > 2 * min(ppl):
+        ax.set_yscale("log")
+    seeds = len(report["grid"]["seeds"])
+    ax.set_xlabel("target: arithmetic exact match (higher is better)")
+    ax.set_ylabel("source: held-out perplexity (lower is better)")
+    ax.set_title(f"Learning vs forgetting, mean ± sd over {seeds} seeds (labels: strength)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fit_data_plot(report: dict, path) -> None:
+    """Source perplexity and target EM against the number of fit examples, one line per (fit data, method,
+    strength); the base model and the fit-free methods (lora, l2) as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, metric, label in ((axes[0], "source_ppl", "source: held-out perplexity (lower is better)"),
+                              (axes[1], "target_em", "target: arithmetic exact match")):
+        ax.axhline(s["baseline"][metric]["mean"], color="k", ls=":", label="base model")
+        for r in (r for r in s["rows"] if r["fit_on"] is None):
+            ax.axhline(r[metric]["mean"], color="grey", ls="--", lw=1, label=f"{r['method']} {r['strength']:g}")
+        fitted = [r for r in s["rows"] if r["fit_on"] is not None]
+        for key in dict.fromkeys((r["fit_on"], r["method"], r["strength"]) for r in fitted):
+            rows = sorted((r for r in fitted if (r["fit_on"], r["method"], r["strength"]) == key),
+                          key=lambda r: r["n_source_fit"])
+            ax.errorbar([r["n_source_fit"] for r in rows], [r[metric]["mean"] for r in rows],
+                        yerr=[r[metric]["sd"] for r in rows], marker="o", capsize=3,
+                        label=f"{key[1]} {key[2]:g}, fit on {key[0]}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("examples the precision is fitted on")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if max(r["source_ppl"]["mean"] for r in s["rows"]) > 2 * s["baseline"]["source_ppl"]["mean"]:
+        axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Which source data, and how much")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

