@@ -71,11 +71,12 @@ def row_cross_entropy(rows: Tensor, targets: Tensor, chunk: int | None = None) -
 
 
 def finite_rows(rows: Tensor, keep: Tensor, chunk: int | None = None) -> bool:
-    """True if every row of ``rows`` with ``keep`` has finite logits (a non-finite logit makes the row's
-    softmax sum NaN), read chunk by chunk."""
+    """True if every row of ``rows`` with ``keep`` has a finite softmax: no NaN, no ``+inf``, not all ``-inf``
+    (``-inf`` logits of masked tokens are fine). That is exactly "the row's maximum is finite" (``amax``
+    propagates NaN), one read of the rows in their own dtype: no float32 copy and no exponentials (a
+    softmax here cost as much as the one of the output gradients, ~2-4% of a kfac fit at a 49k vocabulary)."""
     for s, e in _chunks(rows.shape[0], chunk):
-        p = torch.softmax(rows[s:e].detach().float(), -1)
-        if not bool((torch.isfinite(p.sum(-1)) | ~keep[s:e]).all()):
+        if not bool((torch.isfinite(rows[s:e].detach().amax(-1)) | ~keep[s:e]).all()):
             return False
     return True
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from lalora import fit_precision
-from lalora.logit_rows import categorical_labels, causal_lm_loss, row_cross_entropy, row_gradients, sample_rows
+from lalora.logit_rows import (categorical_labels, causal_lm_loss, finite_rows, row_cross_entropy, row_gradients,
+                               sample_rows)
 from lalora.losses import CausalLMLoss
 from lalora.sampling import mc_generator, sample_row_targets
 from models import labelled_sequences, pad_batch, randomize_lora_B, tiny_lora_llama, token_batches
@@ -116,3 +117,18 @@ def test_trainer_loss_equals_transformers_causal_lm_loss(num_items):
     gg = torch.autograd.grad(got, params)
     assert rel_diff(got, want) <= 1e-6
     assert max(rel_diff(a, b) for a, b in zip(gg, gw)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_rows_is_exactly_a_finite_softmax(dtype):
+    """``finite_rows`` (one max per row) agrees with its definition, the softmax sum of each kept row being finite,
+    on every kind of row: finite, huge, with NaN, +inf, some -inf (masked tokens: fine), all -inf."""
+    inf, nan = float("inf"), float("nan")
+    kinds = [[0.0, 1.0, 2.0], [3e38, -3e38, 0.0], [nan, 0.0, 1.0], [inf, 0.0, 1.0], [-inf, 0.0, 1.0],
+             [-inf, -inf, -inf], [-inf, inf, 0.0]]
+    rows = torch.tensor(kinds).to(dtype)
+    for keep_bits in range(1 << len(kinds)):
+        keep = torch.tensor([bool(keep_bits >> i & 1) for i in range(len(kinds))])
+        reference = bool((torch.isfinite(torch.softmax(rows.float(), -1).sum(-1)) | ~keep).all())
+        for chunk in (1, 3, None):
+            assert finite_rows(rows, keep, chunk) == reference, (keep_bits, chunk)
