@@ -88,15 +88,19 @@ class KroneckerGroup:
     ``blocks()`` returns the blocks rebuilt on views of the stacks, so the caller can drop the
     originals (no second copy of the factors)."""
 
-    def __init__(self, blocks: list[KroneckerBlock], anchor: Mapping[str, Tensor]):
+    def __init__(self, blocks: list[KroneckerBlock], anchor: Mapping[str, Tensor], factor_dtype=None):
         first = blocks[0]
-        self._setup(type(first), [b.params for b in blocks], first.scaling, stack_factors([b.X for b in blocks]),
-                    stack_factors([b.G for b in blocks]), anchor)
+        X, G = stack_factors([b.X for b in blocks]), stack_factors([b.G for b in blocks])
+        if factor_dtype is not None:
+            X, G = X.to(dtype=factor_dtype), G.to(dtype=factor_dtype)
+        self._setup(type(first), [b.params for b in blocks], first.scaling, X, G, anchor)
 
     def _setup(self, cls, params, scaling, X, G, anchor) -> None:
         self.cls, self.params, self.scaling, self.X, self.G = cls, list(params), float(scaling), X, G
-        A0 = torch.stack([anchor[a] for a, _ in self.params]).to(X.dtype)  # (L, r, d_in)
-        B0 = torch.stack([anchor[b] for _, b in self.params]).to(X.dtype)  # (L, d_out, r)
+        # the anchor (and so theta - theta0, and every product's result) keeps its own dtype, also when the
+        # factors are stored in a lower one (factor_dtype): a bfloat16 theta0 would round away small steps
+        A0 = torch.stack([anchor[a] for a, _ in self.params])  # (L, r, d_in)
+        B0 = torch.stack([anchor[b] for _, b in self.params])  # (L, d_out, r)
         self.term = KroneckerTerm(X, G, A0, B0, self.scaling, cls.coupled)
 
     def tensors(self) -> dict[str, Tensor]:
@@ -141,7 +145,9 @@ class GroupedPrecision:
     names that are valid buffer names; ``rebuilt(tensors)`` is the same layout on other tensors of the
     same shapes (moved, cast or loaded): how ``LaLoRARegularizer`` keeps them as buffers."""
 
-    def __init__(self, precision: Precision):
+    def __init__(self, precision: Precision, factor_dtype: torch.dtype | None = None):
+        """``factor_dtype``: store the Kronecker factors in this dtype (e.g. ``torch.bfloat16``; every Kronecker
+        block is then in a group, also a single one); None keeps the precision's."""
         groups: dict[tuple, list] = {}
         rest = []
         for b in precision.blocks:
@@ -149,9 +155,10 @@ class GroupedPrecision:
                 groups.setdefault(KroneckerGroup.key(b), []).append(b)
             else:
                 rest.append(b)
-        rest += [bs[0] for bs in groups.values() if len(bs) == 1]
-        self._assemble([KroneckerGroup(bs, precision.anchor) for bs in groups.values() if len(bs) > 1], rest,
-                       precision.anchor, precision)
+        single = 0 if factor_dtype is not None else 1
+        rest += [bs[0] for bs in groups.values() if len(bs) <= single]
+        self._assemble([KroneckerGroup(bs, precision.anchor, factor_dtype) for bs in groups.values()
+                        if len(bs) > single], rest, precision.anchor, precision)
 
     def _assemble(self, groups: list[KroneckerGroup], rest: list, anchor: Mapping[str, Tensor], like: Precision) -> None:
         self.groups = groups

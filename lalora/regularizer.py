@@ -29,6 +29,8 @@ from .validation import match_to_model
 FORMS = ("linearized", "effective-weight")
 #: ``normalize=``: None (``strength`` is lambda itself) or "mean-diagonal" (lambda = strength / mean diag(P + delta I))
 NORMALIZATIONS = (None, "mean-diagonal")
+#: ``factor_dtype=``: the dtype the Kronecker factors are stored and multiplied in (docs/training.md#factor-dtype)
+FACTOR_DTYPES = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _rebuild_after_load(module: "LaLoRARegularizer", incompatible_keys) -> None:
@@ -54,6 +56,12 @@ class LaLoRARegularizer(nn.Module):
     sum vs mean, another backend's convention) give the same penalty for the same strength. ``normalize=None``
     (the default): ``strength`` is lambda. ``reg.scale`` and ``reg.raw_strength`` (lambda) tell the values.
 
+    ``factor_dtype="bfloat16"`` (or ``torch.bfloat16``/``"float16"``) stores the Kronecker factors X, G in that
+    dtype: the penalty reads each factor once per step and is memory-bound, so this halves its time where
+    the hardware multiplies bfloat16 natively (GPUs; CPUs with AMX/AVX512-BF16), at a relative error of the
+    penalty and its gradient of ~1e-3 (the factors' rounding; docs/training.md#factor-dtype). theta0,
+    ``theta - theta0`` and the anchor products stay float32. Default None: float32.
+
     Coverage (docs/concepts.md#coverage): the LoRA weights the precision covers must be trainable
     (all frozen: ``ModelMismatchError``; some frozen: a warning naming them), and every other
     parameter that requires grad is reported by ``uncovered=`` (``"warn"``: an
@@ -72,7 +80,8 @@ class LaLoRARegularizer(nn.Module):
 
     def __init__(self, model: nn.Module, precision: Precision, strength: float, *, prior_precision: float | None = None,
                  form: str = "linearized", adapter_name=None, check_anchor: bool = True, uncovered: str = "warn",
-                 normalize: str | None = None, _caller: str = "LaLoRARegularizer"):
+                 normalize: str | None = None, factor_dtype: str | torch.dtype | None = None,
+                 _caller: str = "LaLoRARegularizer"):
         super().__init__()
         if not isinstance(precision, Precision):
             raise TypeError(f"precision must be a lalora.Precision, got {type(precision).__name__}")
@@ -80,6 +89,7 @@ class LaLoRARegularizer(nn.Module):
             raise ValueError(f"form={form!r} is unknown; use one of {FORMS}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize={normalize!r} is unknown; use None or 'mean-diagonal'")
+        factor_dtype = _factor_dtype(factor_dtype)
         strength = float(strength)
         if not strength >= 0 or strength == float("inf"):
             raise ValueError(f"strength must be a finite number >= 0, got {strength}")
@@ -103,7 +113,8 @@ class LaLoRARegularizer(nn.Module):
         # equal-shaped Kronecker blocks are stacked for batched products (lalora.penalty.GroupedPrecision);
         # self.precision holds the blocks on views of the stacks. While the caller keeps the original
         # float32 precision on this device, its factors exist twice (the stacks are copies).
-        self._set_grouped(GroupedPrecision(precision.to(device, torch.float32)))
+        self._set_grouped(GroupedPrecision(precision.to(device, torch.float32), factor_dtype))
+        self.factor_dtype = factor_dtype
         self.register_load_state_dict_post_hook(_rebuild_after_load)
         self.strength = strength
         self.prior_precision = float(precision.prior_precision if prior_precision is None else prior_precision)
@@ -206,6 +217,8 @@ class LaLoRARegularizer(nn.Module):
         return linearized_quadratic(self._grouped, self.delta() if delta is None else delta)
 
     def forward(self) -> Tensor:
+        if self.raw_strength == 0 and self.sharding is None:  # nothing to compute (a 0 with a gradient path)
+            return sum(p.sum() * 0.0 for p in self._params.values())
         self._check_device()
         anchor = self.precision.anchor
         theta = self._theta()  # gathered once when the weights are sharded
@@ -230,6 +243,15 @@ class LaLoRARegularizer(nn.Module):
         norm = f", normalize={self.normalize!r} (lambda={self.raw_strength:.4g})" if self.normalize else ""
         return (f"strength={self.strength:g}{norm}, form={self.form!r}, prior_precision={self.prior_precision:g}, "
                 f"{self.precision!r}")
+
+
+def _factor_dtype(value) -> torch.dtype | None:
+    """``factor_dtype=`` as a torch dtype (None: float32, the precision's own)."""
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if value not in FACTOR_DTYPES:
+        raise ValueError(f"factor_dtype={value!r} is unknown; use one of {[k for k in FACTOR_DTYPES if k]} or None")
+    return FACTOR_DTYPES[value]
 
 
 def _active_adapters(model: nn.Module) -> list[str] | None:

@@ -97,7 +97,7 @@ class DenseFactor(Factor):
     def mm(self, V: Tensor) -> Tensor:
         # ``(V^T M)^T`` (M symmetric) instead of ``M @ V``: with MKL on CPU the thin product in this layout is
         # 1-3x faster for m = r columns (``M @ V`` with a contiguous (n, m) V is the slow case)
-        return (V.mT @ self.M).mT
+        return _in_dtype_of(V, (_as(V, self.M).mT @ self.M).mT)
 
     def diag(self) -> Tensor:
         return torch.diagonal(self.M, dim1=-2, dim2=-1)
@@ -137,7 +137,8 @@ class LowRankDiagFactor(Factor):
         return int(self.U.shape[-1])
 
     def mm(self, V: Tensor) -> Tensor:
-        return self.U @ (self.s[..., :, None] * (self.U.mT @ V)) + self.d[..., :, None] * V
+        W = _as(V, self.U)
+        return _in_dtype_of(V, self.U @ (self.s[..., :, None] * (self.U.mT @ W)) + self.d[..., :, None] * W)
 
     def diag(self) -> Tensor:
         return (self.U.square() * self.s[..., None, :]).sum(-1) + self.d
@@ -168,6 +169,16 @@ class LowRankDiagFactor(Factor):
                              f"expected U({n}, k), s(k,), d({n},)")
         if bool((s < 0).any()) or bool((d < 0).any()):
             raise ValueError(f"{where} has negative eigen/diagonal values (not PSD)")
+
+
+def _as(V: Tensor, like: Tensor) -> Tensor:
+    """``V`` in the factor's dtype: a factor stored in a lower precision (``LaLoRARegularizer(factor_dtype=)``)
+    is multiplied in its own dtype (float32 accumulation in the GEMM), the result returned in ``V``'s."""
+    return V if V.dtype == like.dtype else V.to(like.dtype)
+
+
+def _in_dtype_of(V: Tensor, out: Tensor) -> Tensor:
+    return out if out.dtype == V.dtype else out.to(V.dtype)
 
 
 def diagonal_factor(d: Tensor) -> LowRankDiagFactor:

@@ -35,8 +35,11 @@ class KroneckerTerm:
         self.X, self.G, self.A0, self.B0 = X, G, A0, B0
         self.scaling, self.coupled = float(scaling), bool(coupled)
         with torch.no_grad():
-            self.GB0 = G.mm(B0)  # (.., d_out, r)
-            self.XA0t = X.mm(A0.mT)  # (.., d_in, r)
+            # in the anchor's dtype: factors stored in a lower precision (``factor_dtype``) are upcast for these
+            # once-per-term products, so they are exact products of the stored (rounded) factors
+            Gw, Xw = (F if F.dtype == A0.dtype else F.to(dtype=A0.dtype) for F in (G, X))
+            self.GB0 = Gw.mm(B0)  # (.., d_out, r)
+            self.XA0t = Xw.mm(A0.mT)  # (.., d_in, r)
             self.A0X = self.XA0t.mT.contiguous()  # (.., r, d_in): the layout the coupled matvec concatenates in
             self.BGB = B0.mT @ self.GB0  # (.., r, r)
             self.AXA = A0 @ self.XA0t  # (.., r, r)

@@ -84,6 +84,8 @@ class LaLoRATrainerMixin(CheckpointMixin):
     unless the LoRA weights equal theta0; "reset": copy theta0 into them; "ignore") and ``uncovered=``
     ("warn", "error" or "ignore": trainable tensors the precision does not cover, docs/concepts.md#coverage),
     ``normalize=`` (None: ``strength`` is lambda; "mean-diagonal": multiples of the precision's mean diagonal),
+    ``factor_dtype=`` (None: float32; "bfloat16": Kronecker factors stored in bfloat16, a faster penalty at
+    ~1e-3 relative error, docs/training.md#factor-dtype),
     ``source_eval_dataset=`` and ``source_eval_steps=`` (log the held-out source loss as ``source_loss`` every
     that many optimizer steps; default: ``logging_steps``).
 
@@ -96,7 +98,7 @@ class LaLoRATrainerMixin(CheckpointMixin):
     def __init__(self, *args, precision: Precision | str | os.PathLike | None = None, strength: float | None = None,
                  prior_precision: float | None = None, form: str = "linearized", adapter_name=None,
                  anchor: str = "check", uncovered: str = "warn", source_data=None, backend: str = "diag",
-                 fit_options: dict | None = None, normalize: str | None = None, source_eval_dataset=None,
+                 fit_options: dict | None = None, normalize: str | None = None, factor_dtype=None, source_eval_dataset=None,
                  source_eval_steps: int | None = None, **kwargs):
         name = type(self).__name__
         if normalize not in (None, "mean-diagonal"):
@@ -119,7 +121,7 @@ class LaLoRATrainerMixin(CheckpointMixin):
         super().__init__(*args, **kwargs)
         self._lalora_launcher = launcher_of(self)
         self._lalora_options = {"prior_precision": prior_precision, "form": form, "adapter_name": adapter_name,
-                                "uncovered": uncovered, "normalize": normalize}
+                                "uncovered": uncovered, "normalize": normalize, "factor_dtype": factor_dtype}
         self.source_eval_history: list[dict] = []
         if source_eval_dataset is not None:
             self.add_callback(SourceEvalCallback(self, source_eval_dataset, source_eval_steps))
@@ -153,7 +155,8 @@ class LaLoRATrainerMixin(CheckpointMixin):
                                              form=opts["form"], adapter_name=opts["adapter_name"],
                                              check_anchor=False,
                                              uncovered=opts["uncovered"] if uncovered is None else uncovered,
-                                             normalize=opts["normalize"], _caller=type(self).__name__)
+                                             normalize=opts["normalize"], factor_dtype=opts["factor_dtype"],
+                                             _caller=type(self).__name__)
         if check_anchor:
             self.regularizer.check_anchor(context=self._anchor_context())
 
