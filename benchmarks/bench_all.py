@@ -135,7 +135,13 @@ def bench_llm(name, cfg, args):
             "kfac": lalora.LaLoRARegularizer(model, precisions["kfac mc"], strength=1.0),
             "tri-kfac": lalora.LaLoRARegularizer(model, precisions["tri-kfac"], strength=1.0),
             "effective-weight": lalora.LaLoRARegularizer(model, precisions["tri-kfac"], strength=1.0,
-                                                         form="effective-weight")}
+                                                         form="effective-weight"),
+            # the same with the factors stored in bfloat16 (factor_dtype, docs/training.md#factor-dtype)
+            "kfac bf16": lalora.LaLoRARegularizer(model, precisions["kfac mc"], strength=1.0, factor_dtype="bfloat16"),
+            "tri-kfac bf16": lalora.LaLoRARegularizer(model, precisions["tri-kfac"], strength=1.0,
+                                                      factor_dtype="bfloat16"),
+            "effective-weight bf16": lalora.LaLoRARegularizer(model, precisions["tri-kfac"], strength=1.0,
+                                                              form="effective-weight", factor_dtype="bfloat16")}
     with torch.no_grad():  # move away from the anchor so no form is trivially zero
         for p in params:
             p.add_(1e-3 * torch.randn_like(p))
