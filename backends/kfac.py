@@ -121,9 +121,11 @@ class KFACBackend(CurvatureBackend):
     @classmethod
     def accumulator_bytes(cls, adapters, options) -> int:
         """Upper bound of the factor sums held while fitting: running sums (``sum_dtype``: 8 or 4 bytes per
-        factor entry) and the float32 window sums (at most 4)."""
+        factor entry) and the float32 window sums (at most 4), and each adapter's token count T (one scalar
+        in ``sum_dtype``)."""
         running = SUM_DTYPES[options["sum_dtype"]].itemsize
-        return (running + 4) * sum(math.prod(input_sum_shape(a)) + a.B.shape[0] ** 2 for a in adapters)
+        return ((running + 4) * sum(math.prod(input_sum_shape(a)) + a.B.shape[0] ** 2 for a in adapters)
+                + running * len(adapters))
 
     def __init__(self, options=None, /, **kwargs):
         super().__init__(options, **kwargs)

@@ -21,7 +21,7 @@ import torch
 
 from lalora.data import BatchStream
 from lalora.errors import BackendError, DataError
-from lalora.option_types import parse_bytes
+from lalora.option_types import parse_bytes, plan_groups as consecutive_groups
 
 SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 def check_max_memory(value, where: str) -> None:
@@ -32,26 +32,20 @@ def check_max_memory(value, where: str) -> None:
 
 def plan_groups(backend, adapters) -> list[list]:
     """Consecutive groups of ``adapters`` whose factor sums (``accumulator_bytes``) each fit ``max_memory``;
-    one group when unbounded or when everything fits."""
+    one group when unbounded or when everything fits (``lalora.estimate_memory.plan_groups``, which the
+    ``--dry-run`` estimate uses too)."""
     text = backend.options["max_memory"]
     if text is None:
         return [list(adapters)]
     budget = parse_bytes(text)
     cls, opts = type(backend), backend.options
-    groups, used = [[]], 0
+    need = lambda a: cls.accumulator_bytes([a], opts)  # noqa: E731
     for a in adapters:
-        # the factor sums, and the token count T (one scalar in sum_dtype, which accumulator_bytes leaves out)
-        need = cls.accumulator_bytes([a], opts) + SUM_DTYPES[opts["sum_dtype"]].itemsize
-        if need > budget:
+        if need(a) > budget:
             raise BackendError(f"max_memory={text!r} ({budget:,} bytes) is below the factor sums of adapter {a.key!r} "
-                               f"alone ({need:,} bytes, sum_dtype={opts['sum_dtype']}): raise max_memory to at least "
-                               f"{need:,} bytes, or use sum_dtype='float32'")
-        if groups[-1] and used + need > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(a)
-        used += need
-    return groups
+                               f"alone ({need(a):,} bytes, sum_dtype={opts['sum_dtype']}): raise max_memory to at least "
+                               f"{need(a):,} bytes, or use sum_dtype='float32'")
+    return consecutive_groups(adapters, need, budget)
 
 
 def _one_shot(data) -> bool:

@@ -77,21 +77,14 @@ class ShapeEstimate:
 
 
 def _plan(cls, adapters, opts, budget: int | None) -> list[list]:
-    """Consecutive groups of adapters whose factor sums each fit ``budget`` (one group without a budget)."""
-    if budget is None:
-        return [adapters]
-    groups, current, used = [], [], 0
-    for a in adapters:
-        need = cls.accumulator_bytes([a], opts)
-        if need > budget:
+    need = lambda a: cls.accumulator_bytes([a], opts)  # noqa: E731
+    for a in adapters if budget is not None else ():
+        if need(a) > budget:
             raise ValueError(f"max_memory={budget:,} bytes is below the factor sums of adapter {a.key!r} alone "
-                             f"({need:,} bytes): raise max_memory")
-        if current and used + need > budget:
-            groups.append(current)
-            current, used = [], 0
-        current.append(a)
-        used += need
-    return groups + [current]
+                             f"({need(a):,} bytes): raise max_memory")
+    from .option_types import plan_groups
+
+    return plan_groups(adapters, need, budget)
 
 
 def _shared_input_bytes(cls, adapters, opts) -> int:

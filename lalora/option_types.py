@@ -184,3 +184,21 @@ def parse_bytes(text, where: str = "option max_memory") -> int:
     if value <= 0:
         raise ValueError(f"{where}={text!r} must be a positive size")
     return value
+
+
+def plan_groups(adapters, need, budget: int | None) -> list[list]:
+    """Consecutive groups of ``adapters`` whose ``need(adapter)`` bytes sum to at most ``budget`` each (one group
+    without a budget): the passes of a ``max_memory`` fit (``backends/kfac_passes.py``) and of its estimate
+    (``lalora.estimate_memory``).
+    The caller checks first that every single adapter fits (its own error message)."""
+    if budget is None:
+        return [list(adapters)]
+    groups, used = [[]], 0
+    for a in adapters:
+        n = need(a)
+        if groups[-1] and used + n > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(a)
+        used += n
+    return groups
