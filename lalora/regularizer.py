@@ -30,7 +30,7 @@ FORMS = ("linearized", "effective-weight")
 #: ``normalize=``: None (``strength`` is lambda itself) or "mean-diagonal" (lambda = strength / mean diag(P + delta I))
 NORMALIZATIONS = (None, "mean-diagonal")
 #: ``factor_dtype=``: the dtype the Kronecker factors are stored and multiplied in (docs/training.md#factor-dtype)
-FACTOR_DTYPES = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FACTOR_DTYPES = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 def _rebuild_after_load(module: "LaLoRARegularizer", incompatible_keys) -> None:
@@ -59,8 +59,10 @@ class LaLoRARegularizer(nn.Module):
     ``factor_dtype="bfloat16"`` (or ``torch.bfloat16``/``"float16"``) stores the Kronecker factors X, G in that
     dtype: the penalty reads each factor once per step and is memory-bound, so this halves its time where
     the hardware multiplies bfloat16 natively (GPUs; CPUs with AMX/AVX512-BF16), at a relative error of the
-    penalty and its gradient of ~1e-3 (the factors' rounding; docs/training.md#factor-dtype). theta0,
-    ``theta - theta0`` and the anchor products stay float32. Default None: float32.
+    penalty and its gradient of ~2e-3-1e-2 (the factors' rounding; docs/training.md#factor-dtype). theta0,
+    ``theta - theta0`` and the anchor products stay float32. ``"auto"`` (the default): the LoRA weights'
+    dtype when they are bfloat16 or float16 (their gradient is rounded to it anyway), else float32;
+    None or ``"float32"``: float32.
 
     Coverage (docs/concepts.md#coverage): the LoRA weights the precision covers must be trainable
     (all frozen: ``ModelMismatchError``; some frozen: a warning naming them), and every other
@@ -80,7 +82,7 @@ class LaLoRARegularizer(nn.Module):
 
     def __init__(self, model: nn.Module, precision: Precision, strength: float, *, prior_precision: float | None = None,
                  form: str = "linearized", adapter_name=None, check_anchor: bool = True, uncovered: str = "warn",
-                 normalize: str | None = None, factor_dtype: str | torch.dtype | None = None,
+                 normalize: str | None = None, factor_dtype: str | torch.dtype | None = "auto",
                  _caller: str = "LaLoRARegularizer"):
         super().__init__()
         if not isinstance(precision, Precision):
@@ -113,6 +115,9 @@ class LaLoRARegularizer(nn.Module):
         # equal-shaped Kronecker blocks are stacked for batched products (lalora.penalty.GroupedPrecision);
         # self.precision holds the blocks on views of the stacks. While the caller keeps the original
         # float32 precision on this device, its factors exist twice (the stacks are copies).
+        if factor_dtype == "auto":  # the LoRA weights' dtype where it is a 16-bit float (the gradient's rounding)
+            low = {p.dtype for p in params.values()} & {torch.bfloat16, torch.float16}
+            factor_dtype = low.pop() if len(low) == 1 and len({p.dtype for p in params.values()}) == 1 else None
         self._set_grouped(GroupedPrecision(precision.to(device, torch.float32), factor_dtype))
         self.factor_dtype = factor_dtype
         self.register_load_state_dict_post_hook(_rebuild_after_load)

@@ -118,3 +118,20 @@ def test_trainer_passes_factor_dtype(tmp_path):
     assert trainer.regularizer.factor_dtype == torch.bfloat16
     assert {t.dtype for k, t in trainer.regularizer.named_buffers() if "_X" in k} == {torch.bfloat16}
     trainer.train()  # a step with the bfloat16 factors
+
+
+@pytest.mark.parametrize("lora_dtype, want", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_auto_follows_the_lora_weights_dtype(lora_dtype, want):
+    """The default ``factor_dtype="auto"``: bfloat16 LoRA weights (``autocast_adapter_dtype=False``) get bfloat16
+    factors, peft's default float32 LoRA weights float32 ones; an explicit "float32" overrides."""
+    from peft import LoraConfig, get_peft_model
+
+    from models import tiny_llama
+
+    base = tiny_llama(0, dtype=lora_dtype)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights="orthogonal"), autocast_adapter_dtype=False)
+    P = fit_quiet(model, token_batches(), "kfac")
+    factors = lambda reg: {t.dtype for k, t in reg.named_buffers() if "_X" in k or "_G" in k}  # noqa: E731
+    assert factors(LaLoRARegularizer(model, P, strength=1.0)) == {want}
+    assert factors(LaLoRARegularizer(model, P, strength=1.0, factor_dtype="float32")) == {torch.float32}

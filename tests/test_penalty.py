@@ -203,7 +203,9 @@ def test_regularizer_penalty_and_grad(kind, form, dtype, b_zero):
     assert all(ad.A.dtype == dtype for ad in ads)
     P = _precision(kind, _adapter_shapes(model), seed=3, prior_precision=0.25)
     lam = 3.0
-    reg = lalora.LaLoRARegularizer(model, P, strength=lam, form=form)
+    # float32 factors also for bfloat16 LoRA weights (factor_dtype="auto" would store them in bfloat16: that path
+    # is tested against its own reference in test_factor_dtype.py); here the float32 math is checked
+    reg = lalora.LaLoRARegularizer(model, P, strength=lam, form=form, factor_dtype="float32")
     assert reg.prior_precision == 0.25
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -223,7 +225,7 @@ def test_regularizer_penalty_and_grad(kind, form, dtype, b_zero):
     assert rel(pen, ref) <= TOL
     assert rel(got, want) <= (TOL if dtype == torch.float32 else BF16_TOL)
     # strength scales penalty and gradient linearly; strength 0 gives exactly zero
-    reg2 = lalora.LaLoRARegularizer(model, P, strength=2 * lam, form=form, check_anchor=False)
+    reg2 = lalora.LaLoRARegularizer(model, P, strength=2 * lam, form=form, check_anchor=False, factor_dtype="float32")
     pen2 = reg2()
     grads2 = torch.autograd.grad(pen2, params)
     assert rel(pen2, 2 * pen) <= TOL

@@ -51,9 +51,10 @@ def add_parser(sub, fmt) -> None:
                    help="none (default): --strength is lambda; mean-diagonal: lambda = strength / mean diagonal of "
                         "the precision (+ prior), comparable across backends")
     p.add_argument("--form", default="linearized", choices=["linearized", "effective-weight"], help="penalty form")
-    p.add_argument("--factor-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the Kronecker factors are stored and multiplied in: bfloat16 halves the penalty's "
-                        "memory traffic (~1e-3 relative error; docs/training.md#factor-dtype)")
+    p.add_argument("--factor-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the Kronecker factors are stored and multiplied in: auto (default) = the LoRA "
+                        "weights' dtype if 16-bit, else float32; bfloat16 halves the penalty's memory traffic "
+                        "(~2e-3-1e-2 relative error; docs/training.md#factor-dtype)")
     p.add_argument("--anchor", choices=ANCHOR_MODES,
                    help="where training starts (the penalty always pulls towards the precision's theta0): keep: the "
                         "loaded weights (default with --adapter), reset: theta0 (default without), check: refuse "
@@ -107,7 +108,7 @@ def _regularizer(model, precision, args, caller="lalora finetune"):
             precision = match_to_model(precision, model, strict=False)
         return LaLoRARegularizer(model, precision, strength=args.strength, form=args.form,
                                  prior_precision=args.prior_precision, check_anchor=False, uncovered=args.uncovered,
-                                 normalize=normalization(args), factor_dtype=getattr(args, "factor_dtype", None),
+                                 normalize=normalization(args), factor_dtype=getattr(args, "factor_dtype", "auto"),
                                  _caller=caller)
     except (ModelMismatchError, BackendError, ValueError) as e:
         raise UsageError(f"--precision {args.precision} does not fit this model/LoRA setup: {to_cli(e)}") from None

@@ -84,8 +84,9 @@ class LaLoRATrainerMixin(CheckpointMixin):
     unless the LoRA weights equal theta0; "reset": copy theta0 into them; "ignore") and ``uncovered=``
     ("warn", "error" or "ignore": trainable tensors the precision does not cover, docs/concepts.md#coverage),
     ``normalize=`` (None: ``strength`` is lambda; "mean-diagonal": multiples of the precision's mean diagonal),
-    ``factor_dtype=`` (None: float32; "bfloat16": Kronecker factors stored in bfloat16, a faster penalty at
-    ~1e-3 relative error, docs/training.md#factor-dtype),
+    ``factor_dtype=`` ("auto", the default: the LoRA weights' dtype if it is bfloat16/float16, else float32;
+    "bfloat16": Kronecker factors stored in bfloat16, a faster penalty at ~2e-3-1e-2 relative error;
+    docs/training.md#factor-dtype),
     ``source_eval_dataset=`` and ``source_eval_steps=`` (log the held-out source loss as ``source_loss`` every
     that many optimizer steps; default: ``logging_steps``).
 
@@ -98,7 +99,7 @@ class LaLoRATrainerMixin(CheckpointMixin):
     def __init__(self, *args, precision: Precision | str | os.PathLike | None = None, strength: float | None = None,
                  prior_precision: float | None = None, form: str = "linearized", adapter_name=None,
                  anchor: str = "check", uncovered: str = "warn", source_data=None, backend: str = "diag",
-                 fit_options: dict | None = None, normalize: str | None = None, factor_dtype=None, source_eval_dataset=None,
+                 fit_options: dict | None = None, normalize: str | None = None, factor_dtype="auto", source_eval_dataset=None,
                  source_eval_steps: int | None = None, **kwargs):
         name = type(self).__name__
         if normalize not in (None, "mean-diagonal"):
