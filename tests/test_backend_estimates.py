@@ -31,7 +31,8 @@ def old_accumulator_bytes(adapters, backend, options):
     if backend not in ("kfac", "tri-kfac"):
         return None
     running = 4 if options.get("sum_dtype") == "float32" else 8
-    return (running + 4) * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters)
+    # running + float32 window sums of X (d_in^2) and G (d_out^2), and one token count T per adapter (running)
+    return (running + 4) * sum(a.A.shape[1] ** 2 + a.B.shape[0] ** 2 for a in adapters) + running * len(adapters)
 
 
 def _fit(model, data, backend, options, **kw):
