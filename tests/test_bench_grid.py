@@ -86,7 +86,7 @@ def test_summary_and_paired_statistics_match_a_direct_computation(grid_report):
 
 def test_format_and_plots(grid_report, tmp_path):
     text = format_grid(grid_report)
-    assert text.startswith("## Summary") and "| source | 8 | diag | 1 |" in text and "±" in text
+    assert text.startswith("## Summary") and "| source | 8 | diag | 1 |" in text and "±" in text and "nats" in text
     assert text.count("## seed ") == len(grid_report["cells"])
     summary_pareto_plot(grid_report, tmp_path / "p.png")
     fit_data_plot(grid_report, tmp_path / "f.png")

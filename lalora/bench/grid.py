@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .run import BenchConfig, run_benchmark
 
 FIT_FREE = ("lora", "l2")       # methods whose runs do not depend on the fit data
-METRICS = ("target_em", "source_ppl", "source_acc")
+METRICS = ("target_em", "source_ppl", "source_nats", "source_acc")
 # two-sided 95% Student t quantiles by degrees of freedom (n seeds - 1); scipy is not a dependency
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -67,9 +67,14 @@ def _cell_notes(cells: list[dict]) -> list[str]:
 
 
 def _rows(cells: list[dict]):
-    """``(key, seed, row)`` per training run; key = (fit_on, n_source_fit, method, strength)."""
+    """``(key, seed, row)`` per training run; key = (fit_on, n_source_fit, method, strength). Each row gains
+    ``source_nats``, the source-loss increase over the base model on the same seed's evaluation texts,
+    ``ln(ppl / base ppl)``: the seeds evaluate different texts (base perplexity 88-104), so the increase
+    varies much less over seeds than the perplexity itself."""
     for c in cells:
+        base = c["baseline"]["source_ppl"]
         for r in c["results"]:
+            r = dict(r, source_nats=math.log(r["source_ppl"] / base))
             free = r["method"] in FIT_FREE
             yield (None if free else c["fit_on"], None if free else c["n_source_fit"], r["method"], r["strength"]), \
                 c["seed"], r
@@ -89,7 +94,7 @@ def summarize(cells: list[dict]) -> dict:
     groups: dict[tuple, list[dict]] = {}
     for key, _seed, r in _rows(cells):
         groups.setdefault(key, []).append(r)
-    baselines = list({c["seed"]: c["baseline"] for c in cells}.values())
+    baselines = [dict(b, source_nats=0.0) for b in {c["seed"]: c["baseline"] for c in cells}.values()]
     out = {"baseline": _metric_stats(baselines), "rows": []}
     for (fit_on, n, method, strength), rs in groups.items():
         out["rows"].append({"fit_on": fit_on, "n_source_fit": n, "method": method, "strength": strength,
@@ -118,7 +123,7 @@ def paired(cells: list[dict]) -> list[dict]:
             if len(seeds) < 2:
                 continue
             row = {"a": _label(ka), "b": _label(kb), "seeds": len(seeds)}
-            for m in ("source_ppl", "target_em"):
+            for m in ("source_ppl", "source_nats", "target_em"):
                 s = _stats([by[ka][sd][m] - by[kb][sd][m] for sd in seeds])
                 row[m] = s | {"beyond_noise": bool(s["sd"] > 0 and abs(s["mean"]) > s["ci95"])}
             out.append(row)

@@ -18,17 +18,18 @@ def format_summary(report: dict) -> str:
     g, s = report["grid"], report["summary"]
     fit_cols = len(g["fit_on"]) > 1 or len(g["n_source_fit"]) > 1
     head = (["fit data", "n fit"] if fit_cols else []) + ["method", "strength", "target EM", "source ppl",
-                                                          "source token acc", "seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (2 if fit_cols else 0) + "---|---:|---:|---:|---:|---:|"]
+                                                          "source loss increase (nats)", "source token acc", "seeds"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---|" * (2 if fit_cols else 0) + "---|---:|---:|---:|---:|---:|---:|"]
     b = s["baseline"]
     base = (["-", "-"] if fit_cols else []) + ["base model", "-", _cell(b.get("target_em"), 3),
-                                                _cell(b.get("source_ppl"), 2), _cell(b.get("source_acc"), 4),
+                                                _cell(b.get("source_ppl"), 2), "0", _cell(b.get("source_acc"), 4),
                                                 str(b["source_ppl"]["n"])]
     lines.append("| " + " | ".join(base) + " |")
     for r in s["rows"]:
         fit = [r["fit_on"] or "-", "-" if r["n_source_fit"] is None else str(r["n_source_fit"])] if fit_cols else []
         cols = fit + [r["method"], f"{r['strength']:g}", _cell(r.get("target_em"), 3), _cell(r.get("source_ppl"), 2),
-                      _cell(r.get("source_acc"), 4), str(r["seeds"])]
+                      _cell(r.get("source_nats"), 3), _cell(r.get("source_acc"), 4), str(r["seeds"])]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
@@ -38,12 +39,13 @@ def format_paired(report: dict) -> str:
     rows = report["paired"]
     if not rows:
         return ""
-    lines = ["| a | b | seeds | source ppl a - b | 95% | target EM a - b | 95% |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| a | b | seeds | source ppl a - b | source nats a - b | 95% | target EM a - b | 95% |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        p, e = r["source_ppl"], r["target_em"]
+        p, n, e = r["source_ppl"], r["source_nats"], r["target_em"]
         lines.append(f"| {r['a']} | {r['b']} | {r['seeds']} | {p['mean']:+.2f} ± {p['sd']:.2f} | "
-                     f"±{p['ci95']:.2f}{' *' if p['beyond_noise'] else ''} | {e['mean']:+.3f} ± {e['sd']:.3f} | "
-                     f"±{e['ci95']:.3f}{' *' if e['beyond_noise'] else ''} |")
+                     f"{n['mean']:+.4f} ± {n['sd']:.4f} | ±{n['ci95']:.4f}{' *' if n['beyond_noise'] else ''} | "
+                     f"{e['mean']:+.3f} ± {e['sd']:.3f} | ±{e['ci95']:.3f}{' *' if e['beyond_noise'] else ''} |")
     return "\n".join(lines)
 
 

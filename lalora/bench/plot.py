@@ -44,7 +44,9 @@ def _geomspace(lo: float, hi: float, n: int) -> list[float]:
 
 
 def summary_pareto_plot(report: dict, path) -> None:
-    """The front of a grid report (``lalora.bench.grid``): mean over seeds with +-1 sd error bars."""
+    """The front of a grid report (``lalora.bench.grid``): mean over seeds with +-1 sd error bars; y is the
+    source-loss increase over the base model in nats (``ln(ppl / base ppl)`` per seed: the seeds evaluate
+    different texts, so the perplexities themselves spread far more)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,24 +55,24 @@ def summary_pareto_plot(report: dict, path) -> None:
     s = report["summary"]
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     b = s["baseline"]
-    ax.errorbar([b["target_em"]["mean"]], [b["source_ppl"]["mean"]], xerr=[b["target_em"]["sd"]],
-                yerr=[b["source_ppl"]["sd"]], fmt="*", ms=12, color="k", label="base model", zorder=3)
+    ax.errorbar([b["target_em"]["mean"]], [0.0], xerr=[b["target_em"]["sd"]], fmt="*", ms=12, color="k",
+                label="base model", zorder=3)
     for m in dict.fromkeys(r["method"] for r in s["rows"]):
         rows = sorted((r for r in s["rows"] if r["method"] == m), key=lambda r: r["strength"])
-        ax.errorbar([r["target_em"]["mean"] for r in rows], [r["source_ppl"]["mean"] for r in rows],
-                    xerr=[r["target_em"]["sd"] for r in rows], yerr=[r["source_ppl"]["sd"] for r in rows],
+        ax.errorbar([r["target_em"]["mean"] for r in rows], [r["source_nats"]["mean"] for r in rows],
+                    xerr=[r["target_em"]["sd"] for r in rows], yerr=[r["source_nats"]["sd"] for r in rows],
                     marker="o", capsize=3, label=m)
         for r in rows:
             if r["strength"]:
-                ax.annotate(f"{r['strength']:g}", (r["target_em"]["mean"], r["source_ppl"]["mean"]), fontsize=7,
+                ax.annotate(f"{r['strength']:g}", (r["target_em"]["mean"], r["source_nats"]["mean"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
-    ppl = [b["source_ppl"]["mean"]] + [r["source_ppl"]["mean"] for r in s["rows"]]
-    if max(ppl) > 2 * min(ppl):
-        ax.set_yscale("log")
-    seeds = len(report["grid"]["seeds"])
+    nats = [r["source_nats"]["mean"] for r in s["rows"]]
+    if max(nats) > 0 and max(nats) > 20 * sorted(nats)[len(nats) // 2]:  # plain LoRA far above the rest
+        ax.set_yscale("symlog", linthresh=0.01)
+    seeds = b["target_em"]["n"]  # the seeds measured so far (a partial report has fewer than the grid)
     ax.set_xlabel("target: arithmetic exact match (higher is better)")
-    ax.set_ylabel("source: held-out perplexity (lower is better)")
-    ax.set_title(f"Learning vs forgetting, mean ± sd over {seeds} seeds (labels: strength)")
+    ax.set_ylabel("source-loss increase, nats (lower is better)")
+    ax.set_title(f"Learning vs forgetting, mean ± sd over {seeds} seeds (labels: strength)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -88,7 +90,7 @@ def fit_data_plot(report: dict, path) -> None:
 
     s = report["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for ax, metric, label in ((axes[0], "source_ppl", "source: held-out perplexity (lower is better)"),
+    for ax, metric, label in ((axes[0], "source_nats", "source-loss increase, nats (lower is better)"),
                               (axes[1], "target_em", "target: arithmetic exact match")):
         ax.axhline(s["baseline"][metric]["mean"], color="k", ls=":", label="base model")
         for r in (r for r in s["rows"] if r["fit_on"] is None):
@@ -104,8 +106,8 @@ def fit_data_plot(report: dict, path) -> None:
         ax.set_xlabel("examples the precision is fitted on")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    if max(r["source_ppl"]["mean"] for r in s["rows"]) > 2 * s["baseline"]["source_ppl"]["mean"]:
-        axes[0].set_yscale("log")
+    if max(r["source_nats"]["mean"] for r in s["rows"]) > 0.5:  # plain LoRA far above the penalized runs
+        axes[0].set_yscale("symlog", linthresh=0.01)
     axes[1].legend(fontsize=7)
     fig.suptitle("Which source data, and how much")
     fig.tight_layout()
