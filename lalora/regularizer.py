@@ -26,7 +26,7 @@ from .precision import Precision
 from .sharding import FSDP1_REFUSAL, copy_full_, full_value, gathered, sharding_of
 from .validation import match_to_model
 
-FORMS = ("linearized", "effective-weight")
+FORMS = ("auto", "linearized", "effective-weight")
 #: ``normalize=``: None (``strength`` is lambda itself) or "mean-diagonal" (lambda = strength / mean diag(P + delta I))
 NORMALIZATIONS = (None, "mean-diagonal")
 #: ``factor_dtype=``: the dtype the Kronecker factors are stored and multiplied in (docs/training.md#factor-dtype)
@@ -43,7 +43,10 @@ class LaLoRARegularizer(nn.Module):
     buffers after ``reg.to(dtype)``).
 
     ``strength`` is lambda; ``prior_precision`` (delta) overrides the one stored in the
-    precision. ``form="linearized"`` uses ``d = theta - theta0``; ``form="effective-weight"``
+    precision. ``form="auto"`` (the default) is ``"effective-weight"`` when every block of the precision has
+    that form (``kfac``, ``tri-kfac``) and ``"linearized"`` otherwise (``reg.form`` says which; the evidence
+    for this default: docs/benchmark.md#the-default-form). ``form="linearized"`` (the paper's) uses
+    ``d = theta - theta0``; ``form="effective-weight"``
     (Kronecker precisions) uses the exact ``Delta = s (B A - B0 A0)``. The model's LoRA weights
     must be at the precision's anchor when the regularizer is built (``check_anchor``), since
     a precision is only meaningful around the point it was fitted at; ``reset_to_anchor()``
@@ -81,7 +84,7 @@ class LaLoRARegularizer(nn.Module):
     """
 
     def __init__(self, model: nn.Module, precision: Precision, strength: float, *, prior_precision: float | None = None,
-                 form: str = "linearized", adapter_name=None, check_anchor: bool = True, uncovered: str = "warn",
+                 form: str = "auto", adapter_name=None, check_anchor: bool = True, uncovered: str = "warn",
                  normalize: str | None = None, factor_dtype: str | torch.dtype | None = "auto",
                  _caller: str = "LaLoRARegularizer"):
         super().__init__()
@@ -125,6 +128,8 @@ class LaLoRARegularizer(nn.Module):
         self.prior_precision = float(precision.prior_precision if prior_precision is None else prior_precision)
         if self.prior_precision < 0:
             raise ValueError(f"prior_precision must be >= 0, got {self.prior_precision}")
+        if form == "auto":  # docs/benchmark.md#the-default-form: effective-weight wherever every block has it
+            form = "effective-weight" if all(b.supports_effective_weight for b in self.precision.blocks) else "linearized"
         self.form = form
         self.normalize = normalize
         self._curvature_mean = self.precision.mean_diagonal()

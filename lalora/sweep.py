@@ -59,7 +59,7 @@ def _check(strengths, steps, max_source_increase) -> list[float]:
 
 def sweep_strengths(model, precision, train_batches, *, source_eval, target_eval=None, target_metric=None,
                     strengths=(0.0, 0.01, 0.1, 1.0, 10.0), steps: int = 50, lr: float = 1e-3,
-                    normalize: str | None = "mean-diagonal", form: str = "linearized", prior_precision=None,
+                    normalize: str | None = "mean-diagonal", form: str = "auto", prior_precision=None,
                     max_source_increase: float = 0.05, seed: int = 0, progress: bool = False,
                     uncovered: str = "warn") -> dict:
     """Train ``steps`` AdamW steps (``lalora.training.train_lora``) at each strength from theta0 and evaluate.
@@ -95,7 +95,7 @@ def sweep_strengths(model, precision, train_batches, *, source_eval, target_eval
         points.append(SweepPoint(s, reg.raw_strength, src, src - base_source, tgt, gain, losses[-1], seconds))
     reg.reset_to_anchor()
     return _report(points, base_source, base_target, higher_better, max_source_increase, reg,
-                   {"steps": int(steps), "lr": lr, "seed": seed, "form": form})
+                   {"steps": int(steps), "lr": lr, "seed": seed, "form": reg.form})
 
 
 def _report(points, base_source, base_target, higher_better, tol, reg, settings) -> dict:

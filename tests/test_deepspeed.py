@@ -56,7 +56,7 @@ def _plain_engine(rank, out_dir):
               "optimizer": {"type": "SGD", "params": {"lr": LR}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=config)
-    reg = lalora.LaLoRARegularizer(model, precision, STRENGTH)  # checks the anchor on the gathered weights
+    reg = lalora.LaLoRARegularizer(model, precision, STRENGTH, form="linearized")  # checks the anchor on the gathered weights
     assert reg.sharding == "zero3" and all(p.numel() == 0 for p in reg._params.values())
     exs = examples()
     for s in range(2):
@@ -88,7 +88,7 @@ def _trainer(rank, out_dir):
                  deepspeed={**ZERO3, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"})
     trainer = lalora.LaLoRATrainer(model=model, args=targs, train_dataset=examples(),
                                    data_collator=default_data_collator, source_data=_source(), backend="kfac",
-                                   fit_options={"curvature": "ef"}, strength=STRENGTH)
+                                   fit_options={"curvature": "ef"}, strength=STRENGTH, form="linearized")
     trainer.train()
     reg = trainer.regularizer
     assert trainer.is_deepspeed_enabled and reg.sharding == "zero3"

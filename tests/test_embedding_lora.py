@@ -121,7 +121,7 @@ def test_mixed_model_covers_linear_and_embedding_adapters_and_the_penalty_is_the
         loaded = lalora.Precision.load(tmp_path / f"{backend}.safetensors", model)
         dense = loaded.to_dense()
         assert rel_diff(dense, precision.to_dense()) == 0  # save -> load is a pure copy
-        reg = lalora.LaLoRARegularizer(model, loaded, strength=2.0)
+        reg = lalora.LaLoRARegularizer(model, loaded, strength=2.0, form="linearized")
         g = torch.Generator().manual_seed(1)
         params = find_lora_adapters(model)
         names = [n for a in params for n in (a.a_name, a.b_name)]

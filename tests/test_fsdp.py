@@ -83,7 +83,8 @@ def _trainer_fsdp2(rank, out_dir):
     assert state.distributed_type == DistributedType.MULTI_CPU
     state.distributed_type = DistributedType.MULTI_GPU  # see the module docstring: accelerate's FSDP2 on a CPU mesh
     trainer = lalora.LaLoRATrainer(model=model, args=targs, train_dataset=examples(),
-                                   data_collator=default_data_collator, precision=precision, strength=STRENGTH)
+                                   data_collator=default_data_collator, precision=precision, strength=STRENGTH,
+                                   form="linearized")
     trainer.train()
     assert trainer.is_fsdp_enabled and trainer.regularizer.sharding == "fsdp2"
     weights = {n: p.full_tensor().detach().clone() for n, p in trainer.regularizer._params.items()}

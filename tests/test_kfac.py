@@ -364,7 +364,10 @@ def test_effective_weight_constrains_A_when_B0_is_zero():
     model = tiny_lora_llama(r=2, init=True)  # peft default: B0 = 0
     batches = token_batches(n_batches=1, batch_size=3)
     precision = _fit(model, batches, "kfac", options={"curvature": "ef"})
-    lin = lalora.LaLoRARegularizer(model, precision, strength=1.0)
+    lin = lalora.LaLoRARegularizer(model, precision, strength=1.0, form="linearized")
+    assert lalora.LaLoRARegularizer(model, precision, strength=1.0).form == "effective-weight"  # the default (auto)
+    diag = _fit(model, batches, "diag")
+    assert lalora.LaLoRARegularizer(model, diag, strength=1.0).form == "linearized"  # the only form diag blocks have
     eff = lalora.LaLoRARegularizer(model, precision, strength=1.0, form="effective-weight")
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -86,7 +86,7 @@ def test_sft_update_equals_hand_computed(tmp_path, ga, accepts, fuse):
     model, ref, precision = start("kfac", options={"curvature": "ef"})
     trainer = recording(LaLoRASFTTrainer)(
         model=model, args=SFTConfig(**common(tmp_path, ga, 4 // ga), shuffle_dataset=False),
-        train_dataset=sft_dataset(), processing_class=tokenizer(), precision=precision, strength=STRENGTH,
+        train_dataset=sft_dataset(), processing_class=tokenizer(), precision=precision, strength=STRENGTH, form="linearized",
         anchor="ignore")
     assert trainer.model_accepts_loss_kwargs  # a Llama forward takes **kwargs
     trainer.model_accepts_loss_kwargs = accepts
@@ -127,7 +127,7 @@ def test_dpo_update_equals_hand_computed(tmp_path, ga, fuse):
     frozen = copy.deepcopy(ref)  # DPO's reference: a copy of the adapter as the trainer got it ("ref" adapter)
     trainer = recording(LaLoRADPOTrainer)(
         model=model, args=DPOConfig(**common(tmp_path, ga, 4 // ga)), train_dataset=dpo_dataset(),
-        processing_class=tokenizer(), precision=precision, strength=STRENGTH, anchor="ignore")
+        processing_class=tokenizer(), precision=precision, strength=STRENGTH, form="linearized", anchor="ignore")
     assert trainer.loss_is_scaled_for_ga is False
     fused(trainer, fuse)
     beta = trainer.beta
@@ -160,7 +160,7 @@ def test_grpo_update_equals_hand_computed(tmp_path, ga, fuse):
     args = GRPOConfig(**common(tmp_path, ga, 4), num_generations=4, max_completion_length=4, shuffle_dataset=False)
     prompts = datasets.Dataset.from_list([{"prompt": p} for p in ("ab", "cde", "fg", "hi")])
     trainer = recording(LaLoRAGRPOTrainer)(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
-                                           processing_class=tokenizer(), precision=precision, strength=STRENGTH,
+                                           processing_class=tokenizer(), precision=precision, strength=STRENGTH, form="linearized",
                                            anchor="ignore")
     assert trainer.loss_is_scaled_for_ga is True and trainer.loss_type == "dapo" and trainer.beta == 0.0
     fused(trainer, fuse)
@@ -239,7 +239,7 @@ def test_peft_config_with_precision_fitted_elsewhere(tmp_path):
     elsewhere = get_peft_model(tiny_llama(0, vocab_size=VOCAB), LoraConfig(**LORA))
     precision = lalora.fit_precision(elsewhere, source_batches(), "diag", progress=False)
     kw = dict(args=SFTConfig(**common(tmp_path, 1, 4), shuffle_dataset=False), train_dataset=sft_dataset(),
-              processing_class=tokenizer(), precision=precision, strength=STRENGTH)
+              processing_class=tokenizer(), precision=precision, strength=STRENGTH, form="linearized")
     torch.manual_seed(2)
     with pytest.raises(AnchorMismatchError) as e:
         LaLoRASFTTrainer(model=tiny_llama(0, vocab_size=VOCAB), peft_config=LoraConfig(**LORA), **kw)
@@ -304,6 +304,7 @@ def _ddp_worker(rank, port, out_dir):
                          average_tokens_across_devices=True)
         trainer = recording(LaLoRASFTTrainer)(model=model, args=args, train_dataset=sft_dataset(),
                                               processing_class=tokenizer(), precision=precision, strength=STRENGTH,
+                                              form="linearized",
                                               anchor="ignore")
         trainer.train()
         torch.save({"recorded": trainer.recorded, "weights": weights(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -344,7 +345,7 @@ def test_sft_normalized_strength_and_source_loss(tmp_path):
     # strength STRENGTH * mean: lambda = STRENGTH, so the updates have the other tests' size (TOL's justification)
     trainer = recording(LaLoRASFTTrainer)(
         model=model, args=SFTConfig(**common(tmp_path, 1, 4), shuffle_dataset=False), train_dataset=sft_dataset(),
-        processing_class=tokenizer(), precision=precision, strength=STRENGTH * mean, anchor="ignore",
+        processing_class=tokenizer(), precision=precision, strength=STRENGTH * mean, form="linearized", anchor="ignore",
         normalize="mean-diagonal", source_eval_dataset=held_out)
     assert trainer.regularizer.raw_strength == pytest.approx(STRENGTH, rel=1e-6)
     at_start = heldout_loss(model, held_out)

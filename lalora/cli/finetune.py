@@ -50,7 +50,8 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--normalize", choices=["none", "mean-diagonal"], default="none",
                    help="none (default): --strength is lambda; mean-diagonal: lambda = strength / mean diagonal of "
                         "the precision (+ prior), comparable across backends")
-    p.add_argument("--form", default="linearized", choices=["linearized", "effective-weight"], help="penalty form")
+    p.add_argument("--form", default="auto", choices=["auto", "linearized", "effective-weight"],
+                   help="penalty form (default auto: effective-weight for kfac/tri-kfac precisions, else linearized, the paper's)")
     p.add_argument("--factor-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the Kronecker factors are stored and multiplied in: auto (default) = the LoRA "
                         "weights' dtype if 16-bit, else float32; bfloat16 halves the penalty's memory traffic "

@@ -45,7 +45,8 @@ def add_parser(sub, fmt) -> None:
                         "source perplexity +5%%)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps per strength (default 50)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--form", default="linearized", choices=["linearized", "effective-weight"], help="penalty form")
+    p.add_argument("--form", default="auto", choices=["auto", "linearized", "effective-weight"],
+                   help="penalty form (default auto: effective-weight for kfac/tri-kfac precisions, else linearized, the paper's)")
     p.add_argument("--prior-precision", type=float, help="delta added to the precision (default: the precision's own)")
     p.add_argument("--out", required=True, help="the report (JSON)")
     p.add_argument("--plot", help="the plot (PNG; default: --out with .png; needs matplotlib)")

@@ -97,7 +97,7 @@ class LaLoRATrainerMixin(CheckpointMixin):
     ``source_data``), unless it resumes from a checkpoint that holds a precision."""
 
     def __init__(self, *args, precision: Precision | str | os.PathLike | None = None, strength: float | None = None,
-                 prior_precision: float | None = None, form: str = "linearized", adapter_name=None,
+                 prior_precision: float | None = None, form: str = "auto", adapter_name=None,
                  anchor: str = "check", uncovered: str = "warn", source_data=None, backend: str = "diag",
                  fit_options: dict | None = None, normalize: str | None = None, factor_dtype="auto", source_eval_dataset=None,
                  source_eval_steps: int | None = None, **kwargs):
