@@ -53,7 +53,8 @@ class BenchConfig:
 
     @classmethod
     def full(cls, **kw):
-        """The larger study (``--full``): 3 strengths, 40 steps, more evaluation data (~1 h on 2 idle cores)."""
+        """The larger study (``--full``): 3 strengths, 40 steps, more evaluation data (~1 h per seed on 2 idle cores;
+        the CLI runs seeds 0, 1, 2)."""
         base = dict(strengths=(0.01, 0.1, 1.0), steps=40, n_target_eval=48, n_source_fit=64, n_source_eval=64)
         base.update(kw)
         return cls(**base)
