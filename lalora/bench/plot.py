@@ -89,27 +89,32 @@ def fit_data_plot(report: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     s = report["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
     for ax, metric, label in ((axes[0], "source_nats", "source-loss increase, nats (lower is better)"),
                               (axes[1], "target_em", "target: arithmetic exact match")):
         ax.axhline(s["baseline"][metric]["mean"], color="k", ls=":", label="base model")
         for r in (r for r in s["rows"] if r["fit_on"] is None):
             ax.axhline(r[metric]["mean"], color="grey", ls="--", lw=1, label=f"{r['method']} {r['strength']:g}")
         fitted = [r for r in s["rows"] if r["fit_on"] is not None]
+        color = {f: f"C{i}" for i, f in enumerate(dict.fromkeys(r["fit_on"] for r in fitted))}  # one per fit data
+        style = {k: ("-", "--", ":", "-.")[i % 4]  # one line style per (method, strength)
+                 for i, k in enumerate(sorted(dict.fromkeys((r["method"], r["strength"]) for r in fitted),
+                                              key=lambda k: (k[0], -k[1])))}
         for key in dict.fromkeys((r["fit_on"], r["method"], r["strength"]) for r in fitted):
             rows = sorted((r for r in fitted if (r["fit_on"], r["method"], r["strength"]) == key),
                           key=lambda r: r["n_source_fit"])
             ax.errorbar([r["n_source_fit"] for r in rows], [r[metric]["mean"] for r in rows],
-                        yerr=[r[metric]["sd"] for r in rows], marker="o", capsize=3,
-                        label=f"{key[1]} {key[2]:g}, fit on {key[0]}")
+                        yerr=[r[metric]["sd"] for r in rows], marker="o", capsize=3, color=color[key[0]],
+                        ls=style[key[1:]], label=f"{key[1]} {key[2]:g}, fit on {key[0]}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("examples the precision is fitted on")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if max(r["source_nats"]["mean"] for r in s["rows"]) > 0.5:  # plain LoRA far above the penalized runs
         axes[0].set_yscale("symlog", linthresh=0.01)
-    axes[1].legend(fontsize=7)
+    handles, labels = axes[1].get_legend_handles_labels()
     fig.suptitle("Which source data, and how much")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
     fig.savefig(path, dpi=120)
     plt.close(fig)
