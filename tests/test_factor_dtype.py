@@ -1,7 +1,7 @@
 """``LaLoRARegularizer(factor_dtype="bfloat16")``: Kronecker factors stored in bfloat16, everything else float32.
 
-Reference: the same penalty computed in float64 from the *rounded* factors (a dense Kronecker matrix
-``KroneckerTerm.dense`` per block, not the grouped product path under test), and the float32 regularizer.
+Reference: the same penalty computed in float64 from the *rounded* factors, written out with dense matrices
+(not lalora's Kronecker algebra), and the float32 regularizer.
 Tolerances: vs the float64 penalty of the rounded factors, what remains is rounding ``theta - theta0`` to
 bfloat16 before each product and the products' bfloat16 results, each a relative 2^-9 per entry; vs float32,
 the factors' own rounding (2^-9 per entry) adds to that. A gradient passes through up to two such products
@@ -16,7 +16,6 @@ import torch
 
 from lalora import LaLoRARegularizer
 from lalora.blocks.kronecker import KroneckerBlock
-from lalora.blocks.kronecker_algebra import KroneckerTerm
 from models import fit_quiet, randomize_lora_B, tiny_lora_llama, token_batches
 from numerics import rel_diff
 
@@ -24,11 +23,14 @@ TOL = 4 * 2.0 ** -8
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(scope="module", params=["kfac", "tri-kfac"])
+@pytest.fixture(scope="module", params=[("kfac", "B!=0"), ("tri-kfac", "B!=0"), ("tri-kfac", "B=0")],
+                ids=lambda p: "-".join(p))
 def setup(request):
-    model = tiny_lora_llama(targets=ALL, r=2)
-    randomize_lora_B(model)  # B != 0: the anchor products and the coupled block are not trivially zero
-    P = fit_quiet(model, token_batches(), request.param)
+    backend, b = request.param
+    model = tiny_lora_llama(targets=ALL, r=2, init=True if b == "B=0" else "orthogonal")
+    if b == "B!=0":
+        randomize_lora_B(model)  # the anchor products and the coupled block are not trivially zero
+    P = fit_quiet(model, token_batches(), backend)
     return model, P
 
 
@@ -39,20 +41,27 @@ def _params(model):
 
 
 def _rounded_reference(P, params, form):
-    """The penalty of P with its factors rounded to bfloat16, in float64 from dense blocks."""
+    """The penalty of P with its factors rounded to bfloat16, in float64, from the definitions written out with
+    dense matrices (not ``lalora.blocks``' algebra): B-KFAC ``tr(dA^T s^2 B0^T G B0 dA X) + tr(dB^T s^2 G dB
+    A0 X A0^T)``, B-Tri-KFAC ``s^2 tr(D^T G D X)`` with ``D = B0 dA + dB A0``, effective weight
+    ``tr(Delta^T G Delta X)`` with ``Delta = s (B A - B0 A0)``."""
     total = torch.zeros((), dtype=torch.float64)
     for b in P.blocks:
         assert isinstance(b, KroneckerBlock)
-        X, G = (F.to(dtype=torch.bfloat16).to(dtype=torch.float64) for F in (b.X, b.G))
-        (a, bn) = b.params
+        X, G = (F.dense().to(torch.bfloat16).double() for F in (b.X, b.G))
+        a, bn = b.params
         A0, B0 = P.anchor[a].double(), P.anchor[bn].double()
-        term = KroneckerTerm(X, G, A0, B0, b.scaling, b.coupled)
         A, B = params[a].detach().double(), params[bn].detach().double()
-        if form == "linearized":
-            d = torch.cat([(A - A0).reshape(-1), (B - B0).reshape(-1)])
-            total = total + d @ term.dense() @ d
+        dA, dB, s = A - A0, B - B0, b.scaling
+        if form == "effective-weight":
+            D = s * (B @ A - B0 @ A0)
+            total = total + torch.trace(D.T @ G @ D @ X)
+        elif b.coupled:
+            D = B0 @ dA + dB @ A0
+            total = total + s ** 2 * torch.trace(D.T @ G @ D @ X)
         else:
-            total = total + term.effective(A, B)[0]
+            total = total + s ** 2 * (torch.trace(dA.T @ (B0.T @ G @ B0) @ dA @ X)
+                                      + torch.trace(dB.T @ G @ dB @ (A0 @ X @ A0.T)))
     return total
 
 
