@@ -224,7 +224,9 @@ class LaLoRARegularizer(nn.Module):
         saves recomputing (and, for sharded weights, re-gathering) them."""
         if self.form == "effective-weight":
             return self._grouped.effective_weight(self._theta() if theta is None else theta)
-        return linearized_quadratic(self._grouped, self.delta() if delta is None else delta)
+        if delta is not None:
+            return linearized_quadratic(self._grouped, delta)
+        return self._grouped.linearized(self._theta() if theta is None else theta)
 
     def forward(self) -> Tensor:
         if self.raw_strength == 0 and self.sharding is None:  # nothing to compute (a 0 with a gradient path)
@@ -232,10 +234,9 @@ class LaLoRARegularizer(nn.Module):
         self._check_device()
         anchor = self.precision.anchor
         theta = self._theta()  # gathered once when the weights are sharded
-        delta = {n: t - anchor[n] for n, t in theta.items()}
-        q = self.curvature_term(delta, theta=theta)
+        q = self.curvature_term(theta=theta)
         if self.prior_precision:
-            q = q + self.prior_precision * sum(d.square().sum() for d in delta.values())
+            q = q + self.prior_precision * sum((t - anchor[n]).square().sum() for n, t in theta.items())
         return 0.5 * self.raw_strength * q
 
     @property

@@ -287,3 +287,59 @@ def test_grouped_effective_weight_matches_per_block_autograd(kind, b_zero):
     g_ref = torch.autograd.grad(ref, [theta[n] for n in names])
     for n, a, b in zip(names, g_got, g_ref):
         assert rel(a, b) <= 1e-5, n
+
+
+@pytest.mark.parametrize("b_zero", [True, False], ids=["B0=0", "B0!=0"])
+@pytest.mark.parametrize("kind", ["kfac", "tri-kfac"])
+def test_grouped_linearized_matches_precision_quadratic(kind, b_zero):
+    """``GroupedPrecision.linearized(theta)`` (one closed-form call per stacked group, the regularizer's path) equals
+    autograd through ``Precision.quadratic`` at ``theta - theta0``, value and gradient (rel. 1e-5, float32 round-off of
+    the same products in another order), with a group of three, a lone block, a diag block and a second block over
+    one group member's weights (an overlap, as ``P1 + P2`` gives): every block's quadratic counts once."""
+    from lalora.penalty import GroupedPrecision
+
+    g = torch.Generator().manual_seed(13)
+    adapters = []
+    for i, (d_out, d_in, r) in enumerate([(16, 12, 2), (16, 12, 2), (16, 12, 2), (8, 12, 2)]):
+        A0 = torch.randn(r, d_in, generator=g) / d_in ** 0.5
+        B0 = torch.zeros(d_out, r) if b_zero else 0.3 * torch.randn(d_out, r, generator=g)
+        adapters.append((f"l{i}.lora_A", f"l{i}.lora_B", A0, B0, 1.5))
+    P = _precision(kind, adapters)
+    a, b, A0, B0, s = adapters[0]
+    overlap = _block(kind, a, b, A0, B0, 0.5, g)  # another scaling: not stacked with the group
+    extra = DiagBlock("x.w", torch.rand(3, 4, generator=g))
+    P = lalora.Precision(P.blocks + overlap + [extra], {**P.anchor, "x.w": torch.randn(3, 4, generator=g)})
+    grouped = GroupedPrecision(P)
+    assert [len(st.params) for st in grouped.groups] == [3] and len(grouped.rest) == 3
+    base = {n: t + 0.2 * torch.randn(t.shape, generator=g) for n, t in P.anchor.items()}
+    theta = {n: t.clone().requires_grad_(True) for n, t in base.items()}
+    d_ref = {n: (t - P.anchor[n]).requires_grad_(True) for n, t in base.items()}
+    got, ref = grouped.linearized(theta), P.quadratic(d_ref)
+    names = list(theta)
+    g_got = torch.autograd.grad(got, [theta[n] for n in names])
+    g_ref = torch.autograd.grad(ref, [d_ref[n] for n in names])
+    assert rel(got, ref) <= TOL
+    for n, x, y in zip(names, g_got, g_ref):
+        assert rel(x, y) <= TOL, n
+    at0 = {n: t.clone().requires_grad_(True) for n, t in P.anchor.items()}  # exactly 0 at the anchor
+    q0 = grouped.linearized(at0)
+    assert float(q0.detach()) == 0.0
+    assert all(float(t.abs().max()) == 0.0 for t in torch.autograd.grad(q0, list(at0.values())))
+
+
+@pytest.mark.parametrize("n", [1023, 1024])
+def test_dense_factor_product_in_both_layouts(n):
+    """``DenseFactor.mm`` multiplies as ``(V^T M)^T`` below 1024 and as ``M @ V`` from 1024 on (the faster layout
+    for MKL, benchmarks/README.md): both equal the float64 product (rel. 1e-5: float32 sums over n terms), for one
+    factor and a stacked pair, with a contiguous V and a transposed view (the penalty passes ``dA.mT``)."""
+    from lalora.blocks.factors import DenseFactor
+
+    g = torch.Generator().manual_seed(n)
+    M = torch.randn(2, n, n, generator=g) / n ** 0.5
+    M = M @ M.mT
+    V = torch.randn(2, n, 8, generator=g)
+    Vt = torch.randn(2, 8, n, generator=g).mT
+    for W in (V, Vt):
+        want = M.double() @ W.double()
+        assert rel(DenseFactor(M).mm(W), want) <= TOL
+        assert rel(DenseFactor(M[1]).mm(W[1]), want[1]) <= TOL

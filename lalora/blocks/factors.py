@@ -29,6 +29,7 @@ from torch import Tensor
 
 OVERSAMPLE = 10  # extra random columns of the subspace iteration
 POWER_ITERS = 4  # subspace (power) iterations
+_WIDE = 1024  # dense factors from this side on are multiplied as ``M @ V`` (``DenseFactor.mm``)
 
 
 class Factor:
@@ -95,9 +96,11 @@ class DenseFactor(Factor):
         return int(self.M.shape[-1])
 
     def mm(self, V: Tensor) -> Tensor:
-        # ``(V^T M)^T`` (M symmetric) instead of ``M @ V``: with MKL on CPU the thin product in this layout is
-        # 1-3x faster for m = r columns (``M @ V`` with a contiguous (n, m) V is the slow case)
-        return _in_dtype_of(V, (_as(V, self.M).mT @ self.M).mT)
+        # The penalty's thin products (m = r columns) are bound by reading M; MKL reads it fastest (2 threads,
+        # cold caches, benchmarks/README.md "Issue 21, second round") as ``(V^T M)^T`` (M symmetric) for n < 1024
+        # (1.25-1.35x faster at n = 512, 576) and as ``M @ V`` from n = 1024 (1.05-1.15x at n = 1376, 1536)
+        W = _as(V, self.M)
+        return _in_dtype_of(V, self.M @ W if self.n >= _WIDE else (W.mT @ self.M).mT)
 
     def diag(self) -> Tensor:
         return torch.diagonal(self.M, dim1=-2, dim2=-1)
