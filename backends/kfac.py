@@ -251,7 +251,9 @@ class KFACBackend(CurvatureBackend):
         hooks.begin_batch(None if mask is None else mask.float().to(ctx.device) * counted[:, None], counted)
         output = ctx.forward(batch)
         hooks.forward_done()
-        ok = self._backward_passes(ctx, batch, output, tensors, gen)
+        # differentiate w.r.t. the adapted outputs, whose gradients are all the factors need: the backward then
+        # skips the LoRA weight gradients (two products per adapter) and stops below the first adapted layer
+        ok = self._backward_passes(ctx, batch, output, hooks.targets or tensors, gen)
         del output  # free this batch's outputs before the next forward: one batch of activations at a time
         if not ok:  # skipped (skip_nonfinite): the window holds this batch only
             hooks.drop_batch()

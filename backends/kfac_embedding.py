@@ -45,6 +45,7 @@ class EmbeddingFactorHooks:
         self.mask: Tensor | None = None
         self.example_mask: Tensor | None = None
         self._ids: list[tuple[object, Tensor]] = []  # this forward's (layer, ids)
+        self.targets: list[Tensor] = []  # this forward's adapted embedding outputs (``FactorHooks.targets``)
         self.batch: dict[str, dict[str, Tensor]] = {}  # adapter key -> {"X", "G", "T"} of this batch
         self._handles = []
 
@@ -52,7 +53,7 @@ class EmbeddingFactorHooks:
         return [a for a in self.adapters if a.layer is layer and active(a)]
 
     def begin_batch(self, mask: Tensor | None, example_mask: Tensor) -> None:
-        self.mask, self.example_mask, self._ids, self.batch = mask, example_mask, [], {}
+        self.mask, self.example_mask, self._ids, self.batch, self.targets = mask, example_mask, [], {}, []
 
     def _add(self, key: str, role: str, t: Tensor) -> None:
         slot = self.batch.setdefault(key, {})
@@ -92,6 +93,7 @@ class EmbeddingFactorHooks:
                 self._add(a.key, "G", product)
 
         output.register_hook(grad_hook)
+        self.targets.append(output)
 
     def nonfinite(self) -> str | None:
         for key, slot in self.batch.items():
@@ -126,7 +128,7 @@ class EmbeddingFactorHooks:
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
-        self._handles, self._ids = [], []
+        self._handles, self._ids, self.targets = [], [], []
 
 
 class AllFactorHooks:
@@ -146,6 +148,12 @@ class AllFactorHooks:
     @property
     def acc_G(self) -> dict:
         return self.parts[0].acc_G
+
+    @property
+    def targets(self) -> list[Tensor]:
+        """This forward's adapted outputs (lora_B's, the embedding layers'): the backward passes differentiate
+        w.r.t. them, so every gradient factor's hook fires and no LoRA weight gradient is computed."""
+        return [t for p in self.parts for t in p.targets]
 
     def begin_batch(self, mask, example_mask) -> None:
         for p in self.parts:

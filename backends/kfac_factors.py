@@ -1,6 +1,5 @@
-"""Kronecker factor sums of the ``kfac``/``tri-kfac`` fits (backends/kfac.py): the hooks that turn each
-batch's ``lora_A`` inputs and ``lora_B`` output gradients into Gram products, and the panel layout
-of those products.
+"""Kronecker factor sums of the ``kfac``/``tri-kfac`` fits (backends/kfac.py): the hooks that turn each batch's
+``lora_A`` inputs and ``lora_B`` output gradients into Gram products, and the panel layout of those products.
 
 Layout: only the upper 256-wide panels of each ``(d, d)`` product are computed and summed
 (``add_gram``; torch has no symmetric rank-k update), completed once per fit (``finish_factor``).
@@ -43,13 +42,13 @@ class FactorHooks:
         self.members: dict[str, set[str]] = {}  # leader -> adapters sharing its acc_X
         self.batch_T: dict[str, Tensor] = {}  # this batch's token counts
         self._inputs: list[tuple[str, Tensor, int]] = []  # this forward's lora_A inputs
-        self._in_window = 0
-        self._handles = []
+        self.targets: list[Tensor] = []  # this forward's lora_B outputs: what the backward passes differentiate
+        self._in_window, self._handles = 0, []
 
     # --- per batch ------------------------------------------------------------------------
     def begin_batch(self, mask: Tensor | None, example_mask: Tensor) -> None:
         self.mask, self.example_mask = mask, example_mask
-        self._inputs, self.batch_T = [], {}
+        self._inputs, self.batch_T, self.targets = [], {}, []
 
     def _token_weights(self, x: Tensor) -> Tensor:
         """(N, M) weights for the rows of x reshaped to (N, M, d)."""
@@ -223,6 +222,7 @@ class FactorHooks:
                 add_gram(self.acc_G[adapter.key], gm, alpha=alpha)
 
             output.register_hook(grad_hook)
+            self.targets.append(output)
         return hook
 
     def __enter__(self):
@@ -235,7 +235,7 @@ class FactorHooks:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._inputs = []
+        self._inputs, self.targets = [], []
 
 
 PANEL = 256

@@ -53,7 +53,7 @@ def _hash_update(h, obj) -> None:
     if isinstance(obj, Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")  # no copy of the bytes
     elif isinstance(obj, dict):
         for k in sorted(obj):
             h.update(str(k).encode())
