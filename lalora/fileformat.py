@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from .atomic_file import atomic_save_file
 from .blocks import Block, block_class
+from .blocks.equality import tensor_fingerprint
 from .errors import PrecisionFileError
 from .options import curvature_name
 from .version import __version__
@@ -61,19 +62,12 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _fingerprint(t: torch.Tensor) -> tuple:
-    """A cheap key under which equal tensors meet: dtype, shape and ~4096 evenly spaced entries' bytes."""
-    flat = t.reshape(-1)
-    sample = flat[::max(1, flat.numel() // 4096)]
-    return str(t.dtype), tuple(t.shape), hashlib.sha256(sample.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def _store(tensors: dict, seen: dict, key: str, t: torch.Tensor) -> str:
     """Put block tensor ``t`` into ``tensors`` under ``key``, or return the key of an equal tensor stored
     already (a shared factor: the input factor ``X`` of the q/k/v adapters of one layer input, or of gate/up,
     is stored once; several blocks then name one key). Equal means ``torch.equal``: bit for bit, no loss."""
     t = t.detach().cpu().contiguous()
-    fp = _fingerprint(t) if t.numel() else None
+    fp = tensor_fingerprint(t) if t.numel() else None
     for other in seen.get(fp, []):
         if torch.equal(tensors[other], t):
             return other

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .blocks.factors import factor_from_tensors, stack_factors, stack_key, unstack_factor
 from .blocks.kronecker import KroneckerBlock
 from .blocks.kronecker_algebra import KroneckerTerm
+from .penalty_groups import KroneckerGroup, plan_groups
 from .precision import Precision
 
 
@@ -71,21 +71,50 @@ class _EffectiveWeight(torch.autograd.Function):
 
 
 class _GroupLinearized(torch.autograd.Function):
-    """``<dA, (F d)_A> + <dB, (F d)_B>`` of a stacked group (``KroneckerTerm.matvec``), gradient ``2 F d``:
-    one call per group, no per-tensor products, sums or gradient scalings (which were ~10% of the penalty
-    at 30 layers, 4,200 small ops per step)."""
+    """``sum_j <dA_j, (F d)_A> + <dB_j, (F d)_B>`` over a group's slots (``KroneckerTerm.matvec`` on the shared
+    input products), gradient ``2 F d``: one call per group, no per-tensor products, sums or gradient scalings
+    (~10% of the penalty at 30 layers, 4,200 small ops per step)."""
 
     @staticmethod
-    def forward(ctx, term: KroneckerTerm, dA: Tensor, dB: Tensor) -> Tensor:
-        PA, PB = term.matvec(dA, dB)
-        ctx.save_for_backward(PA, PB)
-        return (dA * PA).sum() + (dB * PB).sum()
+    def forward(ctx, group: KroneckerGroup, *dAdB: Tensor) -> Tensor:
+        dAs, dBs = dAdB[0::2], dAdB[1::2]
+        q, saved = 0.0, []
+        for s, dA, dB, XdA in zip(group.slots, dAs, dBs, group.input_products(list(dAs))):
+            PA, PB = s.term.matvec(dA, dB, XdA=XdA)
+            q = q + (dA * PA).sum() + (dB * PB).sum()
+            saved += [PA, PB]
+        ctx.save_for_backward(*saved)
+        return q
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_q: Tensor):
-        PA, PB = ctx.saved_tensors
-        return None, 2 * grad_q * PA, 2 * grad_q * PB
+        return (None, *(2 * grad_q * P for P in ctx.saved_tensors))
+
+
+class _GroupEffective(torch.autograd.Function):
+    """``KroneckerTerm.effective`` summed over a group's slots, on the shared input products."""
+
+    @staticmethod
+    def forward(ctx, group: KroneckerGroup, *AB: Tensor) -> Tensor:
+        As, Bs = AB[0::2], AB[1::2]
+        XdAs = group.input_products([A - s.term.A0 for s, A in zip(group.slots, As)])
+        f, saved = 0.0, []
+        for s, A, B, XdA in zip(group.slots, As, Bs, XdAs):
+            fj, GU, XV = s.term.effective(A, B, XdA=XdA)
+            f = f + fj
+            saved += [A, B, GU, XV]
+        ctx.scalings = [s.scaling for s in group.slots]
+        ctx.save_for_backward(*saved)
+        return f
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_f: Tensor):
+        t, grads = ctx.saved_tensors, []
+        for j, s in enumerate(ctx.scalings):
+            grads += KroneckerTerm.effective_grads(2 * s * grad_f, *t[4 * j:4 * j + 4])
+        return (None, *grads)
 
 
 def has_closed_form_effective(block) -> bool:
@@ -101,64 +130,6 @@ def effective_weight_quadratic(block, theta: Mapping[str, Tensor]) -> Tensor:
     return _EffectiveWeight.apply(block.term, *block._dA_dB(theta))
 
 
-class KroneckerGroup:
-    """Equal-shaped Kronecker blocks of one kind as one stacked ``KroneckerTerm`` (leading dim L).
-    ``blocks()`` returns the blocks rebuilt on views of the stacks, so the caller can drop the
-    originals (no second copy of the factors)."""
-
-    def __init__(self, blocks: list[KroneckerBlock], anchor: Mapping[str, Tensor], factor_dtype=None):
-        first = blocks[0]
-        X, G = stack_factors([b.X for b in blocks]), stack_factors([b.G for b in blocks])
-        if factor_dtype is not None:
-            X, G = X.to(dtype=factor_dtype), G.to(dtype=factor_dtype)
-        self._setup(type(first), [b.params for b in blocks], first.scaling, X, G, anchor)
-
-    def _setup(self, cls, params, scaling, X, G, anchor) -> None:
-        self.cls, self.params, self.scaling, self.X, self.G = cls, list(params), float(scaling), X, G
-        # the anchor (and so theta - theta0, and every product's result) keeps its own dtype, also when the
-        # factors are stored in a lower one (factor_dtype): a bfloat16 theta0 would round away small steps
-        A0 = torch.stack([anchor[a] for a, _ in self.params])  # (L, r, d_in)
-        B0 = torch.stack([anchor[b] for _, b in self.params])  # (L, d_out, r)
-        self.term = KroneckerTerm(X, G, A0, B0, self.scaling, cls.coupled)
-
-    def tensors(self) -> dict[str, Tensor]:
-        """Role -> stacked factor tensor (``X``/``G``, or their low-rank parts); the anchor is not a role."""
-        return {**self.X.tensors("X"), **self.G.tensors("G")}
-
-    def rebuilt(self, tensors: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> "KroneckerGroup":
-        """The same group on other stacked tensors (moved, cast or loaded) and anchor."""
-        new = KroneckerGroup.__new__(KroneckerGroup)
-        new._setup(self.cls, self.params, self.scaling, factor_from_tensors("X", tensors),
-                   factor_from_tensors("G", tensors), anchor)
-        return new
-
-    @staticmethod
-    def key(b: KroneckerBlock) -> tuple:
-        return (type(b), stack_key(b.X), stack_key(b.G), tuple(b.A0.shape), b.scaling)
-
-    def blocks(self) -> list[KroneckerBlock]:
-        return [self.cls(p, unstack_factor(self.X, i), unstack_factor(self.G, i), self.scaling)
-                for i, p in enumerate(self.params)]
-
-    def stacked(self, values: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        dtype = self.term.A0.dtype
-        return (torch.stack([values[a] for a, _ in self.params]).to(dtype),
-                torch.stack([values[b] for _, b in self.params]).to(dtype))
-
-    def deltas(self, theta: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(A - A0, B - B0)`` stacked: one subtraction of the stacked anchor per group."""
-        A, B = self.stacked(theta)
-        return A - self.term.A0, B - self.term.B0
-
-    def matvec(self, delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        PA, PB = self.term.matvec(*self.stacked(delta))
-        out: dict[str, Tensor] = {}
-        for i, (a, b) in enumerate(self.params):  # blocks may overlap (P + Q, consolidate): sum, never overwrite
-            out[a] = out[a] + PA[i] if a in out else PA[i]
-            out[b] = out[b] + PB[i] if b in out else PB[i]
-        return out
-
-
 class GroupedPrecision:
     """``matvec`` of a ``Precision`` with its equal-shaped Kronecker blocks evaluated as ``KroneckerGroup``s
     (``precision`` is the rebuilt precision on views of the stacks); every other block goes through its
@@ -171,17 +142,12 @@ class GroupedPrecision:
     def __init__(self, precision: Precision, factor_dtype: torch.dtype | None = None):
         """``factor_dtype``: store the Kronecker factors in this dtype (e.g. ``torch.bfloat16``; every Kronecker
         block is then in a group, also a single one); None keeps the precision's."""
-        groups: dict[tuple, list] = {}
-        rest = []
-        for b in precision.blocks:
-            if isinstance(b, KroneckerBlock):
-                groups.setdefault(KroneckerGroup.key(b), []).append(b)
-            else:
-                rest.append(b)
-        single = 0 if factor_dtype is not None else 1
-        rest += [bs[0] for bs in groups.values() if len(bs) <= single]
-        self._assemble([KroneckerGroup(bs, precision.anchor, factor_dtype) for bs in groups.values()
-                        if len(bs) > single], rest, precision.anchor, precision)
+        rest = [b for b in precision.blocks if not isinstance(b, KroneckerBlock)]
+        planned = plan_groups([b for b in precision.blocks if isinstance(b, KroneckerBlock)])
+        single = 0 if factor_dtype is not None else 1  # a lone block stays a block (unless it is cast)
+        rest += [readers[0][0] for readers in planned if sum(map(len, readers)) <= single]
+        self._assemble([KroneckerGroup(readers, precision.anchor, factor_dtype) for readers in planned
+                        if sum(map(len, readers)) > single], rest, precision.anchor, precision)
 
     def _assemble(self, groups: list[KroneckerGroup], rest: list, anchor: Mapping[str, Tensor], like: Precision) -> None:
         self.groups = groups
@@ -230,7 +196,7 @@ class GroupedPrecision:
         """``d^T P d`` at ``d = theta - theta0`` with the closed-form gradient ``2 P d`` (``theta``: name -> the
         full LoRA weights); equals ``linearized_quadratic(self, delta)``. A group subtracts its stacked anchor
         and evaluates its quadratic in one call; the other blocks go through ``linearized_quadratic``."""
-        terms = [_GroupLinearized.apply(g.term, *g.deltas(theta)) for g in self.groups]
+        terms = [_GroupLinearized.apply(g, *(d for s in g.slots for d in _minus_anchor(s, theta))) for g in self.groups]
         if self.rest:
             anchor = self._rest.anchor
             terms.append(linearized_quadratic(self._rest, {n: theta[n] - anchor[n] for n in anchor}))
@@ -239,6 +205,12 @@ class GroupedPrecision:
     def effective_weight(self, theta: Mapping[str, Tensor]) -> Tensor:
         """Sum of the effective-weight forms of every block (groups batched), with closed-form gradients
         for the Kronecker kinds; other blocks use their own (autograd) ``effective_quadratic``."""
-        terms = [_EffectiveWeight.apply(g.term, *g.stacked(theta)) for g in self.groups]
+        terms = [_GroupEffective.apply(g, *(t for s in g.slots for t in s.stacked(theta))) for g in self.groups]
         terms += [effective_weight_quadratic(b, theta) for b in self.rest]
         return torch.stack([t.reshape(()) for t in terms]).sum()
+
+
+def _minus_anchor(slot, theta: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(A - A0, B - B0)`` of a slot, stacked: one subtraction of the stacked anchor."""
+    A, B = slot.stacked(theta)
+    return A - slot.term.A0, B - slot.term.B0

@@ -128,3 +128,59 @@ def test_format3_files_written_before_sharing_still_load(name, tmp_path):
         cfg.num_hidden_layers, cfg.hidden_size)
     Q = lalora.Precision.load(tmp_path / "again.lalora")
     assert rel_diff(Q.quadratic(delta), want["quadratic"][0]) <= TOL
+
+
+def _group_x_bytes(reg) -> int:
+    return sum(t.numel() * t.element_size() for n, t in reg.named_buffers() if n.startswith("group") and "_X" in n)
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["fitted (equal copies)", "loaded (one tensor)"])
+@pytest.mark.parametrize("backend", ["kfac", "tri-kfac"])
+def test_regularizer_holds_and_reads_each_shared_input_factor_once(backend, loaded, tmp_path):
+    """The penalty's groups (lalora.penalty_groups) hold each distinct input factor once: per layer q/k/v share one,
+    gate/up one, o and down their own (the bytes expected from the shapes), whether the copies are equal tensors
+    (a fresh fit) or one tensor (a loaded file); penalty and gradient equal the per-block path of the unshared
+    precision (autograd through ``Precision.quadratic`` / ``effective_quadratic``; rel. 1e-6, the same float32
+    products in another order), in both forms, away from the anchor."""
+    model, P = _fit(backend)
+    if loaded:
+        P.save(tmp_path / "p.lalora")
+        P = lalora.Precision.load(tmp_path / "p.lalora")
+    cfg = tiny_llama_config()
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    delta = _delta(P, seed=3)
+    for form in ("linearized", "effective-weight"):
+        reg = lalora.LaLoRARegularizer(model, P, strength=2.0, form=form, check_anchor=False)
+        assert _group_x_bytes(reg) == 4 * L * (3 * h * h + i * i)  # qkv, o, gate/up of width h; down of width i
+        assert sorted(len(g.slots) for g in reg._grouped.groups) == [1, 1, 2, 3]
+        with torch.no_grad():
+            for n, p in reg._params.items():
+                p.copy_(P.anchor[n] + delta[n])
+        params = [reg._params[n] for n in P.param_names]
+        got = reg()
+        g_got = torch.autograd.grad(got, params)
+        theta = {n: (P.anchor[n] + delta[n]).requires_grad_(True) for n in P.param_names}
+        if form == "linearized":
+            q = P.quadratic({n: theta[n] - P.anchor[n] for n in P.param_names})
+        else:
+            q = torch.stack([b.effective_quadratic(theta) for b in P.blocks]).sum()
+        ref = 0.5 * 2.0 * q
+        g_ref = torch.autograd.grad(ref, [theta[n] for n in P.param_names])
+        assert rel_diff(got, ref) <= TOL
+        assert rel_diff(torch.cat([t.reshape(-1) for t in g_got]), torch.cat([t.reshape(-1) for t in g_ref])) <= TOL
+
+
+def test_regularizer_does_not_share_factors_that_differ_in_one_bit():
+    model, P = _fit("kfac")
+    b = P.blocks[1]  # layer 0 k_proj (X equal to q_proj's)
+    X = b.X.M.clone()
+    X[0, 0] = torch.nextafter(X[0, 0], torch.tensor(float("inf")))
+    P = lalora.Precision([P.blocks[0], type(b)(b.params, X, b.G, b.scaling), *P.blocks[2:]], P.anchor,
+                         metadata=P.metadata)
+    reg = lalora.LaLoRARegularizer(model, P, strength=1.0)
+    cfg = tiny_llama_config()
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    assert _group_x_bytes(reg) + 4 * h * h * sum(1 for blk in reg._grouped.rest if hasattr(blk, "X")) == \
+        4 * L * (3 * h * h + i * i) + 4 * h * h
+    moved = next(blk for blk in reg.precision.blocks if blk.params == b.params)
+    assert torch.equal(moved.X.dense(), X)

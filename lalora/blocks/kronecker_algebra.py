@@ -45,11 +45,12 @@ class KroneckerTerm:
             self.AXA = A0 @ self.XA0t  # (.., r, r)
 
     # --- linearized forms -----------------------------------------------------------------
-    def matvec(self, dA: Tensor, dB: Tensor) -> tuple[Tensor, Tensor]:
+    def matvec(self, dA: Tensor, dB: Tensor, XdA: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(F_A-part, F_B-part)`` of ``F (dA, dB)``: one product with each factor (``X dA^T``,
-        ``G dB``), the rest with the cached ``(r, r)`` and ``(d, r)`` anchor products."""
+        ``G dB``), the rest with the cached ``(r, r)`` and ``(d, r)`` anchor products. ``XdA``: ``X dA^T``
+        if the caller computed it (an input factor shared by several terms, lalora.penalty_groups)."""
         s2 = self.scaling ** 2
-        XdA = self.X.mm(dA.mT)  # (.., d_in, r)
+        XdA = self.X.mm(dA.mT) if XdA is None else XdA  # (.., d_in, r)
         GdB = self.G.mm(dB)  # (.., d_out, r)
         if not self.coupled:
             return s2 * self.BGB @ XdA.mT, s2 * GdB @ self.AXA
@@ -89,13 +90,14 @@ class KroneckerTerm:
         return torch.cat([torch.cat([FAA, FAB], 1), torch.cat([FAB.T, FBB], 1)], 0)
 
     # --- effective-weight form ------------------------------------------------------------
-    def effective(self, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def effective(self, A: Tensor, B: Tensor, XdA: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(f, GU, XV)``: ``f = tr(Delta^T G Delta X)`` summed over the batch, ``Delta = s (B A - B0 A0)
         = U V^T`` with ``U = s [B - B0, B0]``, ``V = [A^T, (A - A0)^T]`` (exactly 0 at the anchor: no
-        cancellation of ``B A - B0 A0``), and ``GU = G U``, ``XV = X V`` for ``effective_grads``."""
+        cancellation of ``B A - B0 A0``), and ``GU = G U``, ``XV = X V`` for ``effective_grads``; ``XdA`` as in
+        ``matvec`` (``dA = A - A0``)."""
         s = self.scaling
         dA, dB = A - self.A0, B - self.B0
-        XdA = self.X.mm(dA.mT)
+        XdA = self.X.mm(dA.mT) if XdA is None else XdA
         GU = s * torch.cat([self.G.mm(dB), self.GB0], -1)
         XV = torch.cat([XdA + self.XA0t, XdA], -1)
         U = s * torch.cat([dB, self.B0], -1)
