@@ -12,7 +12,7 @@ The groups, bottom to top (a module imports modules of its own group or of lower
    declarations), ``sharding`` (LoRA weights under FSDP2 / DeepSpeed ZeRO-3);
 1. the precision: ``fileformat`` (the file layout), ``validation`` (a precision against a model), ``backend``
    (the interface and the registry), then ``precision``, which builds on them (none of them imports it);
-2. what uses a precision: ``penalty``, ``compression``, ``fit``, ``regularizer``, ``continual``, ``training``,
+2. what uses a precision: ``penalty`` (with ``penalty_groups``), ``compression``, ``fit``, ``regularizer``, ``continual``, ``training``,
    ``integrations.*``;
 3. ``lalora.backends.*`` (the folder ``backends/``): plugins over the core, which reaches them through the
    registry only;
@@ -43,7 +43,7 @@ GROUPS = [
                      "lalora.local_model", "lalora.allocator", "lalora.option_types", "lalora.options",
                      "lalora.sharding", "lalora.others", "lalora.pergrad"]),
     ("precision", ["lalora.fileformat", "lalora.shards", "lalora.validation", "lalora.backend", "lalora.precision"]),
-    ("uses a precision", ["lalora.penalty", "lalora.compression", "lalora.fit", "lalora.fit_metadata", "lalora.regularizer",
+    ("uses a precision", ["lalora.penalty", "lalora.penalty_groups", "lalora.compression", "lalora.fit", "lalora.fit_metadata", "lalora.regularizer",
                           "lalora.continual", "lalora.training", "lalora.integrations"]),
     ("backends", ["lalora.backends"]),
     ("tools", ["lalora.estimate", "lalora.estimate_config", "lalora.estimate_memory", "lalora.backend_info", "lalora.comparison", "lalora.compare_plot", "lalora.bench",
