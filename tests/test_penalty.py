@@ -262,6 +262,16 @@ def test_grouped_precision_matvec_equals_precision_matvec(kind, b_zero):
     assert rel(grouped.precision.to_dense(), P.to_dense()) <= 1e-6
 
 
+def _three_equal_and_one(g, b_zero):
+    """Adapters ``(a, b, A0, B0, s)``: three of shape (16, 12), r = 2, and one (8, 12); B0 = 0 or random."""
+    adapters = []
+    for i, (d_out, d_in, r) in enumerate([(16, 12, 2), (16, 12, 2), (16, 12, 2), (8, 12, 2)]):
+        A0 = torch.randn(r, d_in, generator=g) / d_in ** 0.5
+        B0 = torch.zeros(d_out, r) if b_zero else 0.3 * torch.randn(d_out, r, generator=g)
+        adapters.append((f"l{i}.lora_A", f"l{i}.lora_B", A0, B0, 1.5))
+    return adapters
+
+
 @pytest.mark.parametrize("b_zero", [True, False], ids=["B0=0", "B0!=0"])
 @pytest.mark.parametrize("kind", ["kfac", "tri-kfac"])
 def test_grouped_effective_weight_matches_per_block_autograd(kind, b_zero):
@@ -270,11 +280,7 @@ def test_grouped_effective_weight_matches_per_block_autograd(kind, b_zero):
     from lalora.penalty import GroupedPrecision
 
     g = torch.Generator().manual_seed(11)
-    adapters = []
-    for i, (d_out, d_in, r) in enumerate([(16, 12, 2), (16, 12, 2), (16, 12, 2), (8, 12, 2)]):
-        A0 = torch.randn(r, d_in, generator=g) / d_in ** 0.5
-        B0 = torch.zeros(d_out, r) if b_zero else 0.3 * torch.randn(d_out, r, generator=g)
-        adapters.append((f"l{i}.lora_A", f"l{i}.lora_B", A0, B0, 1.5))
+    adapters = _three_equal_and_one(g, b_zero)
     P = _precision(kind, adapters)
     grouped = GroupedPrecision(P)
     assert len(grouped.groups) == 1
@@ -299,11 +305,7 @@ def test_grouped_linearized_matches_precision_quadratic(kind, b_zero):
     from lalora.penalty import GroupedPrecision
 
     g = torch.Generator().manual_seed(13)
-    adapters = []
-    for i, (d_out, d_in, r) in enumerate([(16, 12, 2), (16, 12, 2), (16, 12, 2), (8, 12, 2)]):
-        A0 = torch.randn(r, d_in, generator=g) / d_in ** 0.5
-        B0 = torch.zeros(d_out, r) if b_zero else 0.3 * torch.randn(d_out, r, generator=g)
-        adapters.append((f"l{i}.lora_A", f"l{i}.lora_B", A0, B0, 1.5))
+    adapters = _three_equal_and_one(g, b_zero)
     P = _precision(kind, adapters)
     a, b, A0, B0, s = adapters[0]
     overlap = _block(kind, a, b, A0, B0, 0.5, g)  # another scaling: not stacked with the group
