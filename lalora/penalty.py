@@ -131,8 +131,8 @@ def effective_weight_quadratic(block, theta: Mapping[str, Tensor]) -> Tensor:
 
 
 class GroupedPrecision:
-    """``matvec`` of a ``Precision`` with its equal-shaped Kronecker blocks evaluated as ``KroneckerGroup``s
-    (``precision`` is the rebuilt precision on views of the stacks); every other block goes through its
+    """``matvec`` of a ``Precision`` with its Kronecker blocks evaluated as ``KroneckerGroup``s (stacked, each shared
+    input factor once: ``lalora.penalty_groups``; ``precision`` is the rebuilt precision on views of the stacks); every other block goes through its
     own ``matvec``. Same results as ``Precision.matvec``.
 
     ``tensors()`` names every tensor it holds (stacked factors, other blocks' tensors, the anchor) with
@@ -196,7 +196,7 @@ class GroupedPrecision:
         """``d^T P d`` at ``d = theta - theta0`` with the closed-form gradient ``2 P d`` (``theta``: name -> the
         full LoRA weights); equals ``linearized_quadratic(self, delta)``. A group subtracts its stacked anchor
         and evaluates its quadratic in one call; the other blocks go through ``linearized_quadratic``."""
-        terms = [_GroupLinearized.apply(g, *(d for s in g.slots for d in _minus_anchor(s, theta))) for g in self.groups]
+        terms = [_GroupLinearized.apply(g, *(d for s in g.slots for d in s.deltas(theta))) for g in self.groups]
         if self.rest:
             anchor = self._rest.anchor
             terms.append(linearized_quadratic(self._rest, {n: theta[n] - anchor[n] for n in anchor}))
@@ -208,9 +208,3 @@ class GroupedPrecision:
         terms = [_GroupEffective.apply(g, *(t for s in g.slots for t in s.stacked(theta))) for g in self.groups]
         terms += [effective_weight_quadratic(b, theta) for b in self.rest]
         return torch.stack([t.reshape(()) for t in terms]).sum()
-
-
-def _minus_anchor(slot, theta: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(A - A0, B - B0)`` of a slot, stacked: one subtraction of the stacked anchor."""
-    A, B = slot.stacked(theta)
-    return A - slot.term.A0, B - slot.term.B0

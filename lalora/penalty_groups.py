@@ -43,6 +43,11 @@ class Slot:
         return (torch.stack([values[a] for a, _ in self.params]).to(dtype),
                 torch.stack([values[b] for _, b in self.params]).to(dtype))
 
+    def deltas(self, theta: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(A - A0, B - B0)`` stacked: one subtraction of the stacked anchor."""
+        A, B = self.stacked(theta)
+        return A - self.term.A0, B - self.term.B0
+
 
 class KroneckerGroup:
     """``U`` distinct input factors of one shape and the ``k`` slots reading them (see the module docstring).

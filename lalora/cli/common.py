@@ -46,3 +46,9 @@ def data_flags(p) -> None:
     p.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars (lalora's, transformers', huggingface_hub's) and no library info logs")
+
+
+def form_flag(p) -> None:
+    """``--form``, the penalty form (``LaLoRARegularizer(form=)``)."""
+    p.add_argument("--form", default="auto", choices=["auto", "linearized", "effective-weight"],
+                   help="penalty form (default auto: effective-weight for kfac/tri-kfac precisions, else linearized, the paper's)")

@@ -20,7 +20,7 @@ from ..errors import BackendError, ModelMismatchError, PrecisionFileError
 from ..precision import Precision
 from ..regularizer import LaLoRARegularizer
 from ..validation import match_to_model
-from .common import EXIT_OK, UsageError, add_command, data_flags, lora_flags
+from .common import EXIT_OK, UsageError, add_command, data_flags, form_flag, lora_flags
 from .inputs import check_out, make_batches, model_with_lora, read_records
 from .output import jemalloc_hint
 from .vocab import to_cli
@@ -50,8 +50,7 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--normalize", choices=["none", "mean-diagonal"], default="none",
                    help="none (default): --strength is lambda; mean-diagonal: lambda = strength / mean diagonal of "
                         "the precision (+ prior), comparable across backends")
-    p.add_argument("--form", default="auto", choices=["auto", "linearized", "effective-weight"],
-                   help="penalty form (default auto: effective-weight for kfac/tri-kfac precisions, else linearized, the paper's)")
+    form_flag(p)
     p.add_argument("--factor-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the Kronecker factors are stored and multiplied in: auto (default) = the LoRA "
                         "weights' dtype if 16-bit, else float32; bfloat16 halves the penalty's memory traffic "

@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from .common import EXIT_OK, UsageError, add_command, data_flags, lora_flags
+from .common import EXIT_OK, UsageError, add_command, data_flags, form_flag, lora_flags
 from .finetune import _load_precision, _regularizer, normalization
 from .inputs import add_lora, check_out, check_precision_model, load_model, make_batches, read_records
 from .output import jemalloc_hint
@@ -45,8 +45,7 @@ def add_parser(sub, fmt) -> None:
                         "source perplexity +5%%)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps per strength (default 50)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--form", default="auto", choices=["auto", "linearized", "effective-weight"],
-                   help="penalty form (default auto: effective-weight for kfac/tri-kfac precisions, else linearized, the paper's)")
+    form_flag(p)
     p.add_argument("--prior-precision", type=float, help="delta added to the precision (default: the precision's own)")
     p.add_argument("--out", required=True, help="the report (JSON)")
     p.add_argument("--plot", help="the plot (PNG; default: --out with .png; needs matplotlib)")
