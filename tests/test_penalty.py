@@ -323,6 +323,12 @@ def test_grouped_linearized_matches_precision_quadratic(kind, b_zero):
     assert rel(got, ref) <= TOL
     for n, x, y in zip(names, g_got, g_ref):
         assert rel(x, y) <= TOL, n
+    # float64 dense reference (explicit Kronecker products, no matvec): v^T D v and 2 D v over P.param_names
+    D = P.to_dense()
+    v = torch.cat([(base[n] - P.anchor[n]).reshape(-1) for n in P.param_names]).double()
+    assert rel(got, v @ D @ v) <= TOL
+    by_name = dict(zip(names, g_got))
+    assert rel(torch.cat([by_name[n].reshape(-1) for n in P.param_names]), 2 * D @ v) <= TOL
     at0 = {n: t.clone().requires_grad_(True) for n, t in P.anchor.items()}  # exactly 0 at the anchor
     q0 = grouped.linearized(at0)
     assert float(q0.detach()) == 0.0

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import lalora
 from lalora.fileformat import read_header
 from models import randomize_lora_B, tiny_lora_llama, tiny_llama_config, token_batches
+from reference import effective_weight_dense
 from numerics import rel_diff
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -168,6 +169,17 @@ def test_regularizer_holds_and_reads_each_shared_input_factor_once(backend, load
         g_ref = torch.autograd.grad(ref, [theta[n] for n in P.param_names])
         assert rel_diff(got, ref) <= TOL
         assert rel_diff(torch.cat([t.reshape(-1) for t in g_got]), torch.cat([t.reshape(-1) for t in g_ref])) <= TOL
+        # float64 dense reference without lalora's forms: vec(d)^T D vec(d), or per adapter vec(Delta)^T kron(G, X)
+        # vec(Delta) with Delta = s (B A - B0 A0) (tests/reference.py); rel. 1e-6 (float32 sums of these sizes)
+        t64 = {n: (P.anchor[n] + delta[n]).double() for n in P.param_names}
+        if form == "linearized":
+            v = torch.cat([delta[n].reshape(-1) for n in P.param_names]).double()
+            dense = v @ P.to_dense().double() @ v
+        else:
+            dense = sum(effective_weight_dense(b).double() @ w @ w for b in P.blocks
+                        for w in [(b.scaling * (t64[b.params[1]] @ t64[b.params[0]]
+                                                - P.anchor[b.params[1]].double() @ P.anchor[b.params[0]].double())).reshape(-1)])
+        assert rel_diff(got, 0.5 * 2.0 * dense) <= TOL
 
 
 def test_regularizer_does_not_share_factors_that_differ_in_one_bit():
