@@ -29,7 +29,8 @@ from lalora.blocks.factors import diagonal_factor
 from lalora.capture_embedding import active, check_forward, token_ids
 from lalora.errors import BackendError
 
-from .kfac_factors import FactorHooks, finish_factor
+from .kfac_factors import FactorHooks
+from .kfac_gram import finish_factor
 
 
 class EmbeddingFactorHooks:

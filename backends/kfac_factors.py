@@ -1,8 +1,9 @@
 """Kronecker factor sums of the ``kfac``/``tri-kfac`` fits (backends/kfac.py): the hooks that turn each batch's
-``lora_A`` inputs and ``lora_B`` output gradients into Gram products, and the panel layout of those products.
+``lora_A`` inputs and ``lora_B`` output gradients into Gram products.
 
-Layout: only the upper 256-wide panels of each ``(d, d)`` product are computed and summed
-(``add_gram``; torch has no symmetric rank-k update), completed once per fit (``finish_factor``).
+Layout: the Gram products are summed in upper panels (backends/kfac_gram.py), completed once per fit.
+Rows: only the token rows with a nonzero weight (real tokens of counted examples) enter either product
+(``kept_rows``); a padded batch costs the Gram products of its real tokens only.
 Accumulation: in place into float32 window sums, added to the running sums (``sum_dtype``) every
 ``window`` batches (``FactorHooks``).
 """
@@ -14,6 +15,8 @@ import torch
 from torch import Tensor
 
 from lalora.errors import BackendError
+
+from .kfac_gram import add_gram, panel_views
 
 
 class FactorHooks:
@@ -41,6 +44,7 @@ class FactorHooks:
         self.x_leader: dict[str, str] = {}  # adapter -> the leader whose acc_X holds its X
         self.members: dict[str, set[str]] = {}  # leader -> adapters sharing its acc_X
         self.batch_T: dict[str, Tensor] = {}  # this batch's token counts
+        self._rows: dict[tuple[int, int], tuple[Tensor | None, Tensor | None]] = {}  # (N, M) -> kept_rows
         self._inputs: list[tuple[str, Tensor, int]] = []  # this forward's lora_A inputs
         self.targets: list[Tensor] = []  # this forward's lora_B outputs: what the backward passes differentiate
         self._in_window, self._handles = 0, []
@@ -48,24 +52,46 @@ class FactorHooks:
     # --- per batch ------------------------------------------------------------------------
     def begin_batch(self, mask: Tensor | None, example_mask: Tensor) -> None:
         self.mask, self.example_mask = mask, example_mask
-        self._inputs, self.batch_T, self.targets = [], {}, []
+        self._inputs, self.batch_T, self.targets, self._rows = [], {}, [], {}
 
-    def _token_weights(self, x: Tensor) -> Tensor:
-        """(N, M) weights for the rows of x reshaped to (N, M, d)."""
-        n, m = x.shape[0], x.shape[1]
+    def _token_weights(self, n: int, m: int) -> Tensor:
+        """(N, M) weights for the rows of a tensor reshaped to (N, M, d)."""
         if self.mask is not None and self.mask.shape == (n, m):
             return self.mask
         return self.example_mask[:, None].expand(n, m)
 
+    def kept_rows(self, n: int, m: int) -> tuple[Tensor | None, Tensor | None]:
+        """The rows of an (N * M, d) reshape that enter the Gram products: ``(index, scale)``, the indices of
+        the rows with a nonzero token weight ``w`` (None: all of them) and the ``sqrt(w)`` they are scaled by
+        in ``X`` (None: all weights are 1, the attention mask times the counted examples).
+
+        Leaving the zero-weight rows out of ``G`` too is exact: a pad position's (or an uncounted
+        example's) output gradient is zero when the model masks attention to pads, as every model here
+        does (the unpadded-singleton references of tests/test_padding.py check it for left and right
+        padding). Computed once per batch and shape: one host sync per batch, not per hook."""
+        if (n, m) not in self._rows:
+            w = self._token_weights(n, m).reshape(-1)
+            keep = w != 0
+            index = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+            kept = w if index is None else w.index_select(0, index)
+            self._rows[(n, m)] = index, (None if bool((kept == 1).all()) else kept.sqrt())
+        return self._rows[(n, m)]
+
+    @staticmethod
+    def _select(rows: Tensor, index: Tensor | None) -> Tensor:
+        """``rows[index]`` (all rows for None), on the rows' device (a layer's own device, ``device_map``)."""
+        return rows if index is None else rows.index_select(0, index.to(rows.device))
+
     def _input_rows(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Rows ``z`` with ``X += z^T z`` and the token count ``T`` of one lora_A input, per ``approx``."""
-        x = x.detach().float()
+        x = x.detach()
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, M, d_in)
-        w = self._token_weights(x).to(x)
+        w = self._token_weights(x.shape[0], x.shape[1]).to(device=x.device, dtype=torch.float32)
         if self.approx == "expand":
-            if bool((w == 1).all()):  # no padding, every example counted: skip the weighted copy of x
-                return x.reshape(-1, x.shape[-1]), w.sum()
-            return (x * w.sqrt()[..., None]).reshape(-1, x.shape[-1]), w.sum()
+            index, scale = self.kept_rows(x.shape[0], x.shape[1])
+            z = self._select(x.reshape(-1, x.shape[-1]), index).float()  # the real tokens' rows, then float32
+            return (z if scale is None else z * scale.to(z.device)[:, None]), w.sum()
+        x = x.float()
         cnt = w.sum(1)
         xbar = (x * w[..., None]).sum(1) / cnt.clamp_min(1)[:, None]  # (N, d_in)
         return xbar, (cnt > 0).sum().float()
@@ -214,9 +240,12 @@ class FactorHooks:
                 return
 
             def grad_hook(grad):
-                g = grad.detach().float()
+                g = grad.detach()
                 g = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, M, d_out)
-                gm = g.reshape(-1, g.shape[-1]) if self.approx == "expand" else g.sum(1)
+                if self.approx == "expand":  # the rows of X's tokens (``kept_rows``: the others are zero here)
+                    gm = self._select(g.reshape(-1, g.shape[-1]), self.kept_rows(g.shape[0], g.shape[1])[0]).float()
+                else:
+                    gm = g.float().sum(1)
                 if adapter.key not in self.acc_G:
                     self.acc_G[adapter.key] = self._zeros(gm)
                 add_gram(self.acc_G[adapter.key], gm, alpha=alpha)
@@ -236,65 +265,3 @@ class FactorHooks:
             h.remove()
         self._handles = []
         self._inputs, self.targets = [], []
-
-
-PANEL = 256
-
-
-def panel_starts(d: int, panel: int = PANEL) -> list[int]:
-    """Row starts of the upper panels of a (d, d) matrix: panel ``i`` holds rows ``[a_i, a_i + panel)``
-    from column ``a_i`` on. Narrow matrices (d < 1.5 panels): one panel, the whole matrix."""
-    return [0] if d < panel + panel // 2 else list(range(0, d, panel))
-
-
-def panel_views(m: Tensor, panel: int = PANEL) -> list[Tensor]:
-    """Views of the upper panels of ``m`` (d, d) (see ``panel_starts``)."""
-    d = m.shape[0]
-    starts = panel_starts(d, panel)
-    if len(starts) == 1:
-        return [m]
-    return [m[a0:a0 + panel, a0:] for a0 in starts]
-
-
-def add_gram(acc: Tensor, z: Tensor, alpha: float = 1.0, panel: int = PANEL) -> Tensor:
-    """``acc += alpha z^T z`` on the upper panels of ``acc`` (d, d) for ``z`` (m, d), in place (one GEMM
-    with beta = 1 per panel); ``mirror_panels`` completes a sum once per fit. torch has no symmetric
-    rank-k update (BLAS syrk); computing ``(k+1)/(2k)`` of the products (``k`` panels) cut them to
-    0.6-0.85x of ``z.T @ z`` for d = 512-1536 (benchmarks/README.md)."""
-    d = z.shape[1]
-    starts = panel_starts(d, panel)
-    if len(starts) == 1:
-        return acc.addmm_(z.T, z, alpha=alpha)
-    for a0 in starts:
-        acc[a0:a0 + panel, a0:].addmm_(z[:, a0:a0 + panel].T, z[:, a0:], alpha=alpha)
-    return acc
-
-
-def mirror_panels(m: Tensor, panel: int = PANEL) -> Tensor:
-    """Complete a sum of upper panels (``add_gram``) in place: the blocks below the diagonal panels are
-    copied from above. Full (already symmetric) matrices are left unchanged."""
-    d = m.shape[0]
-    if len(panel_starts(d, panel)) == 1:
-        return m
-    for a0 in range(0, d - panel, panel):
-        m[a0 + panel:, a0:a0 + panel] = m[a0:a0 + panel, a0 + panel:].T
-    return m
-
-
-def finish_factor(upper: Tensor, scale: float) -> Tensor:
-    """The symmetric float32 factor ``scale * S`` from the upper panels of a sum ``S`` (``add_gram``):
-    mirrored, and the diagonal tiles (whose GEMM need not be bitwise symmetric) symmetrised. A float32
-    ``upper`` is overwritten (the window sum handed over by ``FactorHooks.take``: no second (d, d)
-    allocation per factor); a float64 one is converted into a new tensor."""
-    if upper.dtype == torch.float32:
-        out = upper.mul_(scale)
-    else:
-        out = torch.mul(upper, scale, out=torch.empty(upper.shape, dtype=torch.float32, device=upper.device))
-    starts = panel_starts(out.shape[0])
-    if len(starts) == 1:
-        return (out + out.T).mul_(0.5)
-    mirror_panels(out)
-    for a0 in starts:
-        tile = out[a0:a0 + PANEL, a0:a0 + PANEL]
-        tile.copy_((tile + tile.T).mul_(0.5))
-    return out

@@ -12,7 +12,8 @@ from lalora.errors import BackendError
 from lalora.sampling import mc_generator
 
 from .kfac_embedding import AllFactorHooks, finish_input_factor, input_sum_shape
-from .kfac_factors import FactorHooks, finish_factor
+from .kfac_factors import FactorHooks
+from .kfac_gram import finish_factor
 from .kfac_passes import (SUM_DTYPES, HeldBytes, check_passes, check_replay, plan_groups, plan_owners, reduce_to,
                           replay_stream)
 

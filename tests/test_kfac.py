@@ -429,6 +429,29 @@ def test_validate_refuses_asymmetric_factors_in_any_tile(d):
         with pytest.raises(ValueError, match="factor 'X' is not symmetric"):
             KFACBlock(("l.lora_A", "l.lora_B"), noisy, G, 1.0, A0=A0, B0=B0).validate(shapes)
 
+
+
+def test_fitted_factors_are_marked_symmetric_and_the_mark_ends_with_an_in_place_change():
+    """The fit's factors are exactly symmetric and marked so (validation skips reading them again,
+    ``lalora.blocks.symmetry``); an in-place change of a marked factor ends the mark, and a clone is not
+    marked: both are checked in full again."""
+    from lalora.blocks.symmetry import asymmetric, known_symmetric
+
+    model = tiny_lora_llama(init="orthogonal", hidden_size=400, num_hidden_layers=1)  # > 1.5 panels: mirrored
+    p = lalora.fit_precision(model, token_batches(), backend="kfac", progress=False)
+    factors = [f.M for b in p.blocks for f in (b.X, b.G)]
+    assert any(M.shape[0] == 400 for M in factors)
+    for M in factors:
+        assert known_symmetric(M) and torch.equal(M, M.T)
+    M = next(M for M in factors if M.shape[0] == 400)
+    copy = M.clone()
+    assert not known_symmetric(copy) and not asymmetric(copy)
+    M[0, -1] += 1e-2 * float(torch.diagonal(M).max())
+    assert not known_symmetric(M) and asymmetric(M)
+    block = next(b for b in p.blocks if b.X.M is M or b.G.M is M)
+    with pytest.raises(ValueError, match="is not symmetric"):
+        block.validate(p.shapes)
+
 # --- non-contiguous factors / anchors (torch.kron raised "view size is not compatible") ----------
 def _noncontiguous_block(cls, d_in, d_out, r, seed=0):
     """float64 block whose X, G, A0, B0 are all transposed views (as made by ``.t()``)."""
@@ -523,7 +546,7 @@ def test_categorical_sampler_frequencies_zero_mass_and_blocks():
 def test_gram_panels_mirrored_equal_full_product(d):
     """Upper panels of z^T z added in place (two batches, the second scaled), mirrored once, equal the full
     product (float64, 1e-12)."""
-    from lalora.backends.kfac_factors import add_gram, mirror_panels
+    from lalora.backends.kfac_gram import add_gram, mirror_panels
 
     g = torch.Generator().manual_seed(d)
     z1, z2 = (torch.randn(37, d, generator=g, dtype=torch.float64) for _ in range(2))

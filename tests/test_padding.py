@@ -140,6 +140,35 @@ def test_kfac_factors_match_unpadded_per_token_reference(model_name, layout, ini
         assert rel_err(p.to_dense(), dense) <= TOL, backend
 
 
+@pytest.mark.parametrize("model_name,layout", [("llama", "left"), ("llama", "right"), ("gpt2", "left+pos")])
+def test_kfac_products_read_only_the_real_tokens_of_counted_examples(model_name, layout, monkeypatch):
+    """Each Gram product (X and G) of a padded batch gets exactly the rows of the real tokens of its counted
+    examples (``FactorHooks.kept_rows``), and the factors equal those of products over every row (the
+    pads zero-weighted in X, as before, and their gradients in G): the pads' gradients are exactly zero,
+    so the two differ by float32 summation order only (TOL)."""
+    from lalora.backends import kfac_factors
+
+    model = _model(model_name, "orthogonal")
+    batches = _batches(layout)
+    loss = CausalLMLoss()
+    real = [int((raw["attention_mask"] * (loss.labelled_counts(loss.prepare(raw)) > 0)[:, None]).sum())
+            for raw in batches]
+    assert all(r < raw["attention_mask"].numel() for r, raw in zip(real, batches))  # every batch is padded
+    rows, gram = [], kfac_factors.add_gram
+    monkeypatch.setattr(kfac_factors, "add_gram", lambda acc, z, alpha=1.0: (rows.append(z.shape[0]), gram(acc, z, alpha))[1])
+    kept = _fit(model, batches, "kfac", options={"curvature": "ef"})
+    n_products = len(rows) // len(batches)
+    assert n_products > 0 and rows == [r for r in real for _ in range(n_products)]
+    monkeypatch.setattr(kfac_factors, "add_gram", gram)
+
+    def every_row(self, n, m):  # the previous layout: all rows, X's pads scaled by sqrt(0)
+        return None, self._token_weights(n, m).reshape(-1).sqrt()
+    monkeypatch.setattr(kfac_factors.FactorHooks, "kept_rows", every_row)
+    full = _fit(model, batches, "kfac", options={"curvature": "ef"})
+    for a, b in zip(kept.blocks, full.blocks):
+        assert rel_err(a.X.dense(), b.X.dense()) <= TOL and rel_err(a.G.dense(), b.G.dense()) <= TOL, a.params
+
+
 # --- exact per-position GGN: block(ggn) and laplace(diag) ----------------------------------------
 @pytest.mark.parametrize("model_name,layout", [("llama", "left"), ("gpt2", "left+pos"), ("gpt2", "right+pos3")])
 def test_ggn_backends_match_unpadded_singletons(model_name, layout):
