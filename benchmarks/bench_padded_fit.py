@@ -59,7 +59,8 @@ def main():
         cfg["num_hidden_layers"] = args.layers
     model = build(cfg).eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
+    cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" :\t") if os.path.exists("/proc/cpuinfo") else platform.processor()
+    print(f"# {cpu}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), load {os.getloadavg()}; {args.config}, "
           f"{cfg['num_hidden_layers']} layers")
     kept_rows = kfac_factors.FactorHooks.kept_rows

@@ -58,16 +58,16 @@ class _EffectiveWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, term: KroneckerTerm, A: Tensor, B: Tensor) -> Tensor:
-        f, GU, XV = term.effective(A, B)
-        ctx.scaling = term.scaling
-        ctx.save_for_backward(A, B, GU, XV)
+        f, saved = term.effective(A, B)
+        ctx.term = term
+        ctx.save_for_backward(A, B, *saved)
         return f
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_f: Tensor):
-        A, B, GU, XV = ctx.saved_tensors
-        return (None, *KroneckerTerm.effective_grads(2 * ctx.scaling * grad_f, A, B, GU, XV))
+        A, B, *saved = ctx.saved_tensors
+        return (None, *ctx.term.effective_grads(2 * ctx.term.scaling * grad_f, A, B, *saved))
 
 
 class _GroupLinearized(torch.autograd.Function):
@@ -101,10 +101,10 @@ class _GroupEffective(torch.autograd.Function):
         XdAs = group.input_products([A - s.term.A0 for s, A in zip(group.slots, As)])
         f, saved = 0.0, []
         for s, A, B, XdA in zip(group.slots, As, Bs, XdAs):
-            fj, GU, XV = s.term.effective(A, B, XdA=XdA)
+            fj, parts = s.term.effective(A, B, XdA=XdA)
             f = f + fj
-            saved += [A, B, GU, XV]
-        ctx.scalings = [s.scaling for s in group.slots]
+            saved += [A, B, *parts]
+        ctx.terms = [s.term for s in group.slots]
         ctx.save_for_backward(*saved)
         return f
 
@@ -112,8 +112,9 @@ class _GroupEffective(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_f: Tensor):
         t, grads = ctx.saved_tensors, []
-        for j, s in enumerate(ctx.scalings):
-            grads += KroneckerTerm.effective_grads(2 * s * grad_f, *t[4 * j:4 * j + 4])
+        n = len(t) // len(ctx.terms)  # A, B and the term's saved products, per slot
+        for j, term in enumerate(ctx.terms):
+            grads += term.effective_grads(2 * term.scaling * grad_f, *t[n * j:n * (j + 1)])
         return (None, *grads)
 
 
