@@ -103,17 +103,17 @@ class KroneckerTerm:
         XdA = self.X.mm(dA.mT) if XdA is None else XdA  # (.., d_in, r)
         GdB = self.G.mm(dB)  # (.., d_out, r)
         XA = XdA + self.XA0t  # X A^T
-        AXA, AXdA = A @ XA, A @ XdA  # (.., r, r)
-        f = ((dB.mT @ GdB) * AXA).sum() + 2 * ((dB.mT @ self.GB0) * AXdA).sum() + (self.BGB * (dA @ XdA)).sum()
-        return self.scaling ** 2 * f, (GdB, XA, XdA, AXA, AXdA)
+        AXA, AXdA, dBGB0 = A @ XA, A @ XdA, dB.mT @ self.GB0  # (.., r, r)
+        f = ((dB.mT @ GdB) * AXA).sum() + 2 * (dBGB0 * AXdA).sum() + (self.BGB * (dA @ XdA)).sum()
+        return self.scaling ** 2 * f, (GdB, XA, XdA, AXA, AXdA, dBGB0)
 
     def effective_grads(self, c: Tensor, A: Tensor, B: Tensor, GdB: Tensor, XA: Tensor, XdA: Tensor, AXA: Tensor,
-                        AXdA: Tensor) -> tuple[Tensor, Tensor]:
+                        AXdA: Tensor, dBGB0: Tensor) -> tuple[Tensor, Tensor]:
         """``(df/dA, df/dB)`` for ``c = 2 s`` times the incoming gradient: ``df/dDelta = 2 G Delta X`` and
         ``G Delta X = s (G dB (X A^T)^T + G B0 (X dA^T)^T)``, so ``df/dA = c s (B^T G dB XA^T + B^T G B0 XdA^T)``
         and ``df/dB = c s (G dB (A X A^T)^T + G B0 (A X dA^T)^T)`` (no ``d_out x d_in`` matrix)."""
         cs = c * self.scaling
-        BtGB0 = self.BGB + (B - self.B0).mT @ self.GB0  # B^T G B0 (r, r)
+        BtGB0 = self.BGB + dBGB0  # B^T G B0 (r, r), from the forward's dB^T G B0
         dA = (B.mT @ GdB) @ XA.mT + BtGB0 @ XdA.mT
         dB = GdB @ AXA.mT + self.GB0 @ AXdA.mT
         return cs * dA, cs * dB
